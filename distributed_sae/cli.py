@@ -1,0 +1,113 @@
+"""Hydra entry points: compose -> typed RunConfig -> start-up checks -> the stage.
+
+    dsae-harvest   model -> store            dsae-eval     train/ + store -> eval/
+    dsae-train     store -> out_dir/train    dsae-export   train/ + eval/ -> export/
+    dsae-run       all four in order
+
+Each stage reads the previous stage's output, so stages can run one by one with the same
+`out_dir=` (and `store.path=`). Under --multirun each job gets its own out_dir (the sweep's job
+folder); point store.path at one folder to share a store across a sweep.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from typing import Callable
+
+import hydra
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
+from omegaconf import DictConfig, OmegaConf
+
+from distributed_sae.config import ConfigError, RunConfig
+from distributed_sae.config.register import register_configs
+
+log = logging.getLogger("distributed_sae")
+
+CONFIG_PATH = "pkg://distributed_sae.conf"
+CONFIG_NAME = "config"
+
+# User errors that get a one-line message and exit status 2 instead of a traceback.
+USER_ERRORS: tuple[type[Exception], ...] = (ConfigError, FileNotFoundError)
+
+
+def to_run_config(dcfg: DictConfig) -> RunConfig:
+    """DictConfig -> RunConfig, running every dataclass's __post_init__ validation."""
+    try:
+        run = OmegaConf.to_object(dcfg)
+    except Exception as err:  # OmegaConf wraps errors raised in __post_init__
+        cause = err
+        while cause is not None and not isinstance(cause, ConfigError):
+            cause = cause.__cause__ or cause.__context__
+        raise (cause or err) from None
+    assert isinstance(run, RunConfig), type(run)
+    return run
+
+
+def check_model(cfg: RunConfig) -> None:
+    """Checks that need the model's shape (read from its config, weights are not loaded)."""
+    from distributed_sae.models import check_hooks, model_dims
+
+    n_layers, _, _ = model_dims(cfg.model)
+    check_hooks(list(cfg.harvest.hooks), n_layers)
+
+
+def _stage_fn(name: str) -> Callable[[RunConfig], object]:
+    # Imported lazily: `dsae-export --help` should not pay for importing Ray and transformers.
+    if name == "harvest":
+        from distributed_sae.harvest import harvest
+        return harvest
+    if name == "train":
+        from distributed_sae.train import train
+        return train
+    if name == "eval":
+        from distributed_sae.eval import evaluate
+        return evaluate
+    from distributed_sae.export import export
+    return export
+
+
+STAGES = {"harvest": ("harvest",), "train": ("train",), "eval": ("eval",),
+          "export": ("export",), "run": ("harvest", "train", "eval", "export")}
+
+
+def run_stages(cfg: RunConfig, stages: tuple[str, ...]) -> None:
+    """Run stages in order on a typed config (also the programmatic entry point)."""
+    if "harvest" in stages:
+        check_model(cfg)
+    for stage in stages:
+        log.info("== %s ==", stage)
+        _stage_fn(stage)(cfg)
+    log.info("done: results in %s", cfg.out_dir)
+
+
+def _main(dcfg: DictConfig, stages: tuple[str, ...]) -> None:
+    if HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN:
+        dcfg.out_dir = HydraConfig.get().runtime.output_dir
+    try:
+        cfg = to_run_config(dcfg)
+        logging.getLogger("distributed_sae").setLevel(cfg.log_level)
+        run_stages(cfg, stages)
+    except USER_ERRORS as err:
+        log.error("%s", err)
+        sys.exit(2)
+
+
+def _app(stages: tuple[str, ...]) -> Callable[[], None]:
+    @hydra.main(version_base=None, config_path=CONFIG_PATH, config_name=CONFIG_NAME)
+    def main(dcfg: DictConfig) -> None:
+        _main(dcfg, stages)
+
+    def entry() -> None:
+        register_configs()
+        main()
+
+    return entry
+
+
+harvest_main = _app(STAGES["harvest"])
+train_main = _app(STAGES["train"])
+eval_main = _app(STAGES["eval"])
+export_main = _app(STAGES["export"])
+run_main = _app(STAGES["run"])

@@ -1,0 +1,21 @@
+"""Typed configs of every stage (see schema.py) and their Hydra registration."""
+
+from distributed_sae.config.errors import ConfigError
+from distributed_sae.config.schema import (
+    ClusterConfig,
+    DataConfig,
+    EvalConfig,
+    ExportConfig,
+    HarvestConfig,
+    ModelConfig,
+    RunConfig,
+    SAEConfig,
+    StoreConfig,
+    TrainConfig,
+    parse_hook,
+)
+
+__all__ = [
+    "ClusterConfig", "ConfigError", "DataConfig", "EvalConfig", "ExportConfig", "HarvestConfig",
+    "ModelConfig", "RunConfig", "SAEConfig", "StoreConfig", "TrainConfig", "parse_hook",
+]

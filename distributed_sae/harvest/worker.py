@@ -1,0 +1,77 @@
+"""What a harvest actor does: hold the model once, turn work units into written store rows.
+
+`HarvestWorker` is a plain class so that it can be tested without Ray; `harvest.job` wraps it with
+`ray.remote` and the configured CPUs/GPUs.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import numpy as np
+import torch
+
+from distributed_sae.config import ModelConfig
+from distributed_sae.models import load_model, run_with_hooks
+from distributed_sae.store import ActivationStore
+
+log = logging.getLogger(__name__)
+
+
+class NonFiniteActivationError(RuntimeError):
+    """A unit produced NaN or Inf activations; retrying would give the same result."""
+
+
+def unit_stats(x: torch.Tensor, keep: torch.Tensor) -> dict[str, Any]:
+    """Sums for the store's running statistics over the kept rows of x (rows, d)."""
+    kept = x[keep].double()  # (kept, d)
+    return {"sum": kept.sum(0).tolist(), "sum_sq_norm": float(kept.pow(2).sum()),
+            "count": int(kept.shape[0])}
+
+
+class HarvestWorker:
+    """Runs forward passes with hooks and writes whole units into the store."""
+
+    def __init__(self, model_cfg: ModelConfig, hooks: list[str], store_path: str,
+                 batch_size: int, exclude_token_ids: list[int], threads: int = 1) -> None:
+        torch.set_num_threads(max(1, threads))
+        # The driver shows the one progress bar that matters; per-actor load bars only add noise.
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+        self.loaded = load_model(model_cfg)
+        self.hooks = list(hooks)
+        self.batch_size = batch_size
+        self.store = ActivationStore.open(store_path, mode="r+")
+        self.exclude = np.asarray(exclude_token_ids, dtype=np.int64)
+
+    def ready(self) -> bool:
+        """Returns once the model is loaded (the driver waits on it to start the clock)."""
+        return True
+
+    def forward_unit(self, contexts: np.ndarray) -> dict[str, torch.Tensor]:
+        """contexts (n_ctx, ctx) int64 -> hook -> (n_ctx * ctx, d) float32 activations."""
+        parts: dict[str, list[torch.Tensor]] = {h: [] for h in self.hooks}
+        device = next(self.loaded.model.parameters()).device
+        for i in range(0, len(contexts), self.batch_size):
+            ids = torch.tensor(contexts[i:i + self.batch_size], device=device)  # (batch, ctx)
+            out = run_with_hooks(self.loaded, ids, self.hooks)
+            for h in self.hooks:
+                parts[h].append(out[h].reshape(-1, out[h].shape[-1]).float().cpu())
+        return {h: torch.cat(p) for h, p in parts.items()}
+
+    def run_unit(self, unit: int, contexts: np.ndarray) -> dict[str, Any]:
+        """Harvest one unit and write it; returns the commit record (statistics per hook)."""
+        acts = self.forward_unit(contexts)
+        token_ids = contexts.reshape(-1)  # (rows,)
+        keep = torch.from_numpy(~np.isin(token_ids, self.exclude))
+        for hook, x in acts.items():
+            bad = int((~torch.isfinite(x)).any(dim=1).sum())
+            if bad:
+                raise NonFiniteActivationError(
+                    f"unit {unit}: {bad} rows of {hook} hold NaN or Inf (model "
+                    f"{self.loaded.name}, dtype {next(self.loaded.model.parameters()).dtype}); "
+                    f"try model.dtype=float32")
+        self.store.write_unit(unit, acts, token_ids)
+        return {"stats": {h: unit_stats(x, keep) for h, x in acts.items()}}

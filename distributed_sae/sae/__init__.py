@@ -1,0 +1,14 @@
+"""SAE kinds (one module each, one interface), the bank of members, and their on-disk form."""
+
+from distributed_sae.sae.bank import MemberSpec, build_sae, expand_bank
+from distributed_sae.sae.base import SAEOutput, SparseAutoencoder
+from distributed_sae.sae.registry import SAE_CLASSES, sae_class
+from distributed_sae.sae.serialization import load_sae, save_sae
+from distributed_sae.sae.topk import TopKSAE
+
+SAE = SparseAutoencoder
+
+__all__ = [
+    "SAE", "SAE_CLASSES", "MemberSpec", "SAEOutput", "SparseAutoencoder", "TopKSAE", "build_sae",
+    "expand_bank", "load_sae", "sae_class", "save_sae",
+]

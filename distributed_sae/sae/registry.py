@@ -1,0 +1,15 @@
+"""SAE kinds by name, so configs and saved files can name a kind and get its class."""
+
+from __future__ import annotations
+
+from distributed_sae.sae.base import SparseAutoencoder
+from distributed_sae.sae.topk import TopKSAE
+
+SAE_CLASSES: dict[str, type[SparseAutoencoder]] = {TopKSAE.kind: TopKSAE}
+
+
+def sae_class(kind: str) -> type[SparseAutoencoder]:
+    try:
+        return SAE_CLASSES[kind]
+    except KeyError:
+        raise ValueError(f"unknown SAE kind {kind!r}: known kinds are {sorted(SAE_CLASSES)}") from None

@@ -1,0 +1,92 @@
+"""Config validation: every preset composes; every invalid value is refused with its message."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_module
+
+from distributed_sae.cli import check_model, to_run_config
+from distributed_sae.config import ConfigError, RunConfig, parse_hook
+from distributed_sae.config.register import register_configs
+
+CONF = Path(__file__).resolve().parents[1] / "conf"
+GROUPS = sorted(p.name for p in CONF.iterdir() if p.is_dir())
+
+
+def compose_run(overrides: list[str]) -> RunConfig:
+    register_configs()
+    with initialize_config_module("distributed_sae.conf", version_base=None):
+        return to_run_config(compose("config", overrides=overrides))
+
+
+def test_conf_has_every_stage_group():
+    assert set(GROUPS) >= {"model", "data", "harvest", "store", "sae", "train", "eval", "export",
+                           "cluster", "experiment", "debug"}
+
+
+@pytest.mark.parametrize("preset", [f"{g}={p.stem}" for g in GROUPS
+                                    for p in sorted((CONF / g).glob("*.yaml"))])
+def test_every_preset_composes(preset):
+    cfg = compose_run([preset])
+    assert isinstance(cfg, RunConfig)
+    group, name = preset.split("=")
+    if group == "debug" and name == "tiny":
+        assert cfg.sae.widths == [256, 512] and cfg.data.n_tokens == 16384
+
+
+def test_default_config_and_user_keys():
+    cfg = compose_run(["model=smollm2-135m", "sae.widths=[2304,4608]", "data.n_tokens=40000",
+                       "harvest.hooks=[blocks.3.hook_resid_pre]", "harvest.num_actors=1",
+                       "store.path=/tmp/x", "sae.kind=topk", "sae.k=16", "train.tokens=1000",
+                       "out_dir=/tmp/o"])
+    assert cfg.store.path == "/tmp/x" and cfg.export.path == "/tmp/o/export"
+    assert cfg.sae_hook == "blocks.3.hook_resid_pre" and cfg.sae.widths == [2304, 4608]
+    assert cfg.train.tokens == 1000 and cfg.harvest.num_actors == 1 and cfg.data.n_tokens == 40000
+    default = compose_run([])
+    assert default.store.path == "runs/default/store"
+
+
+@pytest.mark.parametrize("override, message", [
+    ("harvest.hooks=[blocks.3.hook_resid_middle]", "unknown hook point 'blocks.3.hook_resid_middle'"),
+    ("harvest.hooks=[layer3]", "unknown hook point 'layer3'"),
+    ("sae.widths=[2304,0]", "sae.widths has 0"),
+    ("sae.widths=[-5]", "sae.widths has -5"),
+    ("sae.k=4000", "sae.k=4000 is larger than width(s) [2304]"),
+    ("sae.k=0", "sae.k must be positive, got 0"),
+    ("model.dtype=float8", "model.dtype='float8' is not one of"),
+    ("store.chunk_tokens=1000", "store.chunk_tokens=1000 must divide"),
+    ("sae.hook=blocks.2.hook_resid_post", "sae.hook='blocks.2.hook_resid_post' is not harvested"),
+    ("train.holdout_fraction=1.5", "train.holdout_fraction must be in (0, 1), got 1.5"),
+    ("data.n_tokens=0", "data.n_tokens must be positive, got 0"),
+])
+def test_invalid_values_are_refused(override, message):
+    with pytest.raises(ConfigError) as err:
+        compose_run([override])
+    assert message in str(err.value)
+
+
+def test_layer_out_of_range_is_refused_at_startup():
+    cfg = compose_run(["harvest.hooks=[blocks.40.hook_resid_post]"])
+    with pytest.raises(ConfigError, match="40"):
+        check_model(cfg)  # SmolLM2 has 30 layers; read from the registry, weights not loaded
+    check_model(compose_run(["harvest.hooks=[blocks.29.hook_resid_post]"]))
+
+
+def test_parse_hook():
+    assert parse_hook("blocks.15.mlp.hook_post") == (15, "mlp.hook_post")
+    assert parse_hook("blocks.0.hook_attn_out") == (0, "hook_attn_out")
+
+
+def test_cli_exits_nonzero_with_the_message(tmp_path):
+    """The entry point prints the bad value and the fix, exits 2, and writes nothing."""
+    proc = subprocess.run(
+        [sys.executable, "-c", "from distributed_sae.cli import train_main; train_main()",
+         "sae.widths=[16]", f"out_dir={tmp_path}/o"],
+        capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2, proc.stderr
+    assert "sae.k=32 is larger than width(s) [16]" in proc.stderr + proc.stdout
+    assert not (tmp_path / "o" / "train").exists()

@@ -1,0 +1,107 @@
+"""The walking skeleton end to end on the real SmolLM2, a real local Ray instance and real zarr.
+
+One module-scoped run (2 harvest actors, ~8k tokens) feeds the checks; resuming, refusal of a
+different store and Hydra sweeps reuse its store.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from hydra import compose, initialize_config_module
+
+from distributed_sae.cli import run_stages, to_run_config
+from distributed_sae.config import ConfigError
+from distributed_sae.config.register import register_configs
+from distributed_sae.data import load_contexts
+from distributed_sae.models import load_tokenizer
+from distributed_sae.sae import load_sae
+from distributed_sae.store import ActivationStore
+
+TINY = ["debug=tiny", "data.n_tokens=8192", "harvest.num_actors=2", "sae.widths=[128,256]",
+        "train.holdout_fraction=0.25"]
+
+
+def compose_run(overrides):
+    register_configs()
+    with initialize_config_module("distributed_sae.conf", version_base=None):
+        return to_run_config(compose("config", overrides=overrides))
+
+
+@pytest.fixture(scope="module")
+def done_run(tmp_path_factory, ray_local):
+    out = tmp_path_factory.mktemp("run")
+    cfg = compose_run(TINY + [f"out_dir={out}"])
+    run_stages(cfg, ("harvest", "train", "eval", "export"))
+    return cfg
+
+
+def test_store_holds_the_corpus_tokens_in_order(done_run):
+    store = ActivationStore.open(done_run.store.path)
+    assert store.is_complete and store.n_tokens == 8192
+    contexts = load_contexts(done_run.data, load_tokenizer(done_run.model), 8192 // 128)
+    assert np.array_equal(store.tokens(0, 8192), contexts.reshape(-1))
+    x = store.read("blocks.15.hook_resid_post", 0, 8192)
+    assert x.shape == (8192, 576) and torch.isfinite(x).all() and x.abs().sum() > 0
+    assert store.metadata["model_name"] == "smollm2-135m" and store.metadata["dtype"] == "float16"
+    stats = store.stats("blocks.15.hook_resid_post")
+    assert stats["count"] < 8192  # BOS rows are excluded from the statistics
+
+
+def test_every_member_learned_something(done_run):
+    summary = (Path(done_run.out_dir) / "eval" / "summary.md").read_text()
+    for width in (128, 256):
+        m = json.loads((Path(done_run.out_dir) / "eval" / f"topk_w{width}_k8_s{width // 256}"
+                        / "metrics.json").read_text())
+        assert m["fvu"] < 0.9 and 0 < m["l0"] <= 8 and m["n_tokens"] > 1000
+        assert f"topk_w{width}_k8" in summary
+
+
+def test_export_is_loadable_and_identical_to_the_trained_member(done_run):
+    for folder in sorted(Path(done_run.export.path).iterdir()):
+        exported, cfg = load_sae(folder)
+        trained, _ = load_sae(Path(done_run.out_dir) / "train" / folder.name)
+        x = ActivationStore.open(done_run.store.path).read("blocks.15.hook_resid_post", 0, 64)
+        assert torch.equal(exported(x), trained(x))
+        assert cfg["metadata"]["hook_name"] == "blocks.15.hook_resid_post"
+        assert {p.name for p in folder.iterdir()} >= {
+            "cfg.json", "sae_weights.safetensors", "sparsity.safetensors", "metrics.json", "README.md"}
+
+
+def test_restart_skips_committed_units_and_redoes_lost_ones(done_run, caplog):
+    store = ActivationStore.open(done_run.store.path)
+    before = store.read("blocks.15.hook_resid_post", 0, 8192)
+    for unit in (2, 5):  # as if the job died after writing these units but before committing
+        (Path(done_run.store.path) / "_commits" / f"u{unit:08d}.json").unlink()
+    caplog.set_level("INFO")
+    run_stages(done_run, ("harvest",))
+    assert "harvesting 2 of 8 units" in caplog.text
+    after = ActivationStore.open(done_run.store.path)
+    assert after.is_complete and torch.equal(after.read("blocks.15.hook_resid_post", 0, 8192), before)
+    caplog.clear()
+    run_stages(done_run, ("harvest",))
+    assert "nothing to harvest" in caplog.text
+
+
+def test_a_store_made_with_other_settings_is_refused(done_run):
+    other = compose_run(TINY + [f"out_dir={done_run.out_dir}", "harvest.hooks=[blocks.3.hook_mlp_out]"])
+    with pytest.raises(ConfigError, match="was made with other settings.*hooks"):
+        run_stages(other, ("harvest",))
+
+
+def test_multirun_sweep_trains_one_bank_per_job(done_run, tmp_path):
+    """`--multirun` through the real entry point: each job gets its own out_dir."""
+    args = [f"store.path={done_run.store.path}", "debug=tiny", "train.holdout_fraction=0.25",
+            "sae.widths=[64],[96]", f"out_dir={tmp_path}", "--multirun"]
+    proc = subprocess.run(
+        [sys.executable, "-c", "from distributed_sae.cli import train_main; train_main()", *args],
+        capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    banks = sorted(tmp_path.glob("multirun/*/*/train/bank.json"))
+    assert [json.loads(b.read_text())["members"] for b in banks] == [["topk_w64_k8_s0"], ["topk_w96_k8_s0"]]
