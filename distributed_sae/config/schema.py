@@ -25,6 +25,10 @@ _HOOK_RE = re.compile(r"^blocks\.(\d+)\.(" + "|".join(re.escape(k) for k in HOOK
 DTYPES = ("float32", "float16", "bfloat16")
 SAE_KINDS = ("topk",)  # the SAE issue adds relu, batchtopk, jumprelu, matryoshka
 COMPRESSIONS = ("none", "zstd", "blosc")
+DEVICE_MAPS = ("auto", "balanced", "balanced_low_0", "sequential")
+# How one harvest actor holds a model: whole on one device, spread by HF device_map inside the
+# actor, or partitioned by DeepSpeed ZeRO-3 over a group of actors (one process group).
+SHARDINGS = ("none", "device_map", "deepspeed")
 
 
 def parse_hook(name: str) -> tuple[int, str]:
@@ -66,11 +70,16 @@ class ModelConfig:
     device: str = "cpu"
     # Passed to transformers for models with custom code on the Hub.
     trust_remote_code: bool = False
+    # Hugging Face placement of one model over several devices inside one actor ('auto',
+    # 'balanced', 'sequential'); None = the whole model on `device`. Used by harvest.sharding=device_map.
+    device_map: Optional[str] = None
 
     def __post_init__(self) -> None:
         if not self.name:
             raise ConfigError("model.name is empty: give a built-in name, a hub id or a directory")
         _choice("model", "dtype", self.dtype, DTYPES)
+        if self.device_map is not None:
+            _choice("model", "device_map", self.device_map, DEVICE_MAPS)
 
 
 @dataclass
@@ -121,6 +130,11 @@ class HarvestConfig:
     batch_size: int = 8
     # Contexts per work unit: the grain of scheduling, retry and commit, and one store shard.
     contexts_per_unit: int = 32
+    # none | device_map (model.device_map places one model inside an actor) | deepspeed (ZeRO-3
+    # partitions one model over `group_size` actors that form one torch.distributed group).
+    sharding: str = "none"
+    # Actors per DeepSpeed group (its world size); num_actors must be a multiple of it.
+    group_size: int = 2
 
     def __post_init__(self) -> None:
         if not self.hooks:
@@ -133,6 +147,12 @@ class HarvestConfig:
                   batch_size=self.batch_size, contexts_per_unit=self.contexts_per_unit)
         if self.gpus_per_actor < 0:
             raise ConfigError(f"harvest.gpus_per_actor must be >= 0, got {self.gpus_per_actor}")
+        _choice("harvest", "sharding", self.sharding, SHARDINGS)
+        _positive("harvest", group_size=self.group_size)
+        if self.sharding == "deepspeed" and self.num_actors % self.group_size:
+            raise ConfigError(
+                f"harvest.num_actors={self.num_actors} is not a multiple of harvest.group_size="
+                f"{self.group_size}: each DeepSpeed group needs group_size actors")
 
 
 @dataclass
@@ -290,6 +310,8 @@ class RunConfig:
             raise ConfigError(
                 f"sae.hook={hook!r} is not harvested: add it to harvest.hooks={list(self.harvest.hooks)}"
             )
+        if self.harvest.sharding == "device_map" and self.model.device_map is None:
+            raise ConfigError("harvest.sharding=device_map needs model.device_map (e.g. auto)")
         unit_rows = self.harvest.contexts_per_unit * self.data.context_size
         if unit_rows % self.store.chunk_tokens:
             raise ConfigError(
