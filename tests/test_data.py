@@ -215,3 +215,23 @@ def test_hub_name_without_datasets_is_config_error():
         pytest.skip("datasets is installed: the hub path would try the network")
     with pytest.raises(ConfigError, match=r"pip install distributed-sae\[hub\]"):
         iter_documents(DataConfig(name="roneneldan/TinyStories"))
+
+
+def test_unit_blocks_stream_exactly_the_packed_contexts(tokenizer):
+    """Streaming blocks equal load_contexts row for row, also when the corpus is cycled."""
+    from distributed_sae.data import iter_unit_contexts, load_contexts
+
+    for prepend_bos in (True, False):
+        cfg = DataConfig(context_size=64, n_tokens=64 * 24, seed=3, prepend_bos=prepend_bos)
+        blocks = list(iter_unit_contexts(cfg, tokenizer, contexts_per_unit=8, n_units=3))
+        assert [b.shape for b in blocks] == [(8, 64)] * 3
+        assert np.array_equal(np.concatenate(blocks), load_contexts(cfg, tokenizer, 24))
+
+
+def test_unit_blocks_cycle_a_small_corpus(tokenizer, tmp_path):
+    from distributed_sae.data import iter_unit_contexts, load_contexts
+
+    (tmp_path / "a.txt").write_text("alpha beta gamma delta " * 20)
+    cfg = DataConfig(name=str(tmp_path / "a.txt"), context_size=16, n_tokens=16 * 40)
+    blocks = np.concatenate(list(iter_unit_contexts(cfg, tokenizer, 10, 4)))
+    assert np.array_equal(blocks, load_contexts(cfg, tokenizer, 40))

@@ -80,9 +80,49 @@ def pack_contexts(
         )
         stream = np.resize(stream, needed)  # np.resize repeats the array to fill the new size
     body = stream[:needed].reshape(n_contexts, per_row)  # (n_contexts, per_row)
+    return _with_bos(body, bos, prepend_bos)  # (n_contexts, context_size)
+
+
+def iter_unit_contexts(
+    cfg: DataConfig, tokenizer: Any, contexts_per_unit: int, n_units: int
+) -> Iterator[np.ndarray]:
+    """Yield `n_units` blocks of packed contexts, int64 (contexts_per_unit, cfg.context_size) each.
+
+    Streaming: only about one block of tokens is held at a time, so a harvest of billions of
+    tokens never materialises its whole token array (1B tokens are 8 GB as int64). Block u holds
+    contexts [u * contexts_per_unit, (u + 1) * contexts_per_unit) of exactly what
+    `load_contexts` returns: the corpus is cycled over by reading it again from the start.
+    """
+    bos, eos = bos_eos_ids(tokenizer)
+    per_row = cfg.context_size - 1 if cfg.prepend_bos else cfg.context_size
+    need = contexts_per_unit * per_row  # stream tokens per block
+    buf, emitted, passes = np.zeros(0, dtype=np.int64), 0, 0
+    while emitted < n_units:
+        got = 0
+        for batch in _batches(iter_documents(cfg)):
+            ids = [seq for seq in tokenize_batch(tokenizer, batch) if seq]
+            flat = itertools.chain.from_iterable(itertools.chain(seq, (eos,)) for seq in ids)
+            chunk = np.fromiter(flat, dtype=np.int64, count=sum(len(seq) + 1 for seq in ids))
+            got += chunk.size
+            buf = np.concatenate([buf, chunk])
+            while buf.size >= need and emitted < n_units:
+                yield _with_bos(buf[:need].reshape(contexts_per_unit, per_row), bos, cfg.prepend_bos)
+                buf, emitted = buf[need:], emitted + 1
+            if emitted == n_units:
+                return
+        if got == 0:
+            raise ConfigError(f"data.name={cfg.name!r} yielded no text to tokenise: check "
+                              "data.name and data.text_field")
+        passes += 1
+        logger.warning("data.name=%r ran out after %d of %d units: reading it again (pass %d)",
+                       cfg.name, emitted, n_units, passes + 1)
+
+
+def _with_bos(body: np.ndarray, bos: int, prepend_bos: bool) -> np.ndarray:
+    """(n, per_row) stream tokens -> (n, context_size) contexts, BOS first when asked."""
     if not prepend_bos:
         return np.ascontiguousarray(body)
-    contexts = np.empty((n_contexts, context_size), dtype=np.int64)  # (n_contexts, context_size)
+    contexts = np.empty((body.shape[0], body.shape[1] + 1), dtype=np.int64)
     contexts[:, 0] = bos
     contexts[:, 1:] = body
     return contexts

@@ -3,7 +3,8 @@
 Work unit u holds contexts [u * contexts_per_unit, (u + 1) * contexts_per_unit) of the seeded,
 packed corpus, and its rows fill exactly one shard of every store array, so each shard has one
 writer. A unit is committed (a record file) only after the actor's write returned, so a job killed
-at any point restarts by re-running exactly the uncommitted units.
+at any point restarts by re-running exactly the uncommitted units. Contexts are packed as a
+stream, one unit at a time, so the driver never holds the whole token array.
 """
 
 from __future__ import annotations
@@ -11,24 +12,18 @@ from __future__ import annotations
 import logging
 import math
 import shutil
-import time
-from collections import deque
 from pathlib import Path
-from typing import Any
-
-import numpy as np
-from tqdm.auto import tqdm
+from typing import Any, Callable
 
 from distributed_sae.config import ConfigError, RunConfig, parse_hook
-from distributed_sae.data import load_contexts
-from distributed_sae.harvest.worker import HarvestWorker, NonFiniteActivationError
+from distributed_sae.data import iter_unit_contexts
+from distributed_sae.harvest.pool import run_pool
+from distributed_sae.harvest.worker import HarvestWorker
 from distributed_sae.models import load_tokenizer, model_dims
 from distributed_sae.parallel import check_fits, init_ray
-from distributed_sae.store import ActivationStore, WriterLock, commit_unit
+from distributed_sae.store import ActivationStore, WriterLock
 
 log = logging.getLogger(__name__)
-
-MAX_ATTEMPTS = 3  # an actor death re-runs its unit; a unit that kills 3 actors is a bug
 
 
 def plan(cfg: RunConfig) -> dict[str, Any]:
@@ -76,13 +71,20 @@ def open_or_create(cfg: RunConfig, want: dict[str, Any], exclude: list[int]) -> 
         metadata=dict(want, exclude_token_ids=exclude, n_layers=n_layers))
 
 
-def _make_actor(cfg: RunConfig, exclude: list[int]) -> Any:
+def _worker_factory(cfg: RunConfig, exclude: list[int]) -> Callable[[], list[Any]]:
+    """A function that starts one worker: a list of Ray actors that run units in lockstep."""
     import ray
 
     h = cfg.harvest
+    if h.sharding == "deepspeed":
+        from distributed_sae.harvest.deepspeed_worker import create_deepspeed_group
+
+        return lambda: create_deepspeed_group(
+            cfg.model, list(h.hooks), cfg.store.path, h.batch_size, exclude, h.group_size,
+            h.cpus_per_actor, h.gpus_per_actor)
     remote = ray.remote(num_cpus=h.cpus_per_actor, num_gpus=h.gpus_per_actor)(HarvestWorker)
-    return remote.remote(cfg.model, h.hooks, cfg.store.path, h.batch_size, exclude,
-                         threads=max(1, int(h.cpus_per_actor)))
+    return lambda: [remote.remote(cfg.model, list(h.hooks), cfg.store.path, h.batch_size,
+                                  exclude, threads=max(1, int(h.cpus_per_actor)))]
 
 
 def harvest(cfg: RunConfig) -> ActivationStore:
@@ -93,60 +95,24 @@ def harvest(cfg: RunConfig) -> ActivationStore:
     Path(cfg.store.path).parent.mkdir(parents=True, exist_ok=True)
     with WriterLock(cfg.store.path):
         store = open_or_create(cfg, want, exclude)
-        todo = [u for u in range(want["n_units"]) if u not in store.commits]
-        if not todo:
+        committed = set(store.commits)
+        n_todo = want["n_units"] - len(committed)
+        if n_todo == 0:
             log.info("store %s is complete (%d tokens): nothing to harvest", store.path, store.n_tokens)
             return store
-        log.info("harvesting %d of %d units (%d tokens) into %s", len(todo), want["n_units"],
-                 len(todo) * want["unit_rows"], store.path)
-        contexts = load_contexts(cfg.data, tokenizer, want["n_units"] * cfg.harvest.contexts_per_unit)
-        _run_pool(cfg, store, todo, contexts, exclude)
+        log.info("harvesting %d of %d units (%d tokens) into %s", n_todo, want["n_units"],
+                 n_todo * want["unit_rows"], store.path)
+        blocks = iter_unit_contexts(cfg.data, tokenizer, cfg.harvest.contexts_per_unit,
+                                    want["n_units"])
+        units = ((u, c) for u, c in enumerate(blocks) if u not in committed)
+        init_ray(cfg.cluster)
+        h = cfg.harvest
+        slots = h.group_size if h.sharding == "deepspeed" else 1
+        n_workers = max(1, min(h.num_actors // slots, math.ceil(n_todo / slots)))
+        check_fits(n_workers * slots, h.cpus_per_actor, h.gpus_per_actor, "harvest",
+                   on_cluster=bool(cfg.cluster.address))
+        result = run_pool(store, units, n_todo, n_workers, _worker_factory(cfg, exclude))
+    log.info("harvested %d tokens at %.0f tokens/s (%d worker restarts)", result.tokens,
+             result.tokens_per_s, result.retries)
     store.refresh()
     return store
-
-
-def _run_pool(cfg: RunConfig, store: ActivationStore, todo: list[int], contexts: np.ndarray,
-              exclude: list[int]) -> None:
-    """Feed units to actors until all are committed, replacing actors that die."""
-    import ray
-    from ray.exceptions import RayActorError, RayTaskError
-
-    init_ray(cfg.cluster)
-    n = min(cfg.harvest.num_actors, len(todo))
-    check_fits(n, cfg.harvest.cpus_per_actor, cfg.harvest.gpus_per_actor, "harvest",
-               on_cluster=bool(cfg.cluster.address))
-    actors = [_make_actor(cfg, exclude) for _ in range(n)]
-    ray.get([a.ready.remote() for a in actors])  # model loading is not harvest throughput
-    cpu = cfg.harvest.contexts_per_unit
-    pending, attempts, in_flight = deque(todo), {u: 0 for u in todo}, {}
-    idle = list(range(n))
-    bar = tqdm(total=len(todo) * store.unit_rows, unit="tok", unit_scale=True, desc="harvest")
-    start = time.perf_counter()
-    while pending or in_flight:
-        while idle and pending:
-            a, u = idle.pop(), pending.popleft()
-            in_flight[actors[a].run_unit.remote(u, contexts[u * cpu:(u + 1) * cpu])] = (u, a)
-        done, _ = ray.wait(list(in_flight), num_returns=1)
-        u, a = in_flight.pop(done[0])
-        try:
-            record = ray.get(done[0])
-        except RayActorError as err:
-            attempts[u] += 1
-            if attempts[u] >= MAX_ATTEMPTS:
-                raise RuntimeError(f"unit {u} killed {attempts[u]} actors; last: {err}") from err
-            log.warning("actor %d died on unit %d (%s); restarting it and re-queueing", a, u, err)
-            actors[a] = _make_actor(cfg, exclude)
-            pending.appendleft(u)
-        except RayTaskError as err:
-            if isinstance(err.cause, NonFiniteActivationError):
-                raise err.cause from None
-            raise
-        else:
-            commit_unit(store.path, u, record)
-            bar.update(store.unit_rows)
-        idle.append(a)
-    bar.close()
-    rate = len(todo) * store.unit_rows / (time.perf_counter() - start)
-    log.info("harvested %d tokens at %.0f tokens/s", len(todo) * store.unit_rows, rate)
-    for actor in actors:
-        ray.kill(actor)

@@ -61,9 +61,15 @@ class HarvestWorker:
                 parts[h].append(out[h].reshape(-1, out[h].shape[-1]).float().cpu())
         return {h: torch.cat(p) for h, p in parts.items()}
 
-    def run_unit(self, unit: int, contexts: np.ndarray) -> dict[str, Any]:
-        """Harvest one unit and write it; returns the commit record (statistics per hook)."""
+    def run_unit(self, unit: int, contexts: np.ndarray) -> dict[str, Any] | None:
+        """Harvest one unit and write it; returns the commit record (statistics per hook).
+
+        unit < 0 is padding: the forward pass runs (a DeepSpeed group's ranks must make the same
+        collective calls) but nothing is written and None is returned.
+        """
         acts = self.forward_unit(contexts)
+        if unit < 0:
+            return None
         token_ids = contexts.reshape(-1)  # (rows,)
         keep = torch.from_numpy(~np.isin(token_ids, self.exclude))
         for hook, x in acts.items():
@@ -71,7 +77,6 @@ class HarvestWorker:
             if bad:
                 raise NonFiniteActivationError(
                     f"unit {unit}: {bad} rows of {hook} hold NaN or Inf (model "
-                    f"{self.loaded.name}, dtype {next(self.loaded.model.parameters()).dtype}); "
-                    f"try model.dtype=float32")
+                    f"{self.loaded.name}, dtype {self.loaded.dtype}); try model.dtype=float32")
         self.store.write_unit(unit, acts, token_ids)
         return {"stats": {h: unit_stats(x, keep) for h, x in acts.items()}}

@@ -1,0 +1,142 @@
+"""The actor pool of a harvest job: hand out units, commit results, replace dead workers.
+
+A *worker* is a group of Ray actors that run units in lockstep: one actor for a plain or
+device_map-sharded model, `group_size` actors for a DeepSpeed ZeRO-3 group (one process group,
+each rank feeding its own unit; a round with fewer units than ranks is padded with unit -1, which
+runs the forward pass but writes nothing, because ZeRO-3's all-gathers are collective).
+
+A worker that dies (SIGKILL, out of memory, preemption; for a group: any of its actors) is
+killed whole and rebuilt, and its units go back to the front of the queue; a unit that has killed
+MAX_ATTEMPTS workers stops the job, since the unit itself is then the likely cause.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterator
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from distributed_sae.harvest.worker import NonFiniteActivationError
+from distributed_sae.store import ActivationStore, commit_unit
+
+log = logging.getLogger(__name__)
+
+MAX_ATTEMPTS = 3
+Unit = tuple[int, np.ndarray]  # (unit index, contexts (n_ctx, ctx) int64)
+
+
+@dataclass
+class PoolResult:
+    """What a pool run did: units committed and the harvest rate (model loading excluded)."""
+
+    units: int
+    tokens: int
+    seconds: float
+    retries: int = 0
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.tokens / max(self.seconds, 1e-9)
+
+
+@dataclass
+class _Pool:
+    make_worker: Callable[[], list[Any]]
+    workers: list[list[Any]]
+    units: Iterator[Unit]
+    retry: deque = field(default_factory=deque)  # units to run again, first
+    attempts: dict[int, int] = field(default_factory=dict)
+    in_flight: dict[Any, tuple[int, np.ndarray, int]] = field(default_factory=dict)
+    outstanding: list[int] = field(default_factory=list)
+
+    def take(self, n: int) -> list[Unit]:
+        out = []
+        while len(out) < n and self.retry:
+            out.append(self.retry.popleft())
+        for unit in self.units:
+            out.append(unit)
+            if len(out) == n:
+                break
+        return out
+
+    def submit(self, w: int, batch: list[Unit]) -> None:
+        for rank, actor in enumerate(self.workers[w]):
+            unit, ctx = batch[rank] if rank < len(batch) else (-1, batch[0][1])  # padding
+            self.in_flight[actor.run_unit.remote(unit, ctx)] = (unit, ctx, w)
+            self.outstanding[w] += 1
+
+    def rebuild(self, w: int, cause: BaseException) -> None:
+        """Kill worker w whole, requeue its units, start a new one."""
+        import ray
+
+        lost = [(u, c) for ref, (u, c, g) in list(self.in_flight.items()) if g == w]
+        self.in_flight = {r: v for r, v in self.in_flight.items() if v[2] != w}
+        for actor in self.workers[w]:
+            ray.kill(actor)
+        for unit, ctx in lost:
+            if unit < 0:
+                continue
+            self.attempts[unit] = self.attempts.get(unit, 0) + 1
+            if self.attempts[unit] >= MAX_ATTEMPTS:
+                raise RuntimeError(f"unit {unit} was lost with {MAX_ATTEMPTS} workers; last "
+                                   f"error: {cause}") from cause
+            self.retry.appendleft((unit, ctx))
+        log.warning("worker %d died (%s); restarting it and re-queueing units %s", w,
+                    type(cause).__name__, [u for u, _ in lost if u >= 0])
+        self.workers[w] = self.make_worker()
+        ray.get([a.ready.remote() for a in self.workers[w]])
+        self.outstanding[w] = 0
+
+
+def run_pool(store: ActivationStore, units: Iterator[Unit], n_todo: int, n_workers: int,
+             make_worker: Callable[[], list[Any]]) -> PoolResult:
+    """Run every unit of `units` on `n_workers` workers and commit each into `store`."""
+    import ray
+    from ray.exceptions import RayActorError, RayTaskError
+
+    workers = [make_worker() for _ in range(n_workers)]
+    ray.get([a.ready.remote() for w in workers for a in w])  # loading is not harvest time
+    pool = _Pool(make_worker, workers, units, outstanding=[0] * n_workers)
+    idle = deque(range(n_workers))
+    bar = tqdm(total=n_todo * store.unit_rows, unit="tok", unit_scale=True, desc="harvest")
+    start, done_units, retries = time.perf_counter(), 0, 0
+    while True:
+        while idle:
+            batch = pool.take(len(pool.workers[idle[0]]))
+            if not batch:
+                break
+            pool.submit(idle.popleft(), batch)
+        if not pool.in_flight:
+            break
+        ref = ray.wait(list(pool.in_flight), num_returns=1)[0][0]
+        unit, ctx, w = pool.in_flight.pop(ref)
+        pool.outstanding[w] -= 1
+        try:
+            record = ray.get(ref)
+        except (RayActorError, RayTaskError) as err:
+            pool.in_flight[ref] = (unit, ctx, w)  # rebuild() requeues it with the others
+            cause = getattr(err, "cause", None)
+            if isinstance(cause, NonFiniteActivationError):
+                raise cause from None
+            if isinstance(err, RayTaskError) and len(pool.workers[w]) == 1:
+                raise  # a plain worker's exception is a bug, not a lost machine
+            pool.rebuild(w, err)  # a dead actor, or a group whose peer died
+            retries += 1
+            idle.append(w)
+            continue
+        if unit >= 0:
+            commit_unit(store.path, unit, record)
+            done_units += 1
+            bar.update(store.unit_rows)
+        if pool.outstanding[w] == 0:
+            idle.append(w)
+    bar.close()
+    for worker in pool.workers:
+        for actor in worker:
+            ray.kill(actor)
+    return PoolResult(done_units, done_units * store.unit_rows, time.perf_counter() - start, retries)
