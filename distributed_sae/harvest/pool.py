@@ -58,10 +58,11 @@ class _Pool:
         out = []
         while len(out) < n and self.retry:
             out.append(self.retry.popleft())
-        for unit in self.units:
-            out.append(unit)
-            if len(out) == n:
+        while len(out) < n:
+            unit = next(self.units, None)
+            if unit is None:
                 break
+            out.append(unit)
         return out
 
     def submit(self, w: int, batch: list[Unit]) -> None:
