@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import logging
+import os
 from typing import Any
 
 import numpy as np
@@ -36,9 +37,11 @@ class HarvestWorker:
     def __init__(self, model_cfg: ModelConfig, hooks: list[str], store_path: str,
                  batch_size: int, exclude_token_ids: list[int], threads: int = 1) -> None:
         torch.set_num_threads(max(1, threads))
-        # The driver shows the one progress bar that matters; per-actor load bars only add noise.
+        # The driver shows the one progress bar that matters; per-actor load bars (transformers'
+        # and the GGUF dequantiser's own tqdm) only add noise. This process is the actor's alone.
         from transformers.utils import logging as hf_logging
 
+        os.environ["TQDM_DISABLE"] = "1"
         hf_logging.disable_progress_bar()
         self.loaded = load_model(model_cfg)
         self.hooks = list(hooks)
