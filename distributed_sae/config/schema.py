@@ -24,6 +24,7 @@ _HOOK_RE = re.compile(r"^blocks\.(\d+)\.(" + "|".join(re.escape(k) for k in HOOK
 
 DTYPES = ("float32", "float16", "bfloat16")
 SAE_KINDS = ("topk",)  # the SAE issue adds relu, batchtopk, jumprelu, matryoshka
+RELU_RECIPES = ("towards_monosemanticity", "april_2024")
 COMPRESSIONS = ("none", "zstd", "blosc")
 DEVICE_MAPS = ("auto", "balanced", "balanced_low_0", "sequential")
 # How one harvest actor holds a model: whole on one device, spread by HF device_map inside the
@@ -192,9 +193,28 @@ class SAEConfig:
     hook: Optional[str] = None
     # Seed of the weight initialisation (member i uses seed + i).
     seed: int = 0
+    # relu: coefficient lambda of the L1 sparsity penalty.
+    l1_coefficient: float = 5.0
+    # relu: 'towards_monosemanticity' (unit-norm decoder, neuron resampling) or 'april_2024'
+    # (L1 weighted by decoder norms, no norm constraint, no resampling, lambda warm-up).
+    recipe: str = "towards_monosemanticity"
+    # jumprelu: coefficient of the L0 penalty.
+    l0_coefficient: float = 1.0
+    # jumprelu: initial per-feature threshold and the straight-through estimator's bandwidth.
+    jumprelu_threshold: float = 0.001
+    jumprelu_bandwidth: float = 0.001
+    # matryoshka: nested prefixes of the dictionary as fractions of the width (ascending, last 1.0).
+    matryoshka_fractions: List[float] = field(default_factory=lambda: [0.0625, 0.25, 1.0])
 
     def __post_init__(self) -> None:
         _choice("sae", "kind", self.kind, SAE_KINDS)
+        _choice("sae", "recipe", self.recipe, RELU_RECIPES)
+        _positive("sae", l1_coefficient=self.l1_coefficient, l0_coefficient=self.l0_coefficient,
+                  jumprelu_threshold=self.jumprelu_threshold,
+                  jumprelu_bandwidth=self.jumprelu_bandwidth)
+        fr = list(self.matryoshka_fractions)
+        if not fr or fr != sorted(fr) or fr[-1] != 1.0 or fr[0] <= 0:
+            raise ConfigError(f"sae.matryoshka_fractions={fr} must be ascending in (0, 1], ending at 1.0")
         if not self.widths:
             raise ConfigError("sae.widths is empty: give at least one width, e.g. sae.widths=[2304]")
         for width in self.widths:
@@ -234,6 +254,12 @@ class TrainConfig:
     seed: int = 0
     # Log metrics every this many steps.
     log_every: int = 10
+    # relu (Towards Monosemanticity): steps at which dead features are resampled ([] = never).
+    resample_steps: List[int] = field(default_factory=lambda: [25_000, 50_000, 75_000, 100_000])
+    # Steps without firing after which a feature counts as dead for resampling.
+    resample_window: int = 12_500
+    # Inputs on which the loss is computed to pick resampling directions (the paper: 819,200).
+    resample_inputs: int = 819_200
 
     def __post_init__(self) -> None:
         if self.tokens < 0:
