@@ -150,3 +150,18 @@ def test_nan_activations_are_reported_with_their_unit(tiny_llama_dir, tmp_path):
     with pytest.raises(NonFiniteActivationError, match="unit 7: .* blocks.1.hook_resid_post"):
         worker.run_unit(7, ctx)
     assert int(store.tokens(7 * 128, 8 * 128).max()) == -1  # the unit's rows were never written
+
+
+def test_deepspeed_sharded_harvest_equals_the_plain_one(ray_local, tiny_llama_dir, tmp_path,
+                                                        smollm2_tokenizer):
+    """harvest.sharding=deepspeed through the driver: 2 ranks, 5 units (so one padded round)."""
+    cfg = tiny_cfg(tiny_llama_dir, tmp_path / "ds", n_units=5, sharding="deepspeed",
+                   num_actors=2, group_size=2)
+    store = harvest(cfg)
+    assert store.is_complete
+    assert np.array_equal(store.tokens(0, store.n_tokens), expected_tokens(cfg, smollm2_tokenizer))
+    worker = HarvestWorker(cfg.model, HOOKS, cfg.store.path, 2, [])
+    ctx = store.tokens(0, store.n_tokens).reshape(-1, 32).astype(np.int64)
+    plain = worker.forward_unit(ctx)
+    for hook in HOOKS:
+        assert torch.allclose(store.read(hook, 0, store.n_tokens), plain[hook], atol=1e-5)

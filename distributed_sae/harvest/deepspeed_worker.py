@@ -157,11 +157,13 @@ class DeepSpeedHarvestWorker:
         return True
 
     def partition_info(self) -> dict[str, int]:
-        """Parameter elements: 'local' held by this rank, 'total' in the (cut) model."""
-        assert self.loaded is not None
+        """Parameter elements of the (cut) model: 'total'; 'local', this rank's partitions;
+        'persistent', those of the small parameters that every rank also keeps whole."""
+        assert self.loaded is not None, "join() first"
         params = list(self.loaded.model.parameters())
-        return {"local": sum(int(p.ds_tensor.numel()) for p in params),
-                "total": sum(int(p.ds_numel) for p in params)}
+        return {"total": sum(int(p.ds_numel) for p in params),
+                "local": sum(int(p.ds_tensor.numel()) for p in params),
+                "persistent": sum(int(p.ds_numel) for p in params if p.ds_persist)}
 
     def forward_unit(self, contexts: np.ndarray) -> dict[str, torch.Tensor]:
         """contexts (n_ctx, ctx) int64 -> hook -> (n_ctx * ctx, d) float32 activations.

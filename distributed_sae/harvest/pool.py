@@ -137,7 +137,8 @@ def run_pool(store: ActivationStore, units: Iterator[Unit], n_todo: int, n_worke
         if pool.outstanding[w] == 0:
             idle.append(w)
     bar.close()
-    for worker in pool.workers:
-        for actor in worker:
-            ray.kill(actor)
+    actors = [actor for worker in pool.workers for actor in worker]
+    ray.get([actor.shutdown.remote() for actor in actors])  # a ZeRO-3 rank must leave its group
+    for actor in actors:
+        ray.kill(actor)
     return PoolResult(done_units, done_units * store.unit_rows, time.perf_counter() - start, retries)

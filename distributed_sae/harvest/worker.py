@@ -49,6 +49,11 @@ class HarvestWorker:
         self.store = ActivationStore.open(store_path, mode="r+")
         self.exclude = np.asarray(exclude_token_ids, dtype=np.int64)
 
+    def shutdown(self) -> None:
+        """Release the model before the driver kills the actor (DeepSpeed workers also leave
+        their process group here)."""
+        self.loaded = None
+
     def ready(self) -> bool:
         """Returns once the model is loaded (the driver waits on it to start the clock)."""
         return True

@@ -11,10 +11,11 @@ from distributed_sae.models.registry import (
     register_model,
     registered_models,
     torch_dtype,
+    truncate_layers,
 )
 
 __all__ = [
     "ARCHITECTURES", "ArchSpec", "LoadedModel", "arch_spec", "check_hooks", "from_hf_model",
     "hook_dim", "load_model", "load_tokenizer", "model_dims", "register_model", "registered_models",
-    "run_with_hooks", "torch_dtype",
+    "run_with_hooks", "torch_dtype", "truncate_layers",
 ]

@@ -10,7 +10,7 @@ Names are `blocks.<layer>.<kind>` (parsed by `distributed_sae.config.parse_hook`
 
 `run_with_hooks` stops the forward pass as soon as every requested hook has fired, so layers after
 the deepest requested one (and the LM head) never run: harvesting a middle layer costs only the
-layers below it.
+layers below it. (Not for ZeRO-3 partitioned models, which `registry.truncate_layers` cuts instead.)
 """
 
 from __future__ import annotations
@@ -83,10 +83,32 @@ def _attach(
     raise ConfigError(f"unknown hook kind {kind!r}")  # parse_hook already rejects these
 
 
+def is_partitioned(model: nn.Module) -> bool:
+    """True when DeepSpeed ZeRO-3 partitions `model`'s parameters (they carry a `ds_id`)."""
+    first = next(model.parameters(), None)
+    return first is not None and hasattr(first, "ds_id")
+
+
+def _input_device(loaded: LoadedModel) -> torch.device:
+    # With a device_map the first parameter need not sit where the forward starts; the input
+    # embedding is the module that consumes input_ids.
+    base = getattr(loaded.model, "base_model", loaded.model)
+    try:
+        embed = base.get_input_embeddings()
+        device = embed.weight.device
+    except (AttributeError, NotImplementedError):
+        return loaded.device
+    # An embedding offloaded by accelerate has meta weights and runs where its hook says.
+    execution = getattr(getattr(embed, "_hf_hook", None), "execution_device", None)
+    if execution is not None:
+        return torch.device(execution)
+    return torch.device("cpu") if device.type == "meta" else device
+
+
 def _forward_kwargs(
     loaded: LoadedModel, spec: ArchSpec, input_ids: Tensor, attention_mask: Optional[Tensor]
 ) -> dict[str, Any]:
-    device = loaded.device
+    device = _input_device(loaded)
     kwargs: dict[str, Any] = {"input_ids": input_ids.to(device)}
     if attention_mask is not None:
         kwargs["attention_mask"] = attention_mask.to(device)
@@ -101,12 +123,22 @@ def run_with_hooks(
     input_ids: Tensor,
     hooks: Sequence[str],
     attention_mask: Optional[Tensor] = None,
+    stop_early: Optional[bool] = None,
 ) -> dict[str, Tensor]:
     """Run the model on `input_ids` (batch, seq) and return {hook: activations (batch, seq, d)}.
 
     The pass stops once every hook has fired, so later layers never run. Returned tensors are
-    detached, on the model's device, in its dtype, and ordinary (not inference-mode) tensors, so
-    they may be fed to modules that train.
+    detached, on the device of the module that produced them (with a device_map, hooks in
+    different layers may come back on different devices), in the model's dtype, and ordinary (not
+    inference-mode) tensors, so they may be fed to modules that train.
+
+    `stop_early` None means: stop early unless the model is ZeRO-3 partitioned. There an exception
+    raised mid-forward skips DeepSpeed's post-forward hooks: measured on a 2-rank tiny Llama, the
+    activations stayed right but the whole embedding matrix stayed gathered on every rank after
+    each pass (ds_status AVAILABLE), which defeats the partitioning; so the forward runs to the
+    end, and `truncate_layers` removes the layers not needed instead. ZeRO-3 models run under
+    no_grad, DeepSpeed's own inference setting, since it swaps `param.data` during the forward
+    (inference_mode also gave right results in that test, but is not what DeepSpeed supports).
     """
     if input_ids.dim() != 2:
         raise ValueError(f"input_ids must be (batch, seq), got shape {tuple(input_ids.shape)}")
@@ -116,12 +148,14 @@ def run_with_hooks(
     check_hooks(wanted, loaded.n_layers)
     spec = arch_spec(loaded.arch)
     blocks = layer_modules(loaded.model, spec)
+    partitioned = is_partitioned(loaded.model)
+    stop = not partitioned if stop_early is None else stop_early
     captured: dict[str, Tensor] = {}
 
     def storer(name: str) -> Callable[[Tensor], None]:
         def store(t: Tensor) -> None:
             captured[name] = t.detach()  # (batch, seq, d)
-            if len(captured) == len(wanted):
+            if stop and len(captured) == len(wanted):
                 raise _StopForward
 
         return store
@@ -132,7 +166,7 @@ def run_with_hooks(
             layer, kind = parse_hook(name)
             handles.append(_attach(blocks[layer], spec, kind, storer(name)))
         base = getattr(loaded.model, "base_model", loaded.model)  # skip the LM head outright
-        with torch.inference_mode():
+        with torch.no_grad() if partitioned else torch.inference_mode():
             try:
                 base(**_forward_kwargs(loaded, spec, input_ids, attention_mask))
             except _StopForward:

