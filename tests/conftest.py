@@ -44,3 +44,30 @@ def tiny_llama_dir(tmp_path_factory, smollm2_tokenizer):
     LlamaForCausalLM(config).save_pretrained(path)
     smollm2_tokenizer.save_pretrained(path)
     return str(path)
+
+
+def write_sparse_store(path, n_units: int = 8, unit_rows: int = 512, d: int = 32, seed: int = 0):
+    """A committed store of synthetic activations: sums of 3 of 96 random directions + noise."""
+    import numpy as np
+    import torch
+
+    from distributed_sae.harvest.worker import unit_stats
+    from distributed_sae.store import ActivationStore, commit_unit
+
+    hook = "blocks.0.hook_resid_post"
+    store = ActivationStore.create(
+        path, hook_dims={hook: d}, n_units=n_units, unit_rows=unit_rows, chunk_rows=128,
+        dtype="float32", compression="none",
+        metadata={"context_size": 64, "exclude_token_ids": [], "model_name": "synthetic",
+                  "corpus": {"name": "synthetic", "prepend_bos": False}})
+    g = torch.Generator().manual_seed(seed)
+    dirs = torch.randn(96, d, generator=g)
+    dirs /= dirs.norm(dim=1, keepdim=True)
+    for u in range(n_units):
+        idx = torch.randint(0, 96, (unit_rows, 3), generator=g)
+        x = ((torch.rand(unit_rows, 3, generator=g) + 0.5)[..., None] * dirs[idx]).sum(1) * 4 + 1
+        x += 0.01 * torch.randn(unit_rows, d, generator=g)
+        store.write_unit(u, {hook: x}, np.arange(unit_rows) % 1000)
+        keep = torch.ones(unit_rows, dtype=torch.bool)
+        commit_unit(store.path, u, {"stats": {hook: unit_stats(x, keep)}})
+    return ActivationStore.open(path)

@@ -11,7 +11,7 @@ from safetensors.torch import load_file, save_file
 from distributed_sae.config import RunConfig, SAEConfig, TrainConfig
 from distributed_sae.eval import evaluate_sae
 from distributed_sae.sae import MemberSpec, TopKSAE, expand_bank, load_sae, save_sae
-from distributed_sae.train import build_members, lr_at, train_step
+from distributed_sae.train import BankTrainer
 
 
 def sparse_data(n=4096, d=32, n_features=96, k=3, seed=0):
@@ -78,13 +78,12 @@ def test_training_learns_sparse_structure():
     x = sparse_data()
     cfg = RunConfig(sae=SAEConfig(widths=[96, 192], k=3),
                     train=TrainConfig(batch_size=256, lr=3e-3, dead_tokens=2048))
-    members = build_members(cfg, 32, x.mean(0))
-    before = evaluate_sae(members[0].sae, [x])["fvu"]
     steps = 300
+    bank = BankTrainer(cfg, expand_bank(cfg.sae, "blocks.0.hook_resid_post"), 32, x.mean(0), steps)
+    members = bank.members
+    before = evaluate_sae(members[0].sae, [x])["fvu"]
     for step in range(steps):
-        batch = x[(step * 256) % 4096:(step * 256) % 4096 + 256]
-        for m in members:
-            train_step(m, batch, lr_at(step, steps, cfg), cfg.train.dead_tokens)
+        bank.step(x[(step * 256) % 4096:(step * 256) % 4096 + 256])
     for m in members:
         after = evaluate_sae(m.sae, [x])
         assert after["fvu"] < 0.2 < before, (before, after["fvu"])

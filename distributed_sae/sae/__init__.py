@@ -2,13 +2,18 @@
 
 from distributed_sae.sae.bank import MemberSpec, build_sae, expand_bank
 from distributed_sae.sae.base import SAEOutput, SparseAutoencoder
+from distributed_sae.sae.batchtopk import BatchTopKSAE
+from distributed_sae.sae.jumprelu import JumpReLUSAE
+from distributed_sae.sae.matryoshka import MatryoshkaSAE
 from distributed_sae.sae.registry import SAE_CLASSES, sae_class
+from distributed_sae.sae.relu import ReLUSAE
 from distributed_sae.sae.serialization import load_sae, save_sae
 from distributed_sae.sae.topk import TopKSAE
 
 SAE = SparseAutoencoder
 
 __all__ = [
-    "SAE", "SAE_CLASSES", "MemberSpec", "SAEOutput", "SparseAutoencoder", "TopKSAE", "build_sae",
-    "expand_bank", "load_sae", "sae_class", "save_sae",
+    "SAE", "SAE_CLASSES", "BatchTopKSAE", "JumpReLUSAE", "MatryoshkaSAE", "MemberSpec",
+    "ReLUSAE", "SAEOutput", "SparseAutoencoder", "TopKSAE", "build_sae", "expand_bank",
+    "load_sae", "sae_class", "save_sae",
 ]

@@ -13,6 +13,8 @@ from distributed_sae.config import SAEConfig, TrainConfig
 from distributed_sae.sae.base import SparseAutoencoder
 from distributed_sae.sae.registry import sae_class
 
+K_KINDS = ("topk", "batchtopk", "matryoshka")  # kinds whose sparsity is set by k
+
 
 @dataclass(frozen=True)
 class MemberSpec:
@@ -27,7 +29,8 @@ class MemberSpec:
     @property
     def member_id(self) -> str:
         """Folder name of the member, unique within a bank: e.g. 'topk_w2304_k32_s0'."""
-        return f"{self.kind}_w{self.width}_k{self.k}_s{self.seed}"
+        k = f"_k{self.k}" if self.kind in K_KINDS else ""
+        return f"{self.kind}_w{self.width}{k}_s{self.seed}"
 
 
 def expand_bank(sae: SAEConfig, hook: str) -> list[MemberSpec]:
@@ -36,8 +39,7 @@ def expand_bank(sae: SAEConfig, hook: str) -> list[MemberSpec]:
             for i, w in enumerate(sae.widths)]
 
 
-def build_sae(spec: MemberSpec, d_in: int, train: TrainConfig) -> SparseAutoencoder:
-    """Instantiate the member's SAE (fp32 master weights)."""
-    cls = sae_class(spec.kind)
-    return cls(d_in, spec.width, k=spec.k, auxk_coefficient=train.auxk_coefficient,
-               seed=spec.seed, dtype=torch.float32)
+def build_sae(spec: MemberSpec, d_in: int, sae: SAEConfig, train: TrainConfig) -> SparseAutoencoder:
+    """Instantiate the member's SAE (fp32 master weights) with the kind's hyperparameters."""
+    return sae_class(spec.kind).from_config(d_in, spec.width, sae, train, seed=spec.seed,
+                                            dtype=torch.float32)

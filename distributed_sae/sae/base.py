@@ -9,11 +9,15 @@ SAE code is single-device: it never imports torch.distributed (parallelism lives
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 from torch import nn
+
+if TYPE_CHECKING:  # only for annotations: SAE code stays usable without the config package
+    from distributed_sae.config import SAEConfig, TrainConfig
 
 
 @dataclass
@@ -31,6 +35,17 @@ class SparseAutoencoder(nn.Module):
 
     kind: ClassVar[str] = "base"
     architecture: ClassVar[str] = "standard"  # SAELens's name for the inference kind
+    # What the training loop must do around each Adam step. Class defaults; a kind may override
+    # them per instance (the relu recipes differ).
+    # True: call remove_parallel_grad() before opt.step() and normalize_decoder() after it.
+    unit_norm_decoder: bool = True
+    # Not None: clip the global gradient norm of the SAE's parameters to this before the step.
+    grad_clip: float | None = None
+    # Fraction of the run over which the sparsity penalty ramps linearly from 0 to full weight;
+    # the loop passes sparsity_scale_at(step, total) to loss() as `sparsity_scale`.
+    sparsity_warmup_fraction: float = 0.0
+    # True: dead latents are re-initialised at the configured steps (train/resampling.py).
+    uses_resampling: bool = False
 
     def __init__(self, d_in: int, d_sae: int, *, seed: int = 0,
                  dtype: torch.dtype = torch.float32) -> None:
@@ -62,9 +77,16 @@ class SparseAutoencoder(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.decode(self.encode(x))
 
-    def loss(self, x: torch.Tensor, dead: torch.Tensor | None = None) -> SAEOutput:
-        """Training loss on a batch (batch, d_in); `dead` (d_sae,) marks dead latents."""
+    def loss(self, x: torch.Tensor, dead: torch.Tensor | None = None,
+             sparsity_scale: float = 1.0) -> SAEOutput:
+        """Training loss on a batch (batch, d_in); `dead` (d_sae,) marks dead latents;
+        `sparsity_scale` in [0, 1] multiplies the sparsity penalty (warm-up), if there is one."""
         raise NotImplementedError
+
+    def sparsity_scale_at(self, step: int, total_steps: int) -> float:
+        """Weight of the sparsity penalty at `step`: linear ramp over the warm-up fraction."""
+        warm = self.sparsity_warmup_fraction * total_steps
+        return 1.0 if warm <= 0 else min(1.0, (step + 1) / warm)
 
     # ---- constraints and conversions -------------------------------------------------------
     @torch.no_grad()
@@ -99,3 +121,31 @@ class SparseAutoencoder(nn.Module):
     def extra_state(self) -> dict[str, Any]:
         """Hyperparameters needed to rebuild this SAE (besides d_in and d_sae)."""
         return {}
+
+    # ---- the SAELens tensor set --------------------------------------------------------------
+    def saelens_tensors(self) -> dict[str, torch.Tensor]:
+        """The tensors of the SAELens file, by SAELens name (kinds with thresholds add one)."""
+        return {"W_enc": self.W_enc, "b_enc": self.b_enc, "W_dec": self.W_dec, "b_dec": self.b_dec}
+
+    @torch.no_grad()
+    def load_saelens_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
+        """Inverse of saelens_tensors: copy SAELens-named tensors into this SAE's state."""
+        self.load_state_dict(tensors)
+
+    # ---- construction from the run config ----------------------------------------------------
+    @classmethod
+    def from_config(cls, d_in: int, d_sae: int, sae: SAEConfig, train: TrainConfig, *,
+                    seed: int = 0, dtype: torch.dtype = torch.float32,
+                    **overrides: Any) -> SparseAutoencoder:
+        """Build this kind from the run config: each keyword of the constructor that names a
+        config value below is filled from it, `overrides` win (e.g. a member's own k)."""
+        from_cfg = {
+            "k": sae.k, "auxk_coefficient": train.auxk_coefficient,
+            "l1_coefficient": sae.l1_coefficient, "recipe": sae.recipe,
+            "l0_coefficient": sae.l0_coefficient, "init_threshold": sae.jumprelu_threshold,
+            "bandwidth": sae.jumprelu_bandwidth, "fractions": list(sae.matryoshka_fractions),
+        }
+        accepted = inspect.signature(cls.__init__).parameters
+        kwargs = {name: value for name, value in from_cfg.items() if name in accepted}
+        kwargs.update(overrides)
+        return cls(d_in, d_sae, **kwargs, seed=seed, dtype=dtype)

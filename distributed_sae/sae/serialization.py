@@ -22,7 +22,6 @@ from distributed_sae.sae.registry import sae_class
 CFG_FILE = "cfg.json"
 WEIGHTS_FILE = "sae_weights.safetensors"
 SAELENS_FORMAT_VERSION = "6.0.0"
-_TENSORS = ("W_enc", "b_enc", "W_dec", "b_dec")
 
 
 def save_sae(sae: SparseAutoencoder, folder: str | Path, metadata: dict[str, Any] | None = None,
@@ -31,7 +30,10 @@ def save_sae(sae: SparseAutoencoder, folder: str | Path, metadata: dict[str, Any
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     dtype = dtype or sae.W_enc.dtype
-    tensors = {name: getattr(sae, name).detach().to("cpu", dtype).contiguous() for name in _TENSORS}
+    # The kind names its SAELens tensors: the four weights, plus `threshold` (d_sae,) for kinds
+    # exported as 'jumprelu'.
+    tensors = {name: t.detach().to("cpu", dtype).contiguous()
+               for name, t in sae.saelens_tensors().items()}
     meta = dict(metadata or {}, sae_lens_version=SAELENS_FORMAT_VERSION, dsae_kind=sae.kind,
                 dsae_params=sae.extra_state())
     cfg = {**sae.saelens_cfg(), "d_in": sae.d_in, "d_sae": sae.d_sae,
@@ -54,14 +56,17 @@ def load_sae(folder: str | Path) -> tuple[SparseAutoencoder, dict[str, Any]]:
     cls = sae_class(kind)
     tensors = load_file(str(folder / WEIGHTS_FILE))
     d_in, d_sae = int(cfg["d_in"]), int(cfg["d_sae"])
-    want = {"W_enc": (d_in, d_sae), "b_enc": (d_sae,), "W_dec": (d_sae, d_in), "b_dec": (d_in,)}
+    dtype = tensors["W_enc"].dtype if "W_enc" in tensors else torch.float32
+    sae = cls(d_in, d_sae, **meta.get("dsae_params", {}), dtype=dtype)
+    # Expected names and shapes come from the kind built at cfg.json's sizes.
+    want = {name: tuple(t.shape) for name, t in sae.saelens_tensors().items()}
     if set(tensors) != set(want):
         raise ValueError(f"{folder / WEIGHTS_FILE} holds {sorted(tensors)}, expected {sorted(want)}")
     for name, shape in want.items():
         if tuple(tensors[name].shape) != shape:
             raise ValueError(f"{folder / WEIGHTS_FILE}: {name} has shape "
                              f"{tuple(tensors[name].shape)} but cfg.json says {shape}")
-    dtype = tensors["W_enc"].dtype
-    sae = cls(d_in, d_sae, **meta.get("dsae_params", {}), dtype=dtype)
-    sae.load_state_dict(tensors)
+    sae.load_saelens_tensors(tensors)
+    # A loaded SAE is for inference: eval mode makes BatchTopK-style kinds use their threshold.
+    sae.eval()
     return sae, cfg

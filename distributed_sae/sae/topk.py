@@ -37,7 +37,9 @@ class TopKSAE(SparseAutoencoder):
         return torch.zeros(x.shape[0], self.d_sae, dtype=values.dtype,
                            device=x.device).scatter_(1, indices, values)  # (batch, d_sae)
 
-    def loss(self, x: torch.Tensor, dead: torch.Tensor | None = None) -> SAEOutput:
+    def loss(self, x: torch.Tensor, dead: torch.Tensor | None = None,
+             sparsity_scale: float = 1.0) -> SAEOutput:
+        """MSE + AuxK. `sparsity_scale` is unused: TopK fixes L0 by construction, no penalty."""
         pre = self.pre_acts(x)  # (batch, d_sae)
         values, indices = self.topk(pre)
         f = torch.zeros_like(pre).scatter_(1, indices, values)

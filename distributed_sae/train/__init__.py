@@ -1,5 +1,8 @@
-"""Training: the bank trainer (one pass over the store feeds every member)."""
+"""Training: the bank trainer (one pass over the store feeds every member), checkpoints,
+schedules and neuron resampling."""
 
-from distributed_sae.train.trainer import Member, build_members, lr_at, train, train_step
+from distributed_sae.train.bank_trainer import BankTrainer, Member, lr_at, train_step
+from distributed_sae.train.resampling import resample_dead
+from distributed_sae.train.trainer import input_scale, train
 
-__all__ = ["Member", "build_members", "lr_at", "train", "train_step"]
+__all__ = ["BankTrainer", "Member", "input_scale", "lr_at", "resample_dead", "train", "train_step"]

@@ -1,0 +1,113 @@
+"""BatchTopK SAE (Bussmann, Leask & Nanda 2024, "BatchTopK Sparse Autoencoders").
+
+Training keeps the k x batch largest ReLU'd pre-activations of the whole batch rather than k per
+token: the batch's mean L0 is exactly k (when that many are positive) while a token may use more
+or fewer latents than k, spending capacity where the input is complex.
+
+That selection depends on the rest of the batch, so inference needs a per-token rule. During
+training a threshold θ tracks the smallest selected activation (the paper averages it over
+batches; an exponential moving average here, so it follows the drift while weights change), and
+in eval mode
+    f = ReLU(pre) * (pre > θ)
+which is SAELens's 'jumprelu' with θ broadcast to every latent. Dead latents get AuxK as in TopK.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from distributed_sae.sae.base import SAEOutput
+from distributed_sae.sae.topk import TopKSAE
+
+# (x_hat (batch, d_in), scalar reconstruction loss, scalar terms by name)
+Reconstruction = tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]
+
+
+class BatchTopKSAE(TopKSAE):
+    kind = "batchtopk"
+    architecture = "jumprelu"
+
+    def __init__(self, d_in: int, d_sae: int, k: int, *, auxk_coefficient: float = 1 / 32,
+                 threshold_momentum: float = 0.99, seed: int = 0,
+                 dtype: torch.dtype = torch.float32) -> None:
+        super().__init__(d_in, d_sae, k, auxk_coefficient=auxk_coefficient, seed=seed, dtype=dtype)
+        if not 0.0 <= threshold_momentum < 1.0:
+            raise ValueError(f"threshold_momentum={threshold_momentum} must be in [0, 1)")
+        self.threshold_momentum = threshold_momentum
+        # Inference threshold on pre-activations; 0 (plain ReLU) until the first training batch.
+        self.register_buffer("threshold", torch.zeros((), dtype=dtype))
+        self.threshold_updates = 0
+
+    def batch_topk(self, pre: torch.Tensor) -> torch.Tensor:
+        """(batch, d_sae) pre-activations -> (batch, d_sae) activations keeping the k x batch
+        largest ReLU'd values of the whole batch."""
+        flat = pre.relu().flatten()  # (batch * d_sae,)
+        n_keep = min(self.k * pre.shape[0], flat.numel())
+        values, indices = flat.topk(n_keep, sorted=False)
+        return torch.zeros_like(flat).scatter_(0, indices, values).view_as(pre)
+
+    def threshold_encode(self, pre: torch.Tensor) -> torch.Tensor:
+        """Per-token inference rule: (batch, d_sae) -> ReLU(pre) * (pre > θ)."""
+        return pre.relu() * (pre > self.threshold)
+
+    def activate(self, pre: torch.Tensor) -> torch.Tensor:
+        """Batch selection in training mode, the threshold in eval mode."""
+        return self.batch_topk(pre) if self.training else self.threshold_encode(pre)
+
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        return self.activate(self.pre_acts(x))  # (batch, d_sae)
+
+    @torch.no_grad()
+    def update_threshold(self, f: torch.Tensor) -> None:
+        """Fold this batch's smallest selected activation (f (batch, d_sae)) into θ's EMA."""
+        selected = f[f > 0]
+        if selected.numel() == 0:
+            return
+        smallest = selected.min().to(self.threshold.dtype)
+        if self.threshold_updates == 0:
+            self.threshold.copy_(smallest)
+        else:  # θ <- m θ + (1 - m) min
+            self.threshold.lerp_(smallest, 1.0 - self.threshold_momentum)
+        self.threshold_updates += 1
+
+    def reconstruction_loss(self, x: torch.Tensor, f: torch.Tensor) -> Reconstruction:
+        """(x_hat (batch, d_in), loss, terms) of activations f; Matryoshka overrides this."""
+        x_hat = self.decode(f)  # (batch, d_in)
+        mse = (x_hat - x).pow(2).mean()
+        return x_hat, mse, {"mse": mse}
+
+    def loss(self, x: torch.Tensor, dead: torch.Tensor | None = None,
+             sparsity_scale: float = 1.0) -> SAEOutput:
+        # sparsity_scale is accepted for a uniform training loop; k fixes the sparsity here.
+        pre = self.pre_acts(x)  # (batch, d_sae)
+        f = self.activate(pre)
+        if self.training:
+            self.update_threshold(f)
+        x_hat, loss, terms = self.reconstruction_loss(x, f)
+        if dead is not None and bool(dead.any()):
+            terms["auxk"] = self._auxk(x - x_hat.detach(), pre, dead)
+            loss = loss + self.auxk_coefficient * terms["auxk"]
+        return SAEOutput(loss=loss, x_hat=x_hat, terms=terms, fired=(f > 0).any(0))
+
+    # ---- export: SAELens 'jumprelu' with a per-latent threshold -------------------------------
+    def saelens_cfg(self) -> dict[str, Any]:
+        return {"architecture": "jumprelu"}
+
+    def saelens_tensors(self) -> dict[str, torch.Tensor]:
+        return {**super().saelens_tensors(), "threshold": self.threshold.expand(self.d_sae)}
+
+    @torch.no_grad()
+    def load_saelens_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
+        tensors = dict(tensors)
+        threshold = tensors.pop("threshold")  # (d_sae,), one value broadcast by saelens_tensors
+        if not bool((threshold == threshold[0]).all()):
+            raise ValueError(f"{self.kind} needs one threshold shared by all latents, got "
+                             f"values from {float(threshold.min())} to {float(threshold.max())}")
+        super().load_saelens_tensors({**tensors, "threshold": threshold[0]})
+        self.threshold_updates = 1  # a loaded θ is an estimate: further training averages into it
+
+    def extra_state(self) -> dict[str, Any]:
+        return {"k": self.k, "auxk_coefficient": self.auxk_coefficient,
+                "threshold_momentum": self.threshold_momentum}

@@ -1,0 +1,64 @@
+"""Matryoshka SAE (Bussmann et al. 2025; Nabeshima 2024): nested dictionaries in one.
+
+The latents are split into nested prefixes of sizes m_1 < m_2 < ... < m_J = d_sae (the
+`fractions` of the width). Each prefix must reconstruct the input on its own:
+    x̂_j = f[:, :m_j] W_dec[:m_j] + b_dec,     loss = (1/J) Σ_j MSE(x, x̂_j)  (+ AuxK)
+so the first latents learn the general, frequent directions (they get gradient from every
+term) and later ones refine them, instead of a wide SAE splitting or absorbing features.
+
+Activation: BatchTopK over the whole dictionary, as Bussmann et al. 2025 train it (one selection
+of k x batch latents; every prefix reads its part of it), with the same EMA threshold for
+inference, so the export is SAELens 'jumprelu' exactly like BatchTopKSAE.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import torch
+
+from distributed_sae.sae.batchtopk import BatchTopKSAE, Reconstruction
+
+
+def prefix_sizes(d_sae: int, fractions: Sequence[float]) -> list[int]:
+    """Ascending distinct prefix sizes in 1..d_sae; the last is always d_sae."""
+    fr = [float(v) for v in fractions]
+    if not fr or fr != sorted(fr) or fr[0] <= 0 or fr[-1] != 1.0:
+        raise ValueError(f"fractions={fr} must be ascending in (0, 1] and end at 1.0")
+    return sorted({min(d_sae, max(1, round(v * d_sae))) for v in fr})
+
+
+class MatryoshkaSAE(BatchTopKSAE):
+    kind = "matryoshka"
+    architecture = "jumprelu"
+
+    def __init__(self, d_in: int, d_sae: int, k: int, *,
+                 fractions: Sequence[float] = (0.0625, 0.25, 1.0),
+                 auxk_coefficient: float = 1 / 32, threshold_momentum: float = 0.99,
+                 seed: int = 0, dtype: torch.dtype = torch.float32) -> None:
+        super().__init__(d_in, d_sae, k, auxk_coefficient=auxk_coefficient,
+                         threshold_momentum=threshold_momentum, seed=seed, dtype=dtype)
+        self.fractions = [float(v) for v in fractions]
+        self.prefixes = prefix_sizes(d_sae, self.fractions)
+
+    def reconstruction_loss(self, x: torch.Tensor, f: torch.Tensor) -> Reconstruction:
+        """Mean over prefixes of the MSE; x_hat is the full dictionary's reconstruction.
+
+        Built incrementally: x̂_j = x̂_{j-1} + f[:, m_{j-1}:m_j] W_dec[m_{j-1}:m_j], so the cost is
+        that of one full decode.
+        """
+        x_hat = self.b_dec.expand_as(x)  # (batch, d_in)
+        terms: dict[str, torch.Tensor] = {}
+        total = x.new_zeros(())
+        start = 0
+        for m in self.prefixes:
+            x_hat = x_hat + f[:, start:m] @ self.W_dec[start:m]  # (batch, d_in)
+            mse = (x_hat - x).pow(2).mean()
+            terms[f"mse_{m}"] = mse
+            total = total + mse
+            start = m
+        terms["mse"] = terms[f"mse_{self.d_sae}"]
+        return x_hat, total / len(self.prefixes), terms
+
+    def extra_state(self) -> dict[str, Any]:
+        return {**super().extra_state(), "fractions": self.fractions}

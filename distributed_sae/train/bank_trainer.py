@@ -1,0 +1,184 @@
+"""One process's bank: its members, their optimisers, schedules and dead-latent tracking.
+
+`BankTrainer.step(x)` feeds one batch to every member; everything that must survive a restart is
+in `state()` / `load_state()` (weights, Adam moments, the step, dead-latent counters, RNG), so a
+job killed at any step resumes to the same weights as an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+
+from distributed_sae.config import RunConfig
+from distributed_sae.sae import MemberSpec, SparseAutoencoder, build_sae
+from distributed_sae.train.checkpoint import (
+    load_optimizer_tensors, load_rng_tensors, optimizer_tensors, rng_tensors,
+)
+from distributed_sae.train.resampling import resample_dead
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Member:
+    """One SAE of the bank with its optimiser and dead-latent tracking."""
+
+    spec: MemberSpec
+    sae: SparseAutoencoder
+    opt: torch.optim.Optimizer
+    since_fired: torch.Tensor  # (d_sae,) tokens since each latent last fired
+    last: dict[str, float] = field(default_factory=dict)
+    # Data parallelism (parallel/data_parallel.py): None trains this process alone. Otherwise an
+    # object with global_loss(out, x) -> (loss, terms), backward(loss) (gradients averaged over the group, W_dec's parallel part
+    # removed), step() (clip + optimiser step), after_renorm(), reduce_fired(fired, rows) ->
+    # (fired over the group, rows over the group), sync_buffers() and mean_terms(dict).
+    sync: Any = None
+
+    def dead(self, tokens: int) -> torch.Tensor:
+        return self.since_fired >= tokens  # (d_sae,) bool
+
+    def param_names(self) -> dict[int, str]:
+        return {id(p): n for n, p in self.sae.named_parameters()}
+
+
+def lr_at(step: int, total: int, cfg: RunConfig) -> float:
+    """Linear warm-up, then constant, then linear decay to 0 over the last 20% of steps."""
+    base = cfg.train.lr
+    warm = min(cfg.train.warmup_steps, max(1, total // 10))
+    if step < warm:
+        return base * (step + 1) / warm
+    decay_start = int(total * 0.8)
+    if step >= decay_start:
+        return base * max(0.0, (total - step) / max(1, total - decay_start))
+    return base
+
+
+def train_step(member: Member, x: torch.Tensor, lr: float, sparsity_scale: float,
+               dead_tokens: int) -> None:
+    """One optimiser step of one member on a batch x (batch, d_in), honouring its kind's flags."""
+    sae = member.sae
+    for group in member.opt.param_groups:
+        group["lr"] = lr
+    out = sae.loss(x, dead=member.dead(dead_tokens), sparsity_scale=sparsity_scale)
+    if member.sync is not None:
+        _synced_step(member, x, out)
+        return
+    member.opt.zero_grad(set_to_none=True)
+    out.loss.backward()
+    if sae.unit_norm_decoder:
+        sae.remove_parallel_grad()
+    if sae.grad_clip is not None:
+        torch.nn.utils.clip_grad_norm_(sae.parameters(), sae.grad_clip)
+    member.opt.step()
+    if sae.unit_norm_decoder:
+        sae.normalize_decoder()
+    with torch.no_grad():
+        member.since_fired += x.shape[0]
+        member.since_fired[out.fired] = 0
+        err = (out.x_hat - x).pow(2).sum()
+        var = (x - x.mean(0)).pow(2).sum()
+        member.last = {"loss": float(out.loss), "fvu": float(err / var),
+                       **{k: float(v) for k, v in out.terms.items()}}
+
+
+def _synced_step(member: Member, x: torch.Tensor, out: Any) -> None:
+    """train_step's second half for a member replicated over a data-parallel group."""
+    sae, sync = member.sae, member.sync
+    loss, terms = sync.global_loss(out, x)  # terms whose normaliser is per-batch made global
+    sync.backward(loss)
+    sync.step()
+    if sae.unit_norm_decoder:
+        sae.normalize_decoder()
+        sync.after_renorm()
+    sync.sync_buffers()
+    with torch.no_grad():
+        fired, rows = sync.reduce_fired(out.fired, x.shape[0])
+        member.since_fired += rows
+        member.since_fired[fired] = 0
+        err = (out.x_hat - x).pow(2).sum()
+        var = (x - x.mean(0)).pow(2).sum()
+        member.last = sync.mean_terms({"loss": loss.detach(), "fvu": err / var,
+                                       **{k: v.detach() for k, v in terms.items()}})
+
+
+class BankTrainer:
+    """Trains every member of a bank on the same batches.
+
+    sync: None (this process alone) or a data-parallel factory (parallel/data_parallel.py) with
+    `world_size` and `wrap(member)` -> the member's sync; x is then this rank's share of the
+    global batch and tokens_seen counts the global batch.
+    """
+
+    def __init__(self, cfg: RunConfig, specs: list[MemberSpec], d_in: int,
+                 b_dec_init: torch.Tensor, total_steps: int, sync: Any = None) -> None:
+        self.cfg, self.total_steps = cfg, total_steps
+        self.step_count, self.tokens_seen = 0, 0
+        self.world_size = 1 if sync is None else int(sync.world_size)
+        self.members = [self._build(spec, d_in, b_dec_init) for spec in specs]
+        if sync is not None:
+            for m in self.members:
+                m.sync = sync.wrap(m)
+
+    def _build(self, spec: MemberSpec, d_in: int, b_dec_init: torch.Tensor) -> Member:
+        sae = build_sae(spec, d_in, self.cfg.sae, self.cfg.train).to(self.cfg.train.device)
+        with torch.no_grad():
+            sae.b_dec.copy_(b_dec_init)
+        opt = torch.optim.Adam(sae.parameters(), lr=self.cfg.train.lr, betas=(0.9, 0.999))
+        return Member(spec, sae, opt, torch.zeros(spec.width, dtype=torch.long))
+
+    def step(self, x: torch.Tensor) -> None:
+        """Feed batch x (batch, d_in) to every member."""
+        lr = lr_at(self.step_count, self.total_steps, self.cfg)
+        for m in self.members:
+            scale = m.sae.sparsity_scale_at(self.step_count, self.total_steps)
+            train_step(m, x, lr, scale, self.cfg.train.dead_tokens)
+        self.step_count += 1
+        self.tokens_seen += x.shape[0] * self.world_size
+
+    def resample_due(self) -> bool:
+        """Whether some member resamples dead features after this step."""
+        return (self.step_count in self.cfg.train.resample_steps
+                and any(m.sae.uses_resampling for m in self.members))
+
+    def resample(self, sample_inputs: Callable[[], torch.Tensor]) -> None:
+        """Towards Monosemanticity's resampling for the members that use it."""
+        inputs = sample_inputs().to(self.cfg.train.device)  # (n, d_in), training units
+        window = self.cfg.train.resample_window * self.cfg.train.batch_size
+        gen = torch.Generator().manual_seed(self.cfg.train.seed * 7919 + self.step_count)
+        for m in self.members:
+            if m.sae.uses_resampling:
+                dead = m.dead(window)
+                n = resample_dead(m.sae, m.opt, inputs, dead, gen)
+                m.since_fired[dead] = 0
+                log.info("step %d %s: resampled %d dead features", self.step_count,
+                         m.spec.member_id, n)
+
+    def state(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        """(tensors, JSON state) of everything a restart needs, except the reader's position."""
+        tensors = rng_tensors()
+        for m in self.members:
+            p = m.spec.member_id
+            tensors.update({f"{p}.param.{n}": t.detach().cpu() for n, t in m.sae.state_dict().items()})
+            tensors.update(optimizer_tensors(m.opt, m.param_names(), f"{p}.opt"))
+            tensors[f"{p}.since_fired"] = m.since_fired.clone()
+        state = {"step": self.step_count, "tokens_seen": self.tokens_seen,
+                 "members": [m.spec.member_id for m in self.members]}
+        return tensors, state
+
+    def load_state(self, tensors: dict[str, torch.Tensor], state: dict[str, Any]) -> None:
+        ids = [m.spec.member_id for m in self.members]
+        if state["members"] != ids:
+            raise ValueError(f"checkpoint holds members {state['members']}, this bank is {ids}: "
+                             f"resume with the same sae config or use another out_dir")
+        for m in self.members:
+            p = m.spec.member_id
+            head = f"{p}.param."
+            m.sae.load_state_dict({k[len(head):]: v for k, v in tensors.items() if k.startswith(head)})
+            load_optimizer_tensors(m.opt, m.param_names(), f"{p}.opt", tensors)
+            m.since_fired.copy_(tensors[f"{p}.since_fired"])
+        load_rng_tensors(tensors)
+        self.step_count, self.tokens_seen = int(state["step"]), int(state["tokens_seen"])
