@@ -90,3 +90,16 @@ def test_cli_exits_nonzero_with_the_message(tmp_path):
     assert proc.returncode == 2, proc.stderr
     assert "sae.k=32 is larger than width(s) [16]" in proc.stderr + proc.stdout
     assert not (tmp_path / "o" / "train").exists()
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["train.workers=3"], "train.batch_size=1024 is not divisible by train.workers=3"),
+    (["train.workers=2", "train.checkpoint_every=10"], "train.checkpoint_every is not supported"),
+    (["train.workers=2", "sae=relu"], "neuron resampling is not supported with train.workers > 1"),
+    (["train.data_parallel=zero3"], "train.data_parallel='zero3' is not one of ddp, zero2"),
+])
+def test_data_parallel_settings_are_checked(overrides, message):
+    with pytest.raises(ConfigError) as err:
+        compose_run(overrides)
+    assert message in str(err.value)
+    assert compose_run(["train.workers=2", "sae=relu", "train.resample_steps=[]"]).train.workers == 2

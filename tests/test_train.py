@@ -92,3 +92,4 @@ def test_resume_refuses_a_different_bank(store_path, tmp_path):
     other.sae.widths = [64]
     with pytest.raises(ValueError, match="checkpoint holds members"):
         train(other)
+

@@ -160,17 +160,19 @@ def test_batchtopk_threshold_stays_identical_across_ranks(tmp_path):
 
 
 def test_ray_train_on_a_store(ray_local, tmp_path):
-    """The production path: Ray Train's TorchTrainer, 2 CPU workers, each reading its own chunks
-    of a store; rank 0 saves members that evaluate like single-process ones."""
+    """The production path: `train` with train.workers=2 runs Ray Train's TorchTrainer, 2 CPU
+    workers each reading its own chunks of a store; rank 0 saves members that evaluate like
+    single-process ones."""
     from conftest import write_sparse_store
 
     from distributed_sae.eval import evaluate
-    from distributed_sae.train.distributed import train_ray
+    from distributed_sae.train import train
 
     write_sparse_store(tmp_path / "store")
     cfg = make_cfg("topk", 4096, widths=(96, 192), store_path=str(tmp_path / "store"),
                    out_dir=str(tmp_path / "out"), tokens=BATCH * 100)
-    folders = train_ray(cfg, num_workers=2, strategy="ddp")
+    cfg.train.workers = 2
+    folders = train(cfg)
     assert [f.name for f in folders] == ["topk_w96_k4_s0", "topk_w192_k4_s1"]
     assert all((f / "sae_weights.safetensors").exists() for f in folders)
     for name, m in evaluate(cfg).items():

@@ -25,6 +25,7 @@ _HOOK_RE = re.compile(r"^blocks\.(\d+)\.(" + "|".join(re.escape(k) for k in HOOK
 DTYPES = ("float32", "float16", "bfloat16")
 SAE_KINDS = ("topk", "batchtopk", "relu", "jumprelu", "matryoshka")
 RELU_RECIPES = ("towards_monosemanticity", "april_2024")
+DATA_PARALLEL = ("ddp", "zero2")
 COMPRESSIONS = ("none", "zstd", "blosc")
 DEVICE_MAPS = ("auto", "balanced", "balanced_low_0", "sequential")
 # How one harvest actor holds a model: whole on one device, spread by HF device_map inside the
@@ -262,6 +263,12 @@ class TrainConfig:
     seed: int = 0
     # Log metrics every this many steps.
     log_every: int = 10
+    # Ray Train workers that train the bank data-parallel (1 = in this process). Each reads its
+    # own share of the store; train.batch_size is the global batch and must divide evenly.
+    workers: int = 1
+    # How the workers combine gradients: ddp (all-reduce) or zero2 (DeepSpeed ZeRO stage 2:
+    # gradients and Adam state partitioned over the workers).
+    data_parallel: str = "ddp"
     # Save a checkpoint every this many steps (0 = never); a restarted job resumes from the newest.
     checkpoint_every: int = 0
     # Checkpoints to keep (the newest ones).
@@ -280,6 +287,14 @@ class TrainConfig:
             raise ConfigError(f"train.tokens must be >= 0 (0 = one pass), got {self.tokens}")
         _positive("train", batch_size=self.batch_size, lr=self.lr, log_every=self.log_every,
                   dead_tokens=self.dead_tokens)
+        _positive("train", workers=self.workers)
+        _choice("train", "data_parallel", self.data_parallel, DATA_PARALLEL)
+        if self.batch_size % self.workers:
+            raise ConfigError(f"train.batch_size={self.batch_size} is not divisible by "
+                              f"train.workers={self.workers}")
+        if self.workers > 1 and self.checkpoint_every:
+            raise ConfigError("train.checkpoint_every is not supported with train.workers > 1 yet: "
+                              "set train.checkpoint_every=0 or train.workers=1")
         if self.checkpoint_every < 0 or self.keep_checkpoints < 1:
             raise ConfigError(f"train.checkpoint_every={self.checkpoint_every} must be >= 0 and "
                               f"train.keep_checkpoints={self.keep_checkpoints} >= 1")
@@ -353,6 +368,10 @@ class RunConfig:
             raise ConfigError(
                 f"sae.hook={hook!r} is not harvested: add it to harvest.hooks={list(self.harvest.hooks)}"
             )
+        resampling = self.sae.kind == "relu" and self.sae.recipe == "towards_monosemanticity"
+        if self.train.workers > 1 and resampling and self.train.resample_steps:
+            raise ConfigError("neuron resampling is not supported with train.workers > 1 yet: set "
+                              "train.resample_steps=[] or train.workers=1")
         if self.harvest.sharding == "device_map" and self.model.device_map is None:
             raise ConfigError("harvest.sharding=device_map needs model.device_map (e.g. auto)")
         unit_rows = self.harvest.contexts_per_unit * self.data.context_size

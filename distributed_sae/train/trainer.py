@@ -54,6 +54,13 @@ def _resample_inputs(cfg: RunConfig, store: ActivationStore, rows: range, scale:
 
 def train(cfg: RunConfig) -> list[Path]:
     """Run the training stage; returns the folders of the saved members."""
+    if cfg.train.workers > 1:
+        from distributed_sae.parallel import init_ray
+        from distributed_sae.train.distributed import train_ray
+
+        init_ray(cfg.cluster)
+        return train_ray(cfg, cfg.train.workers, cfg.train.data_parallel,
+                         use_gpu=cfg.train.device.startswith("cuda"))
     torch.manual_seed(cfg.train.seed)
     store = ActivationStore.open(cfg.store.path)
     train_rows, _ = split_rows(store, cfg.train.holdout_fraction)
