@@ -30,7 +30,7 @@ import numpy as np
 import torch
 
 from distributed_sae.config import ModelConfig, parse_hook
-from distributed_sae.harvest.worker import NonFiniteActivationError, unit_stats
+from distributed_sae.harvest.worker import write_unit_checked
 from distributed_sae.models import LoadedModel, load_model, run_with_hooks
 from distributed_sae.models.registry import truncate_layers
 from distributed_sae.parallel.process_group import destroy_group, init_group, rendezvous_address
@@ -188,16 +188,9 @@ class DeepSpeedHarvestWorker:
         acts = self.forward_unit(contexts)
         if unit < 0:
             return None
-        token_ids = contexts.reshape(-1)  # (rows,)
-        keep = torch.from_numpy(~np.isin(token_ids, self.exclude))
-        for hook, x in acts.items():
-            bad = int((~torch.isfinite(x)).any(dim=1).sum())
-            if bad:
-                raise NonFiniteActivationError(
-                    f"unit {unit}: {bad} rows of {hook} hold NaN or Inf (model {self.model_cfg.name}, "
-                    f"dtype {self.model_cfg.dtype}, DeepSpeed rank {self.rank}); try model.dtype=float32")
-        self.store.write_unit(unit, acts, token_ids)
-        return {"stats": {h: unit_stats(x, keep) for h, x in acts.items()}}
+        where = (f"model {self.model_cfg.name}, dtype {self.model_cfg.dtype}, "
+                 f"DeepSpeed rank {self.rank}")
+        return write_unit_checked(self.store, unit, acts, contexts, self.exclude, where)
 
     def shutdown(self) -> None:
         """Leave the process group (call on every rank before the actor is killed, if it can be)."""

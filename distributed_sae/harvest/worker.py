@@ -31,6 +31,24 @@ def unit_stats(x: torch.Tensor, keep: torch.Tensor) -> dict[str, Any]:
             "count": int(kept.shape[0])}
 
 
+def write_unit_checked(store: ActivationStore, unit: int, acts: dict[str, torch.Tensor],
+                       contexts: np.ndarray, exclude: np.ndarray, where: str) -> dict[str, Any]:
+    """Refuse non-finite activations, write the unit, return its commit record (stats per hook).
+
+    `where` says which model/rank produced the unit, for the error message.
+    """
+    token_ids = contexts.reshape(-1)  # (rows,)
+    for hook, x in acts.items():
+        bad = int((~torch.isfinite(x)).any(dim=1).sum())
+        if bad:
+            raise NonFiniteActivationError(
+                f"unit {unit}: {bad} rows of {hook} hold NaN or Inf ({where}); "
+                f"try model.dtype=float32")
+    store.write_unit(unit, acts, token_ids)
+    keep = torch.from_numpy(~np.isin(token_ids, exclude))
+    return {"stats": {h: unit_stats(x, keep) for h, x in acts.items()}}
+
+
 class HarvestWorker:
     """Runs forward passes with hooks and writes whole units into the store."""
 
@@ -78,13 +96,5 @@ class HarvestWorker:
         acts = self.forward_unit(contexts)
         if unit < 0:
             return None
-        token_ids = contexts.reshape(-1)  # (rows,)
-        keep = torch.from_numpy(~np.isin(token_ids, self.exclude))
-        for hook, x in acts.items():
-            bad = int((~torch.isfinite(x)).any(dim=1).sum())
-            if bad:
-                raise NonFiniteActivationError(
-                    f"unit {unit}: {bad} rows of {hook} hold NaN or Inf (model "
-                    f"{self.loaded.name}, dtype {self.loaded.dtype}); try model.dtype=float32")
-        self.store.write_unit(unit, acts, token_ids)
-        return {"stats": {h: unit_stats(x, keep) for h, x in acts.items()}}
+        return write_unit_checked(self.store, unit, acts, contexts, self.exclude,
+                                  f"model {self.loaded.name}, dtype {self.loaded.dtype}")
