@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -9,7 +10,7 @@ import torch
 from conftest import write_sparse_store
 from safetensors.torch import load_file
 
-from distributed_sae.config import HarvestConfig, RunConfig, SAEConfig, StoreConfig, TrainConfig
+from distributed_sae.config import DataConfig, HarvestConfig, RunConfig, SAEConfig, StoreConfig, TrainConfig
 from distributed_sae.eval import evaluate
 from distributed_sae.train import BankTrainer, train
 from distributed_sae.train.checkpoint import latest_checkpoint
@@ -24,17 +25,21 @@ def store_path(tmp_path_factory):
     return str(path)
 
 
-def make_cfg(store_path: str, out_dir: Path, kind: str = "topk", **train_kw) -> RunConfig:
-    sae_kw = {"k": 4} if kind in ("topk", "batchtopk", "matryoshka") else {}
+def sae_kw(kind: str) -> dict:
+    kw = {"k": 4} if kind in ("topk", "batchtopk", "matryoshka") else {}
     if kind == "relu":
-        sae_kw["l1_coefficient"] = 0.03
+        kw["l1_coefficient"] = 0.03
     if kind == "jumprelu":
-        sae_kw.update(jumprelu_threshold=0.5, jumprelu_bandwidth=0.1)
+        kw.update(jumprelu_threshold=0.5, jumprelu_bandwidth=0.1)
+    return kw
+
+
+def make_cfg(store_path: str, out_dir: Path, kind: str = "topk", **train_kw) -> RunConfig:
     return RunConfig(
         harvest=HarvestConfig(hooks=[HOOK], contexts_per_unit=8),
         store=StoreConfig(path=store_path, chunk_tokens=128),
-        data=__import__("distributed_sae.config", fromlist=["DataConfig"]).DataConfig(context_size=64),
-        sae=SAEConfig(kind=kind, widths=[96, 192], **sae_kw),
+        data=DataConfig(context_size=64),
+        sae=SAEConfig(kind=kind, widths=[96, 192], **sae_kw(kind)),
         train=TrainConfig(batch_size=128, lr=3e-3, holdout_fraction=0.25, dead_tokens=4096,
                           log_every=50, **train_kw),
         out_dir=str(out_dir))
@@ -44,6 +49,10 @@ def make_cfg(store_path: str, out_dir: Path, kind: str = "topk", **train_kw) -> 
 def test_every_kind_learns_from_the_store(store_path, tmp_path, kind):
     cfg = make_cfg(store_path, tmp_path, kind, tokens=128 * 300)
     train(cfg)
+    lines = [json.loads(x) for x in (tmp_path / "train" / "metrics.jsonl").read_text().splitlines()]
+    assert {x["member"] for x in lines} == {f"{kind}_w96{'_k4' if 'k' in sae_kw(kind) else ''}_s0",
+                                            f"{kind}_w192{'_k4' if 'k' in sae_kw(kind) else ''}_s1"}
+    assert lines[-1]["step"] == 300 and "fvu" in lines[-1] and "lr" in lines[-1]
     results = evaluate(cfg)
     for name, m in results.items():
         assert m["fvu"] < 0.5, (name, m["fvu"])  # the mean predictor scores 1.0

@@ -30,7 +30,7 @@ from distributed_sae.parallel.data_parallel import STRATEGIES, DataParallel
 from distributed_sae.sae import expand_bank
 from distributed_sae.store import ActivationReader, ActivationStore, split_rows
 from distributed_sae.train.bank_trainer import BankTrainer
-from distributed_sae.train.trainer import _log_progress, _save_members, input_scale
+from distributed_sae.train.trainer import _save_members, input_scale, log_progress
 
 log = logging.getLogger(__name__)
 
@@ -80,7 +80,7 @@ def train_rank(cfg: RunConfig, strategy: str = "ddp") -> list[Path] | None:
     while bank.step_count < total:
         bank.step(next(batches).to(cfg.train.device))
         if rank == 0 and (bank.step_count % cfg.train.log_every == 0 or bank.step_count == total):
-            _log_progress(bank, bank.tokens_seen / (time.perf_counter() - start), cfg)
+            log_progress(bank, bank.tokens_seen / (time.perf_counter() - start), cfg)
     if rank != 0:
         return None
     return _save_members(cfg, store, bank, scale)

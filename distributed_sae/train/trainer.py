@@ -83,7 +83,7 @@ def train(cfg: RunConfig) -> list[Path]:
             bank.resample(lambda: _resample_inputs(cfg, store, train_rows, scale, bank.step_count))
         if bank.step_count % cfg.train.log_every == 0 or bank.step_count == total:
             rate = (bank.tokens_seen - start_tokens) / (time.perf_counter() - start)
-            _log_progress(bank, rate, cfg)
+            log_progress(bank, rate, cfg)
         every = cfg.train.checkpoint_every
         if every and bank.step_count % every == 0 and bank.step_count < total:
             _checkpoint(cfg, bank, reader, ckpt_dir)
@@ -107,12 +107,21 @@ def _maybe_resume(cfg: RunConfig, bank: BankTrainer, reader: ActivationReader, f
     log.info("resumed from %s (step %d)", latest, bank.step_count)
 
 
-def _log_progress(bank: BankTrainer, rate: float, cfg: RunConfig) -> None:
-    for m in bank.members:
-        dead = float(m.dead(cfg.train.dead_tokens).float().mean())
-        terms = " ".join(f"{k} {v:.4g}" for k, v in m.last.items())
-        log.info("step %d %s %s dead %.3f (%.0f tok/s)", bank.step_count, m.spec.member_id,
-                 terms, dead, rate)
+def log_progress(bank: BankTrainer, rate: float, cfg: RunConfig) -> None:
+    """Per-member loss terms, FVU, dead fraction, lr and tokens/s: to the log and, one JSON line
+    per member, to out_dir/train/metrics.jsonl (appended, so a resumed job continues it)."""
+    path = Path(cfg.out_dir) / "train" / "metrics.jsonl"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    lr = bank.members[0].opt.param_groups[0]["lr"] if bank.members else 0.0
+    with open(path, "a") as fh:
+        for m in bank.members:
+            dead = float(m.dead(cfg.train.dead_tokens).float().mean())
+            terms = " ".join(f"{k} {v:.4g}" for k, v in m.last.items())
+            log.info("step %d %s %s dead %.3f (%.0f tok/s)", bank.step_count, m.spec.member_id,
+                     terms, dead, rate)
+            fh.write(json.dumps({"step": bank.step_count, "tokens": bank.tokens_seen,
+                                 "member": m.spec.member_id, **m.last, "dead_fraction": dead,
+                                 "lr": lr, "tokens_per_s": rate}) + "\n")
 
 
 def _save_members(cfg: RunConfig, store: ActivationStore, bank: BankTrainer,
