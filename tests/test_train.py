@@ -77,10 +77,10 @@ def test_killed_training_resumes_bit_identically(store_path, tmp_path, monkeypat
     crashed = make_cfg(store_path, tmp_path / "crashed", tokens=128 * 40, checkpoint_every=10)
     real_step = BankTrainer.step
 
-    def dying_step(self, x):
+    def dying_step(self, x, **kw):
         if self.step_count == 23:
             raise KeyboardInterrupt("killed")
-        real_step(self, x)
+        real_step(self, x, **kw)
 
     monkeypatch.setattr(BankTrainer, "step", dying_step)
     with pytest.raises(KeyboardInterrupt):

@@ -57,15 +57,30 @@ def lr_at(step: int, total: int, cfg: RunConfig) -> float:
     return base
 
 
+def batch_variance(x: torch.Tensor) -> torch.Tensor:
+    """sum ||x - mean(x)||^2 of a batch (batch, d_in): the FVU denominator, shared by members."""
+    return (x - x.mean(0)).pow(2).sum()
+
+
+def _metrics(loss: torch.Tensor, x_hat: torch.Tensor, x: torch.Tensor, var: torch.Tensor,
+             terms: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    fvu = (x_hat - x).pow(2).sum() / var
+    return {"loss": loss.detach(), "fvu": fvu, **{k: v.detach() for k, v in terms.items()}}
+
+
 def train_step(member: Member, x: torch.Tensor, lr: float, sparsity_scale: float,
-               dead_tokens: int) -> None:
-    """One optimiser step of one member on a batch x (batch, d_in), honouring its kind's flags."""
+               dead_tokens: int, var: torch.Tensor | None = None) -> None:
+    """One optimiser step of one member on a batch x (batch, d_in), honouring its kind's flags.
+
+    With `var` (batch_variance(x)) the step's metrics go to member.last; without it none are
+    computed, which keeps the device-to-host syncs of float() off steps that are not logged.
+    """
     sae = member.sae
     for group in member.opt.param_groups:
         group["lr"] = lr
     out = sae.loss(x, dead=member.dead(dead_tokens), sparsity_scale=sparsity_scale)
     if member.sync is not None:
-        _synced_step(member, x, out)
+        _synced_step(member, x, out, var)
         return
     member.opt.zero_grad(set_to_none=True)
     out.loss.backward()
@@ -79,13 +94,12 @@ def train_step(member: Member, x: torch.Tensor, lr: float, sparsity_scale: float
     with torch.no_grad():
         member.since_fired += x.shape[0]
         member.since_fired[out.fired] = 0
-        err = (out.x_hat - x).pow(2).sum()
-        var = (x - x.mean(0)).pow(2).sum()
-        member.last = {"loss": float(out.loss), "fvu": float(err / var),
-                       **{k: float(v) for k, v in out.terms.items()}}
+        if var is not None:
+            member.last = {k: float(v) for k, v in
+                           _metrics(out.loss, out.x_hat, x, var, out.terms).items()}
 
 
-def _synced_step(member: Member, x: torch.Tensor, out: Any) -> None:
+def _synced_step(member: Member, x: torch.Tensor, out: Any, var: torch.Tensor | None) -> None:
     """train_step's second half for a member replicated over a data-parallel group."""
     sae, sync = member.sae, member.sync
     loss, terms = sync.global_loss(out, x)  # terms whose normaliser is per-batch made global
@@ -99,10 +113,8 @@ def _synced_step(member: Member, x: torch.Tensor, out: Any) -> None:
         fired, rows = sync.reduce_fired(out.fired, x.shape[0])
         member.since_fired += rows
         member.since_fired[fired] = 0
-        err = (out.x_hat - x).pow(2).sum()
-        var = (x - x.mean(0)).pow(2).sum()
-        member.last = sync.mean_terms({"loss": loss.detach(), "fvu": err / var,
-                                       **{k: v.detach() for k, v in terms.items()}})
+        if var is not None:  # every rank decides alike (same step count): mean_terms is collective
+            member.last = sync.mean_terms(_metrics(loss, out.x_hat, x, var, terms))
 
 
 class BankTrainer:
@@ -130,14 +142,20 @@ class BankTrainer:
         opt = torch.optim.Adam(sae.parameters(), lr=self.cfg.train.lr, betas=(0.9, 0.999))
         return Member(spec, sae, opt, torch.zeros(spec.width, dtype=torch.long))
 
-    def step(self, x: torch.Tensor) -> None:
-        """Feed batch x (batch, d_in) to every member."""
+    def step(self, x: torch.Tensor, record: bool = True) -> None:
+        """Feed batch x (batch, d_in) to every member; `record` computes their metrics."""
         lr = lr_at(self.step_count, self.total_steps, self.cfg)
+        var = batch_variance(x) if record else None
         for m in self.members:
             scale = m.sae.sparsity_scale_at(self.step_count, self.total_steps)
-            train_step(m, x, lr, scale, self.cfg.train.dead_tokens)
+            train_step(m, x, lr, scale, self.cfg.train.dead_tokens, var)
         self.step_count += 1
         self.tokens_seen += x.shape[0] * self.world_size
+
+    def logs_next(self) -> bool:
+        """Whether the coming step is one the trainers log (every log_every steps and the last)."""
+        nxt = self.step_count + 1
+        return nxt % self.cfg.train.log_every == 0 or nxt == self.total_steps
 
     def resample_due(self) -> bool:
         """Whether some member resamples dead features after this step."""

@@ -78,7 +78,7 @@ def train_rank(cfg: RunConfig, strategy: str = "ddp") -> list[Path] | None:
     start = time.perf_counter()
     batches = reader.iter_batches()
     while bank.step_count < total:
-        bank.step(next(batches).to(cfg.train.device))
+        bank.step(next(batches).to(cfg.train.device), record=bank.logs_next())
         if rank == 0 and (bank.step_count % cfg.train.log_every == 0 or bank.step_count == total):
             log_progress(bank, bank.tokens_seen / (time.perf_counter() - start), cfg)
     if rank != 0:

@@ -77,7 +77,7 @@ def train(cfg: RunConfig) -> list[Path]:
     start, start_tokens = time.perf_counter(), bank.tokens_seen
     batches = reader.iter_batches()
     while bank.step_count < total:
-        bank.step(next(batches).to(cfg.train.device))
+        bank.step(next(batches).to(cfg.train.device), record=bank.logs_next())
         bar.update(1)
         if bank.resample_due():
             bank.resample(lambda: _resample_inputs(cfg, store, train_rows, scale, bank.step_count))
