@@ -9,37 +9,50 @@ per token. A latent is dead if it never fired on the evaluation tokens.
 from __future__ import annotations
 
 import math
-from typing import Iterable
+from typing import Any, Iterable, Sequence
 
 import torch
 
 from distributed_sae.sae import SparseAutoencoder
 
 
-@torch.no_grad()
-def evaluate_sae(sae: SparseAutoencoder, batches: Iterable[torch.Tensor]) -> dict[str, float | list[float]]:
+def evaluate_sae(sae: SparseAutoencoder, batches: Iterable[torch.Tensor]) -> dict[str, Any]:
     """Stream batches (batch, d_in) of raw activations through `sae` and summarise."""
-    n, sse, l0 = 0, 0.0, 0.0
-    s1 = torch.zeros(sae.d_in, dtype=torch.float64)  # sum of x per dimension
+    return evaluate_saes([sae], batches)[0]
+
+
+@torch.no_grad()
+def evaluate_saes(saes: Sequence[SparseAutoencoder],
+                  batches: Iterable[torch.Tensor]) -> list[dict[str, Any]]:
+    """Metrics of every SAE in `saes` (all on the same hook) from ONE pass over `batches`."""
+    n = 0
+    d_in = saes[0].d_in
+    s1 = torch.zeros(d_in, dtype=torch.float64)  # sum of x per dimension
     s2 = 0.0  # sum of ||x||^2
-    fires = torch.zeros(sae.d_sae, dtype=torch.float64)
+    sse, l0 = [0.0] * len(saes), [0.0] * len(saes)
+    fires = [torch.zeros(sae.d_sae, dtype=torch.float64) for sae in saes]
     for x in batches:
-        f = sae.encode(x)  # (batch, d_sae)
-        x_hat = sae.decode(f)
-        active = f > 0
         n += x.shape[0]
-        sse += float((x_hat - x).double().pow(2).sum())
         s1 += x.double().sum(0)
         s2 += float(x.double().pow(2).sum())
-        l0 += float(active.sum())
-        fires += active.double().sum(0)
+        for i, sae in enumerate(saes):
+            f = sae.encode(x)  # (batch, d_sae)
+            active = f > 0
+            sse[i] += float((sae.decode(f) - x).double().pow(2).sum())
+            l0[i] += float(active.sum())
+            fires[i] += active.double().sum(0)
     if n == 0:
         raise ValueError("no evaluation tokens: harvest more or lower train.holdout_fraction")
     total_var = s2 - float(s1.pow(2).sum()) / n  # sum ||x - mean||^2
+    return [_summary(n, d_in, e, z, fr, total_var) for e, z, fr in zip(sse, l0, fires)]
+
+
+def _summary(n: int, d_in: int, sse: float, l0: float, fires: torch.Tensor,
+             total_var: float) -> dict[str, Any]:
     density = fires / n
     return {
         "n_tokens": n,
-        "mse": sse / (n * sae.d_in),
+        "mse": sse / (n * d_in),
         "fvu": sse / total_var,
         "explained_variance": 1.0 - sse / total_var,
         "l0": l0 / n,

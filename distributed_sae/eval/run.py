@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from distributed_sae.config import RunConfig
-from distributed_sae.eval.metrics import evaluate_sae
+from distributed_sae.eval.metrics import evaluate_saes
 from distributed_sae.sae import load_sae
 from distributed_sae.store import ActivationReader, ActivationStore, split_rows
 
@@ -31,20 +31,23 @@ def evaluate(cfg: RunConfig) -> dict[str, dict[str, Any]]:
     _, held_out = split_rows(store, cfg.train.holdout_fraction)
     if cfg.eval.tokens:
         held_out = range(held_out.start, min(held_out.stop, held_out.start + cfg.eval.tokens))
+    loaded = [(folder, *load_sae(folder)) for folder in trained_members(cfg.out_dir)]
+    by_hook: dict[str, list] = {}
+    for item in loaded:
+        by_hook.setdefault(item[2]["metadata"]["hook_name"], []).append(item)
     results = {}
-    for folder in trained_members(cfg.out_dir):
-        sae, sae_cfg = load_sae(folder)
-        hook = sae_cfg["metadata"]["hook_name"]
+    for hook, group in by_hook.items():  # one read of the held-out rows per hook, for the bank
         reader = ActivationReader(store, hook, held_out, cfg.eval.batch_size, shuffle=False,
                                   drop_last=False,
                                   exclude_token_ids=store.metadata["exclude_token_ids"])
-        metrics = evaluate_sae(sae, reader)
-        metrics.update(member=folder.name, hook=hook, d_sae=sae.d_sae,
-                       training_tokens=sae_cfg["metadata"].get("training_tokens"))
-        out = Path(cfg.out_dir) / "eval" / folder.name
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
-        results[folder.name] = metrics
+        for (folder, sae, sae_cfg), metrics in zip(group, evaluate_saes([g[1] for g in group], reader)):
+            metrics.update(member=folder.name, hook=hook, d_sae=sae.d_sae,
+                           training_tokens=sae_cfg["metadata"].get("training_tokens"))
+            out = Path(cfg.out_dir) / "eval" / folder.name
+            out.mkdir(parents=True, exist_ok=True)
+            (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
+            results[folder.name] = metrics
+    results = {f.name: results[f.name] for f, _, _ in loaded}  # bank order in the table
     table = summary_table(results)
     (Path(cfg.out_dir) / "eval" / "summary.md").write_text(table + "\n")
     log.info("evaluation on %d held-out tokens:\n%s", len(held_out), table)
