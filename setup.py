@@ -25,15 +25,23 @@ REQUIRES = [
     "safetensors>=0.4",
     "tqdm>=4.66",
     "pyarrow>=15",
+    # Plots of the eval stage (frontier, density histograms) and SAE.load from the Hub.
+    "matplotlib>=3.8",
+    "huggingface-hub==2.4.0",
 ]
 
 EXTRAS = {
     # DeepSpeed 0.19.8 must be installed with DS_BUILD_OPS=0 and --no-build-isolation (its
     # setup imports torch); ops are compiled on first use instead.
     "deepspeed": ["deepspeed==0.19.8"],
+    # Triton kernels: run on CUDA tensors, and on CPU under TRITON_INTERPRET=1 (the tests).
     "triton": ["triton==3.9.0"],
-    "hub": ["huggingface-hub==2.4.0", "datasets>=3"],
-    "dev": ["pytest>=8", "deepspeed==0.19.8"],
+    "hub": ["datasets>=3"],
+    "wandb": ["wandb==0.31.0"],
+    # SLURM jobs from Hydra (conf/cluster/slurm.yaml).
+    "slurm": ["hydra-submitit-launcher==1.2.0"],
+    "dev": ["pytest>=8", "deepspeed==0.19.8", "triton==3.9.0", "wandb==0.31.0",
+            "hydra-submitit-launcher==1.2.0"],
 }
 
 setup(

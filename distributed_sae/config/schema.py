@@ -26,6 +26,7 @@ DTYPES = ("float32", "float16", "bfloat16")
 SAE_KINDS = ("topk", "batchtopk", "relu", "jumprelu", "matryoshka")
 RELU_RECIPES = ("towards_monosemanticity", "april_2024")
 DATA_PARALLEL = ("ddp", "zero2")
+PLACEMENTS = ("cost", "replicate")
 COMPRESSIONS = ("none", "zstd", "blosc")
 DEVICE_MAPS = ("auto", "balanced", "balanced_low_0", "sequential")
 # How one harvest actor holds a model: whole on one device, spread by HF device_map inside the
@@ -253,8 +254,12 @@ class TrainConfig:
     warmup_steps: int = 10
     # Coefficient of the AuxK loss for dead latents.
     auxk_coefficient: float = 1 / 32
-    # Latents that did not fire for this many tokens count as dead (AuxK and reporting).
+    # Latents that did not fire for this many tokens get the AuxK loss (the training signal;
+    # short enough to act within a short run).
     dead_tokens: int = 50_000
+    # Latents not fired in this many tokens (or in all tokens seen, when fewer) are reported as
+    # dead in the logs: Gao et al. 2024 use 10M tokens.
+    dead_report_tokens: int = 10_000_000
     # Device the SAEs train on.
     device: str = "cpu"
     # Fraction of the store's tokens (its tail) held out for evaluation, never trained on.
@@ -269,6 +274,10 @@ class TrainConfig:
     # How the workers combine gradients: ddp (all-reduce) or zero2 (DeepSpeed ZeRO stage 2:
     # gradients and Adam state partitioned over the workers).
     data_parallel: str = "ddp"
+    # How members go to workers: cost (by FLOPs and memory: small members share a worker, a
+    # large one trains data-parallel over several; parallel/placement.py) or replicate (every
+    # member data-parallel over all workers).
+    placement: str = "cost"
     # Save a checkpoint every this many steps (0 = never); a restarted job resumes from the newest.
     checkpoint_every: int = 0
     # Checkpoints to keep (the newest ones).
@@ -281,14 +290,21 @@ class TrainConfig:
     resample_window: int = 12_500
     # Inputs on which the loss is computed to pick resampling directions (the paper: 819,200).
     resample_inputs: int = 819_200
+    # Weights & Biases project to log to (None = no W&B). The API key comes from the environment
+    # (WANDB_API_KEY / `wandb login`); WANDB_MODE=offline keeps the run on disk.
+    wandb_project: Optional[str] = None
+    # W&B entity (team or user) and run name; None = W&B's defaults.
+    wandb_entity: Optional[str] = None
+    wandb_run_name: Optional[str] = None
 
     def __post_init__(self) -> None:
         if self.tokens < 0:
             raise ConfigError(f"train.tokens must be >= 0 (0 = one pass), got {self.tokens}")
         _positive("train", batch_size=self.batch_size, lr=self.lr, log_every=self.log_every,
-                  dead_tokens=self.dead_tokens)
+                  dead_tokens=self.dead_tokens, dead_report_tokens=self.dead_report_tokens)
         _positive("train", workers=self.workers)
         _choice("train", "data_parallel", self.data_parallel, DATA_PARALLEL)
+        _choice("train", "placement", self.placement, PLACEMENTS)
         if self.batch_size % self.workers:
             raise ConfigError(f"train.batch_size={self.batch_size} is not divisible by "
                               f"train.workers={self.workers}")

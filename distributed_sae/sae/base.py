@@ -28,6 +28,9 @@ class SAEOutput:
     x_hat: torch.Tensor  # (batch, d_in)
     terms: dict[str, torch.Tensor] = field(default_factory=dict)  # scalar loss terms, unweighted
     fired: torch.Tensor | None = None  # (d_sae,) bool, latents active on this batch
+    # (d_sae,) how many tokens of the batch each latent fired on (for density histograms);
+    # None where a kind does not count, and the trainer then counts `fired` once per batch.
+    counts: torch.Tensor | None = None
 
 
 class SparseAutoencoder(nn.Module):

@@ -89,7 +89,8 @@ class BatchTopKSAE(TopKSAE):
         if dead is not None and bool(dead.any()):
             terms["auxk"] = self._auxk(x - x_hat.detach(), pre, dead)
             loss = loss + self.auxk_coefficient * terms["auxk"]
-        return SAEOutput(loss=loss, x_hat=x_hat, terms=terms, fired=(f > 0).any(0))
+        counts = (f > 0).sum(0)  # (d_sae,)
+        return SAEOutput(loss=loss, x_hat=x_hat, terms=terms, fired=counts > 0, counts=counts)
 
     # ---- export: SAELens 'jumprelu' with a per-latent threshold -------------------------------
     def saelens_cfg(self) -> dict[str, Any]:

@@ -104,8 +104,9 @@ class JumpReLUSAE(SparseAutoencoder):
         mse = (x_hat - x).pow(2).mean()
         l0 = _Step.apply(pre, theta, self.bandwidth).sum(1).mean()
         loss = mse + sparsity_scale * self.l0_coefficient * l0
+        counts = (f != 0).sum(0)  # (d_sae,)
         return SAEOutput(loss=loss, x_hat=x_hat, terms={"mse": mse, "l0": l0},
-                         fired=(f != 0).any(0))
+                         fired=counts > 0, counts=counts)
 
     # ---- export: SAELens 'jumprelu' ------------------------------------------------------------
     # fold_input_scale needs nothing extra: the folded SAE computes the same pre-activations on

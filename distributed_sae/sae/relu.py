@@ -74,8 +74,9 @@ class ReLUSAE(SparseAutoencoder):
         mse = (x_hat - x).pow(2).mean()
         l1 = self.sparsity(f).mean()
         loss = mse + sparsity_scale * self.l1_coefficient * l1
-        fired = (f > 0).any(0)  # (d_sae,)
-        return SAEOutput(loss=loss, x_hat=x_hat, terms={"mse": mse, "l1": l1}, fired=fired)
+        counts = (f > 0).sum(0)  # (d_sae,)
+        return SAEOutput(loss=loss, x_hat=x_hat, terms={"mse": mse, "l1": l1}, fired=counts > 0,
+                         counts=counts)
 
     @torch.no_grad()
     def per_input_loss(self, x: torch.Tensor) -> torch.Tensor:

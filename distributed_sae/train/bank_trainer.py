@@ -31,15 +31,36 @@ class Member:
     sae: SparseAutoencoder
     opt: torch.optim.Optimizer
     since_fired: torch.Tensor  # (d_sae,) tokens since each latent last fired
+    # Tokens each latent fired on since the last log, and this rank's tokens in that window:
+    # their ratio is the feature density of the logged histogram.
+    fire_counts: torch.Tensor = field(default_factory=lambda: torch.zeros(0, dtype=torch.long))
+    window_tokens: int = 0
     last: dict[str, float] = field(default_factory=dict)
     # Data parallelism (parallel/data_parallel.py): None trains this process alone. Otherwise an
     # object with global_loss(out, x) -> (loss, terms), backward(loss) (gradients averaged over the group, W_dec's parallel part
     # removed), step() (clip + optimiser step), after_renorm(), reduce_fired(fired, rows) ->
     # (fired over the group, rows over the group), sync_buffers() and mean_terms(dict).
     sync: Any = None
+    # Rows of each batch this member trains on (its data-parallel share when the bank is placed
+    # by cost, parallel/placement.py); None = the whole batch.
+    share: slice | None = None
 
     def dead(self, tokens: int) -> torch.Tensor:
         return self.since_fired >= tokens  # (d_sae,) bool
+
+    def count_fires(self, out: Any, rows: int) -> None:
+        """Add a step's firing counts (per token when the kind counts, else once per batch)."""
+        counts = out.counts if out.counts is not None else out.fired
+        if self.fire_counts.numel() != counts.numel():
+            self.fire_counts = torch.zeros(counts.numel(), dtype=torch.long)
+        self.fire_counts += counts.to("cpu", torch.long)
+        self.window_tokens += rows
+
+    def take_density(self) -> tuple[torch.Tensor, int]:
+        """(fire counts (d_sae,), tokens) since the last call, and start a new window."""
+        counts, tokens = self.fire_counts, self.window_tokens
+        self.fire_counts, self.window_tokens = torch.zeros_like(counts), 0
+        return counts, tokens
 
     def param_names(self) -> dict[int, str]:
         return {id(p): n for n, p in self.sae.named_parameters()}
@@ -94,6 +115,7 @@ def train_step(member: Member, x: torch.Tensor, lr: float, sparsity_scale: float
     with torch.no_grad():
         member.since_fired += x.shape[0]
         member.since_fired[out.fired] = 0
+        member.count_fires(out, x.shape[0])
         if var is not None:
             member.last = {k: float(v) for k, v in
                            _metrics(out.loss, out.x_hat, x, var, out.terms).items()}
@@ -113,6 +135,7 @@ def _synced_step(member: Member, x: torch.Tensor, out: Any, var: torch.Tensor | 
         fired, rows = sync.reduce_fired(out.fired, x.shape[0])
         member.since_fired += rows
         member.since_fired[fired] = 0
+        member.count_fires(out, x.shape[0])  # this rank's share: density is a ratio
         if var is not None:  # every rank decides alike (same step count): mean_terms is collective
             member.last = sync.mean_terms(_metrics(loss, out.x_hat, x, var, terms))
 
@@ -123,17 +146,23 @@ class BankTrainer:
     sync: None (this process alone) or a data-parallel factory (parallel/data_parallel.py) with
     `world_size` and `wrap(member)` -> the member's sync; x is then this rank's share of the
     global batch and tokens_seen counts the global batch.
+    placed: instead of `sync`, per member id a (factory or None, slice of the batch): x is the
+    global batch and each member trains on its slice, data-parallel over its own group.
     """
 
     def __init__(self, cfg: RunConfig, specs: list[MemberSpec], d_in: int,
-                 b_dec_init: torch.Tensor, total_steps: int, sync: Any = None) -> None:
+                 b_dec_init: torch.Tensor, total_steps: int, sync: Any = None,
+                 placed: dict[str, tuple[Any, slice]] | None = None) -> None:
         self.cfg, self.total_steps = cfg, total_steps
         self.step_count, self.tokens_seen = 0, 0
         self.world_size = 1 if sync is None else int(sync.world_size)
         self.members = [self._build(spec, d_in, b_dec_init) for spec in specs]
-        if sync is not None:
-            for m in self.members:
-                m.sync = sync.wrap(m)
+        for m in self.members:
+            factory = sync
+            if placed is not None:
+                factory, m.share = placed[m.spec.member_id]
+            if factory is not None:
+                m.sync = factory.wrap(m)
 
     def _build(self, spec: MemberSpec, d_in: int, b_dec_init: torch.Tensor) -> Member:
         sae = build_sae(spec, d_in, self.cfg.sae, self.cfg.train).to(self.cfg.train.device)
@@ -148,7 +177,12 @@ class BankTrainer:
         var = batch_variance(x) if record else None
         for m in self.members:
             scale = m.sae.sparsity_scale_at(self.step_count, self.total_steps)
-            train_step(m, x, lr, scale, self.cfg.train.dead_tokens, var)
+            if m.share is None:
+                train_step(m, x, lr, scale, self.cfg.train.dead_tokens, var)
+            else:
+                xm = x[m.share]
+                train_step(m, xm, lr, scale, self.cfg.train.dead_tokens,
+                           batch_variance(xm) if record else None)
         self.step_count += 1
         self.tokens_seen += x.shape[0] * self.world_size
 
@@ -183,8 +217,10 @@ class BankTrainer:
             tensors.update({f"{p}.param.{n}": t.detach().cpu() for n, t in m.sae.state_dict().items()})
             tensors.update(optimizer_tensors(m.opt, m.param_names(), f"{p}.opt"))
             tensors[f"{p}.since_fired"] = m.since_fired.clone()
+            tensors[f"{p}.fire_counts"] = m.fire_counts.clone()
         state = {"step": self.step_count, "tokens_seen": self.tokens_seen,
-                 "members": [m.spec.member_id for m in self.members]}
+                 "members": [m.spec.member_id for m in self.members],
+                 "window_tokens": [m.window_tokens for m in self.members]}
         return tensors, state
 
     def load_state(self, tensors: dict[str, torch.Tensor], state: dict[str, Any]) -> None:
@@ -198,5 +234,8 @@ class BankTrainer:
             m.sae.load_state_dict({k[len(head):]: v for k, v in tensors.items() if k.startswith(head)})
             load_optimizer_tensors(m.opt, m.param_names(), f"{p}.opt", tensors)
             m.since_fired.copy_(tensors[f"{p}.since_fired"])
+            m.fire_counts = tensors.get(f"{p}.fire_counts", m.fire_counts).clone()
+        for m, window in zip(self.members, state.get("window_tokens", [])):
+            m.window_tokens = int(window)
         load_rng_tensors(tensors)
         self.step_count, self.tokens_seen = int(state["step"]), int(state["tokens_seen"])

@@ -1,12 +1,16 @@
-"""Data-parallel training of a bank: every rank trains replicas of every member on its share.
+"""Training a bank over several workers: members placed by cost, each data-parallel over its group.
 
-`train_rank(cfg, strategy)` runs on each rank of an already formed torch.distributed group: rank r
-of W reads its own disjoint chunks of the store (`ActivationReader(rank=r, world_size=W)`) in
-batches of train.batch_size / W rows, so one step consumes train.batch_size rows over the group,
-as the single-process train stage does. Gradients are averaged (DDP) or reduce-scattered into
+`train_rank(cfg, strategy)` runs on each rank of an already formed torch.distributed group. With
+train.placement=cost (the default) parallel/placement.py gives each member a group of ranks by its
+FLOPs: several small members share a rank, a wide one trains over several; every rank reads the
+whole global batch and feeds each of its members that member's slice, so one step consumes
+train.batch_size rows per member, as the single-process train stage does. With
+train.placement=replicate every member trains over all ranks and rank r of W reads only its own
+disjoint chunks of the store (`ActivationReader(rank=r, world_size=W)`), batches of
+train.batch_size / W rows. Gradients are averaged (DDP) or reduce-scattered into
 partitioned optimiser state (ZeRO-2, DeepSpeed), see parallel/data_parallel.py; dead-latent
-counters and BatchTopK's threshold are kept identical on every rank. Rank 0 logs and saves the
-members (same folders as `train`).
+counters and BatchTopK's threshold are kept identical on every rank of a group. The first rank of
+each group saves its member (same folders as `train`); rank 0 gathers the metrics and logs.
 
 `train_ray(cfg, num_workers, strategy)` is the production entry: a Ray Train TorchTrainer whose
 workers (gloo on CPU, NCCL with use_gpu) each run `train_rank`.
@@ -27,10 +31,12 @@ import torch.distributed as dist
 
 from distributed_sae.config import RunConfig
 from distributed_sae.parallel.data_parallel import STRATEGIES, DataParallel
+from distributed_sae.parallel.placement import Placement, member_cost, place_members
 from distributed_sae.sae import expand_bank
 from distributed_sae.store import ActivationReader, ActivationStore, split_rows
 from distributed_sae.train.bank_trainer import BankTrainer
-from distributed_sae.train.trainer import _save_members, input_scale, log_progress
+from distributed_sae.train.metrics_log import MetricsLog, member_records
+from distributed_sae.train.trainer import _save_members, input_scale
 
 log = logging.getLogger(__name__)
 
@@ -52,8 +58,39 @@ def build_bank(cfg: RunConfig, d_in: int, b_dec_init: torch.Tensor, total_steps:
                        sync=DataParallel(strategy, micro_batch=micro))
 
 
+def build_placed_bank(cfg: RunConfig, d_in: int, b_dec_init: torch.Tensor, total_steps: int,
+                      strategy: str = "ddp") -> tuple[BankTrainer, Placement]:
+    """The members this rank trains under the cost placement; x fed to it is the global batch."""
+    rank, world = dist.get_rank(), dist.get_world_size()
+    specs = expand_bank(cfg.sae, cfg.sae_hook)
+    plan = place_members([member_cost(d_in, s.width) for s in specs], world, cfg.train.batch_size)
+    placed, mine = {}, []
+    for i, (spec, ranks) in enumerate(zip(specs, plan.groups)):
+        if strategy == "zero2" and 1 < len(ranks) < world:
+            raise ValueError(f"{spec.member_id} was placed on workers {list(ranks)} of {world}: "
+                             f"ZeRO-2 runs over all workers only; use train.data_parallel=ddp or "
+                             f"train.placement=replicate")
+        # torch.distributed needs every rank to create every subgroup, in the same order; a
+        # member over all ranks uses the default group.
+        group = dist.new_group(list(ranks)) if 1 < len(ranks) < world else None
+        if rank in ranks:
+            share = plan.share(i, rank, cfg.train.batch_size)
+            factory = None if len(ranks) == 1 else DataParallel(
+                strategy, micro_batch=share.stop - share.start, group=group)
+            placed[spec.member_id] = (factory, share)
+            mine.append(spec)
+    if rank == 0:
+        loads = plan.loads([member_cost(d_in, s.width) for s in specs])
+        log.info("placement by cost over %d workers: %s; load per worker (GFLOP/token) %s",
+                 world, {s.member_id: list(g) for s, g in zip(specs, plan.groups)},
+                 [round(x / 1e9, 4) for x in loads])
+    bank = BankTrainer(cfg, mine, d_in, b_dec_init, total_steps, placed=placed)
+    return bank, plan
+
+
 def train_rank(cfg: RunConfig, strategy: str = "ddp") -> list[Path] | None:
-    """Train on this rank of the default group; rank 0 returns the saved folders, others None."""
+    """Train on this rank of the default group; rank 0 returns the saved folders, others None
+    (with the cost placement every rank returns the folders of the members it led)."""
     if strategy not in STRATEGIES:
         raise ValueError(f"strategy={strategy!r} must be one of {STRATEGIES}")
     if cfg.train.checkpoint_every:
@@ -63,27 +100,67 @@ def train_rank(cfg: RunConfig, strategy: str = "ddp") -> list[Path] | None:
     store = ActivationStore.open(cfg.store.path)
     train_rows, _ = split_rows(store, cfg.train.holdout_fraction)
     scale, mean = input_scale(store, cfg.sae_hook)
+    placed = cfg.train.placement == "cost"
+    # Cost placement: every rank reads the whole global batch and slices what its members need.
     reader = ActivationReader(store, cfg.sae_hook, train_rows,
-                              local_batch(cfg.train.batch_size, world), seed=cfg.train.seed,
-                              scale=scale, exclude_token_ids=store.metadata["exclude_token_ids"],
-                              rank=rank, world_size=world)
+                              cfg.train.batch_size if placed else local_batch(cfg.train.batch_size, world),
+                              seed=cfg.train.seed, scale=scale,
+                              exclude_token_ids=store.metadata["exclude_token_ids"],
+                              rank=0 if placed else rank, world_size=1 if placed else world)
     total = max(1, (cfg.train.tokens or len(train_rows)) // cfg.train.batch_size)
-    bank = build_bank(cfg, store.d(cfg.sae_hook), mean, total, strategy)
+    d_in = store.d(cfg.sae_hook)
+    plan = None
+    if placed:
+        bank, plan = build_placed_bank(cfg, d_in, mean, total, strategy)
+    else:
+        bank = build_bank(cfg, d_in, mean, total, strategy)
     if any(m.sae.uses_resampling for m in bank.members) and cfg.train.resample_steps:
         raise ValueError("neuron resampling is not supported with data-parallel training yet")
     if rank == 0:
-        log.info("data-parallel (%s, %d ranks) training of %s: %d steps of %d tokens",
-                 strategy, world, [m.spec.member_id for m in bank.members], total,
-                 cfg.train.batch_size)
+        log.info("data-parallel (%s, %d ranks, placement %s) training: %d steps of %d tokens",
+                 strategy, world, cfg.train.placement, total, cfg.train.batch_size)
+    _loop(cfg, bank, reader, total, plan)
+    if plan is None:
+        return _save_members(cfg, store, bank, scale) if rank == 0 else None
+    specs = expand_bank(cfg.sae, cfg.sae_hook)
+    folders = _save_members(cfg, store, bank, scale, members=_led_members(bank, plan, specs, rank),
+                            bank_ids=[s.member_id for s in specs] if rank == 0 else [])
+    dist.barrier()
+    return folders
+
+
+def _led_members(bank: BankTrainer, plan: Placement, specs: list, rank: int) -> list:
+    """The members of `bank` whose data-parallel group `rank` leads (saves and logs them)."""
+    lead = {s.member_id for s, g in zip(specs, plan.groups) if g[0] == rank}
+    return [m for m in bank.members if m.spec.member_id in lead]
+
+
+def _loop(cfg: RunConfig, bank: BankTrainer, reader: ActivationReader, total: int,
+          plan: Placement | None) -> None:
+    """The step loop; metrics gathered to rank 0 every log_every steps."""
+    rank, world = dist.get_rank(), dist.get_world_size()
+    metrics = MetricsLog(cfg) if rank == 0 else None
+    specs = expand_bank(cfg.sae, cfg.sae_hook)
     start = time.perf_counter()
     batches = reader.iter_batches()
     while bank.step_count < total:
         bank.step(next(batches).to(cfg.train.device), record=bank.logs_next())
-        if rank == 0 and (bank.step_count % cfg.train.log_every == 0 or bank.step_count == total):
-            log_progress(bank, bank.tokens_seen / (time.perf_counter() - start), cfg)
-    if rank != 0:
-        return None
-    return _save_members(cfg, store, bank, scale)
+        if bank.step_count % cfg.train.log_every and bank.step_count != total:
+            continue
+        rate = bank.tokens_seen / (time.perf_counter() - start)
+        if plan is None:
+            if metrics:
+                metrics.write(bank, rate)
+            continue
+        mine = member_records(bank, rate, cfg, _led_members(bank, plan, specs, rank))
+        gathered: list[Any] = [None] * world if rank == 0 else None
+        dist.gather_object(mine, gathered, dst=0)
+        if metrics:
+            order = {s.member_id: i for i, s in enumerate(specs)}
+            records = sorted((r for part in gathered for r in part), key=lambda r: order[r["member"]])
+            metrics.emit(records, bank.step_count)
+    if metrics:
+        metrics.close()
 
 
 def _ray_worker(config: dict[str, Any]) -> None:
@@ -109,6 +186,7 @@ def train_ray(cfg: RunConfig, num_workers: int = 2, strategy: str = "ddp",
         run_config=RayRunConfig(storage_path=str(Path(cfg.out_dir).resolve() / "train" / "ray"),
                                 name="dp"))
     trainer.fit()  # raises if a worker failed
-    # Rank 0 saved the members where `train` does (Ray Train v2 keeps metrics only with checkpoints).
+    # The ranks saved the members where `train` does (Ray Train v2 keeps metrics only with
+    # checkpoints, so the folders are named here rather than returned).
     return [Path(cfg.out_dir) / "train" / spec.member_id
             for spec in expand_bank(cfg.sae, cfg.sae_hook)]

@@ -21,8 +21,9 @@ from tqdm.auto import tqdm
 from distributed_sae.config import RunConfig
 from distributed_sae.sae import expand_bank, save_sae
 from distributed_sae.store import ActivationReader, ActivationStore, split_rows
-from distributed_sae.train.bank_trainer import BankTrainer
+from distributed_sae.train.bank_trainer import BankTrainer, Member
 from distributed_sae.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from distributed_sae.train.metrics_log import MetricsLog
 
 log = logging.getLogger(__name__)
 
@@ -73,6 +74,7 @@ def train(cfg: RunConfig) -> list[Path]:
     log.info("training %d members %s on %s: %d steps of %d tokens (from step %d)",
              len(bank.members), [m.spec.member_id for m in bank.members], cfg.sae_hook, total,
              cfg.train.batch_size, bank.step_count)
+    metrics = MetricsLog(cfg)
     bar = tqdm(total=total, initial=bank.step_count, desc="train", unit="step")
     start, start_tokens = time.perf_counter(), bank.tokens_seen
     batches = reader.iter_batches()
@@ -83,11 +85,12 @@ def train(cfg: RunConfig) -> list[Path]:
             bank.resample(lambda: _resample_inputs(cfg, store, train_rows, scale, bank.step_count))
         if bank.step_count % cfg.train.log_every == 0 or bank.step_count == total:
             rate = (bank.tokens_seen - start_tokens) / (time.perf_counter() - start)
-            log_progress(bank, rate, cfg)
+            metrics.write(bank, rate)
         every = cfg.train.checkpoint_every
         if every and bank.step_count % every == 0 and bank.step_count < total:
             _checkpoint(cfg, bank, reader, ckpt_dir)
     bar.close()
+    metrics.close()
     return _save_members(cfg, store, bank, scale)
 
 
@@ -107,36 +110,26 @@ def _maybe_resume(cfg: RunConfig, bank: BankTrainer, reader: ActivationReader, f
     log.info("resumed from %s (step %d)", latest, bank.step_count)
 
 
-def log_progress(bank: BankTrainer, rate: float, cfg: RunConfig) -> None:
-    """Per-member loss terms, FVU, dead fraction, lr and tokens/s: to the log and, one JSON line
-    per member, to out_dir/train/metrics.jsonl (appended, so a resumed job continues it)."""
-    path = Path(cfg.out_dir) / "train" / "metrics.jsonl"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    lr = bank.members[0].opt.param_groups[0]["lr"] if bank.members else 0.0
-    with open(path, "a") as fh:
-        for m in bank.members:
-            dead = float(m.dead(cfg.train.dead_tokens).float().mean())
-            terms = " ".join(f"{k} {v:.4g}" for k, v in m.last.items())
-            log.info("step %d %s %s dead %.3f (%.0f tok/s)", bank.step_count, m.spec.member_id,
-                     terms, dead, rate)
-            fh.write(json.dumps({"step": bank.step_count, "tokens": bank.tokens_seen,
-                                 "member": m.spec.member_id, **m.last, "dead_fraction": dead,
-                                 "lr": lr, "tokens_per_s": rate}) + "\n")
-
-
-def _save_members(cfg: RunConfig, store: ActivationStore, bank: BankTrainer,
-                  scale: float) -> list[Path]:
+def _save_members(cfg: RunConfig, store: ActivationStore, bank: BankTrainer, scale: float,
+                  members: list[Member] | None = None,
+                  bank_ids: list[str] | None = None) -> list[Path]:
+    """Save `members` (default: the whole bank) with the input scale folded in; `bank_ids` (default:
+    their ids) go to out_dir/train/bank.json, which the eval and export stages read."""
     folders = []
     meta = provenance(cfg, store)
-    for m in bank.members:
+    members = bank.members if members is None else members
+    for m in members:
         m.sae.eval()
         m.sae.fold_input_scale(scale)
         extra = {"training_tokens": bank.tokens_seen, "input_scale": scale,
                  "member_id": m.spec.member_id, "seed": m.spec.seed}
         folders.append(save_sae(m.sae, Path(cfg.out_dir) / "train" / m.spec.member_id,
                                 metadata={**meta, **extra}))
-    (Path(cfg.out_dir) / "train" / "bank.json").write_text(json.dumps(
-        {"members": [m.spec.member_id for m in bank.members], "hook": cfg.sae_hook}, indent=2))
+    if bank_ids is None:
+        bank_ids = [m.spec.member_id for m in members]
+    if bank_ids:
+        (Path(cfg.out_dir) / "train" / "bank.json").write_text(json.dumps(
+            {"members": bank_ids, "hook": cfg.sae_hook}, indent=2))
     log.info("saved %d members under %s", len(folders), Path(cfg.out_dir) / "train")
     return folders
 
