@@ -7,3 +7,15 @@ Heavy imports (torch, Ray, transformers) happen in the subpackages, on first use
 """
 
 __version__ = "0.1.0"
+
+__all__ = ["SAE", "__version__"]
+
+
+def __getattr__(name: str) -> type:
+    """`distributed_sae.SAE` (= sae.SparseAutoencoder, with SAE.load) imported on first use, so
+    `import distributed_sae` stays free of torch."""
+    if name in ("SAE", "SparseAutoencoder"):
+        from distributed_sae.sae import SparseAutoencoder
+
+        return SparseAutoencoder
+    raise AttributeError(f"module 'distributed_sae' has no attribute {name!r}")

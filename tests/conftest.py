@@ -46,6 +46,22 @@ def tiny_llama_dir(tmp_path_factory, smollm2_tokenizer):
     return str(path)
 
 
+def sparse_batches(steps: int, batch: int, d: int, n_dirs: int, seed: int = 0) -> list:
+    """Synthetic sparse activations: each row a sum of 3 of `n_dirs` random unit directions
+    (weights 0.5..1.5) plus 0.01 noise; `steps` tensors of shape (batch, d)."""
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    dirs = torch.randn(n_dirs, d, generator=g)
+    dirs /= dirs.norm(dim=1, keepdim=True)
+    out = []
+    for _ in range(steps):
+        idx = torch.randint(0, n_dirs, (batch, 3), generator=g)
+        x = ((torch.rand(batch, 3, generator=g) + 0.5)[..., None] * dirs[idx]).sum(1)
+        out.append(x + 0.01 * torch.randn(batch, d, generator=g))
+    return out
+
+
 def write_sparse_store(path, n_units: int = 8, unit_rows: int = 512, d: int = 32, seed: int = 0):
     """A committed store of synthetic activations: sums of 3 of 96 random directions + noise."""
     import numpy as np

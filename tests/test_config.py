@@ -94,7 +94,10 @@ def test_cli_exits_nonzero_with_the_message(tmp_path):
 
 @pytest.mark.parametrize("overrides, message", [
     (["train.workers=3"], "train.batch_size=1024 is not divisible by train.workers=3"),
-    (["train.workers=2", "train.checkpoint_every=10"], "train.checkpoint_every is not supported"),
+    (["train.workers=2", "train.checkpoint_every=10", "train.data_parallel=zero2"],
+     "train.checkpoint_every with train.workers > 1 needs train.placement=cost and "
+     "train.data_parallel=ddp (got cost, zero2"),
+    (["train.placement=spread"], "train.placement='spread' is not one of cost, replicate"),
     (["train.workers=2", "sae=relu"], "neuron resampling is not supported with train.workers > 1"),
     (["train.data_parallel=zero3"], "train.data_parallel='zero3' is not one of ddp, zero2"),
 ])

@@ -62,6 +62,9 @@ def test_training_logs_histograms_and_an_offline_wandb_run(store_path, tmp_path,
         width = int(rec["member"].split("_w")[1].split("_")[0])
         assert sum(hist["counts"]) + hist["never"] == width
         assert sum(hist["counts"]) > 0  # TopK k=4 fires on every token
+    import wandb
+
+    wandb.teardown()  # stops W&B's writer process: its records are on disk after this
     runs = list((tmp_path / "train" / "wandb").glob("offline-run-*/*.wandb"))
     assert len(runs) == 1
     raw = runs[0].read_bytes()

@@ -98,3 +98,33 @@ def test_three_ranks_train_a_placed_bank_like_one_process(tmp_path):
     # Both ranks of the wide member's group hold the same weights.
     p0, p1 = ranks[0]["params"][ids[2]], ranks[1]["params"][ids[2]]
     assert all(torch.equal(p0[k], p1[k]) for k in p0)
+
+
+def test_ray_train_worker_death_restarts_from_the_checkpoint(ray_local, tmp_path, monkeypatch):
+    """Rank 1 dies hard (os._exit, like a preempted node) at step 23 of 40; Ray Train restarts
+    the group, the ranks resume from the step-20 checkpoint (each member saved whole by the rank
+    that leads it) and end with the weights of an uninterrupted 2-worker run."""
+    from conftest import write_sparse_store
+    from safetensors.torch import load_file
+
+    from distributed_sae.train import train
+
+    write_sparse_store(tmp_path / "store")
+
+    def run(name: str):
+        cfg = make_cfg("topk", 4096, widths=(96, 192), store_path=str(tmp_path / "store"),
+                       out_dir=str(tmp_path / name), tokens=BATCH * 40, checkpoint_every=10)
+        cfg.train.workers = 2
+        train(cfg)
+        return {f.parent.name + k: v for f in sorted((tmp_path / name / "train").glob(
+            "*/sae_weights.safetensors")) for k, v in load_file(str(f)).items()}
+
+    clean = run("clean")
+    monkeypatch.setenv("DSAE_FAULT_AT_STEP", "23")
+    crashed = run("crashed")
+    assert (tmp_path / "crashed" / "train" / ".fault_injected").is_file()  # it really died
+    steps = sorted(p.name for p in (tmp_path / "crashed" / "train" / "checkpoints").glob("step_*"))
+    assert steps == ["step_000000020", "step_000000030"]
+    assert clean.keys() == crashed.keys() and len(clean) == 8
+    for key in clean:
+        assert torch.equal(clean[key], crashed[key]), key

@@ -25,6 +25,8 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
+from conftest import sparse_batches
+
 from distributed_sae.config import (
     DataConfig, HarvestConfig, RunConfig, SAEConfig, StoreConfig, TrainConfig,
 )
@@ -49,15 +51,7 @@ def make_cfg(kind: str = "topk", dead_tokens: int = 10**9, widths=(96,), store_p
 
 def global_batches(steps: int = STEPS, seed: int = 0) -> list[torch.Tensor]:
     """Sparse synthetic activations (sums of 3 of 96 directions), (BATCH, D) per step."""
-    g = torch.Generator().manual_seed(seed)
-    dirs = torch.randn(96, D, generator=g)
-    dirs /= dirs.norm(dim=1, keepdim=True)
-    out = []
-    for _ in range(steps):
-        idx = torch.randint(0, 96, (BATCH, 3), generator=g)
-        x = ((torch.rand(BATCH, 3, generator=g) + 0.5)[..., None] * dirs[idx]).sum(1)
-        out.append(x + 0.01 * torch.randn(BATCH, D, generator=g))
-    return out
+    return sparse_batches(steps, BATCH, D, 96, seed)
 
 
 def run_bank(bank: BankTrainer, batches: list[torch.Tensor], rank: int = 0,

@@ -284,6 +284,9 @@ class TrainConfig:
     keep_checkpoints: int = 2
     # Resume from the newest checkpoint under out_dir/train/checkpoints when there is one.
     resume: bool = True
+    # With train.workers > 1: times Ray Train restarts the worker group after a worker dies
+    # (each restart resumes from the newest checkpoint, so set train.checkpoint_every too).
+    max_failures: int = 3
     # relu (Towards Monosemanticity): steps at which dead features are resampled ([] = never).
     resample_steps: List[int] = field(default_factory=lambda: [25_000, 50_000, 75_000, 100_000])
     # Steps without firing after which a feature counts as dead for resampling.
@@ -308,9 +311,14 @@ class TrainConfig:
         if self.batch_size % self.workers:
             raise ConfigError(f"train.batch_size={self.batch_size} is not divisible by "
                               f"train.workers={self.workers}")
-        if self.workers > 1 and self.checkpoint_every:
-            raise ConfigError("train.checkpoint_every is not supported with train.workers > 1 yet: "
-                              "set train.checkpoint_every=0 or train.workers=1")
+        if self.workers > 1 and self.checkpoint_every and (
+                self.placement != "cost" or self.data_parallel != "ddp"):
+            raise ConfigError(
+                f"train.checkpoint_every with train.workers > 1 needs train.placement=cost and "
+                f"train.data_parallel=ddp (got {self.placement}, {self.data_parallel}: ZeRO-2's "
+                f"optimiser state is partitioned): change them or set train.checkpoint_every=0")
+        if self.max_failures < 0:
+            raise ConfigError(f"train.max_failures must be >= 0, got {self.max_failures}")
         if self.checkpoint_every < 0 or self.keep_checkpoints < 1:
             raise ConfigError(f"train.checkpoint_every={self.checkpoint_every} must be >= 0 and "
                               f"train.keep_checkpoints={self.keep_checkpoints} >= 1")

@@ -1,64 +1,161 @@
 """The export stage: one SAELens-loadable folder per member, with metrics and a model card.
 
 Each folder holds cfg.json + sae_weights.safetensors (see sae/serialization.py), and when the eval
-stage ran: sparsity.safetensors (log10 feature density, shape (d_sae,)), metrics.json and a
-README.md model card. SAELens loads a folder with `SAE.load_from_disk(path)`.
+stage ran: sparsity.safetensors (log10 feature density, shape (d_sae,)), metrics.json, the
+frontier and density plots, and a README.md model card. SAELens loads a folder with
+`SAE.load_from_disk(path)`; this project with `distributed_sae.SAE.load(path)`.
+`push_export` uploads the whole bank (one sub-folder per member) to a Hub repo.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import shutil
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, Mapping
 
 import torch
 from safetensors.torch import save_file
 
-from distributed_sae.config import RunConfig
-from distributed_sae.eval import trained_members
 from distributed_sae.sae import load_sae, save_sae
+
+if TYPE_CHECKING:
+    from distributed_sae.config import RunConfig
 
 log = logging.getLogger(__name__)
 
+FRONT_MATTER = ["---", "library_name: saelens", "tags:", "- sparse-autoencoder",
+                "- distributed-sae", "---", ""]
+# Metrics of the card's table, in order, when present (loss recovered / KL need the spliced run).
+CARD_METRICS = (
+    ("fvu", "FVU (fraction of variance unexplained)"), ("explained_variance", "explained variance"),
+    ("mse", "MSE"), ("l0", "L0 (active latents per token)"), ("dead_fraction", "dead fraction"),
+    ("dense_fraction", "dense fraction (fires on >10% of tokens)"),
+    ("loss_recovered", "fraction of CE loss recovered"), ("kl", "KL(clean || spliced)"),
+    ("clean_ce", "CE loss, clean"), ("spliced_ce", "CE loss, SAE spliced in"),
+    ("zero_ce", "CE loss, hook zero-ablated"),
+)
+# Plots copied from the eval stage's folder: (source relative to eval/, name in the export).
+PLOTS = (("frontier.png", "frontier.png", "sparsity-fidelity frontier of the bank"),
+         ("{member}/density.png", "density.png", "feature density"))
+REPO_PLACEHOLDER = "<org>/<repo>"
 
-def _card(name: str, cfg: dict[str, Any], metrics: dict[str, Any] | None) -> str:
-    meta = cfg["metadata"]
-    lines = [
-        "---", "library_name: saelens", "tags: [sparse-autoencoder, distributed-sae]", "---", "",
-        f"# {name}", "",
-        f"A {cfg['architecture']} sparse autoencoder with {cfg['d_sae']} latents on "
-        f"`{meta['hook_name']}` of `{meta['model_name']}`, trained with distributed-sae on "
-        f"{meta.get('training_tokens')} tokens of `{meta['dataset_path']}`.", "",
+
+def _load_lines(name: str, repo_id: str | None) -> list[str]:
+    """How to load member `name`; on the Hub every member is a sub-folder of the repo."""
+    repo = repo_id or REPO_PLACEHOLDER
+    return [
+        "## Load it", "", "With distributed-sae:", "", "```python", "from distributed_sae import SAE",
+        f'sae = SAE.load("path/to/{name}")                  # this folder',
+        f'sae = SAE.load("{repo}", member="{name}")  # from the Hub',
+        "features = sae.encode(activations)  # (batch, d_in) -> (batch, d_sae)", "```", "",
+        "With SAELens (>= 6):", "", "```python", "from sae_lens import SAE",
+        f'sae = SAE.load_from_disk("path/to/{name}")',
+        f'sae = SAE.from_pretrained("{repo}", "{name}")', "```", "",
     ]
+
+
+def model_card(name: str, cfg: Mapping[str, Any], metrics: Mapping[str, Any] | None,
+               plots: Mapping[str, str] | None = None, repo_id: str | None = None) -> str:
+    """README.md of one exported SAE: what it is, its metrics, plots ({file: caption}), and how
+    to load it with this project and with SAELens."""
+    meta = cfg.get("metadata") or {}
+    kind = meta.get("dsae_kind", cfg["architecture"])
+    params = ", ".join(f"{k}={v}" for k, v in (meta.get("dsae_params") or {}).items())
+    rows = [("model", f"`{meta.get('model_name')}`"), ("hook", f"`{meta.get('hook_name')}`"),
+            ("kind", f"{kind} ({params})" if params else kind),
+            ("SAELens architecture", f"`{cfg['architecture']}`"),
+            ("d_in / d_sae", f"{cfg['d_in']} / {cfg['d_sae']}"),
+            ("training tokens", meta.get("training_tokens")),
+            ("dataset", f"`{meta.get('dataset_path')}`"), ("dtype", cfg.get("dtype"))]
+    lines = [*FRONT_MATTER, f"# {name}", "",
+             f"A {kind} sparse autoencoder with {cfg['d_sae']} latents on `{meta.get('hook_name')}` "
+             f"of `{meta.get('model_name')}`, trained with distributed-sae.", "",
+             "| | |", "|---|---|", *(f"| {k} | {v} |" for k, v in rows), ""]
     if metrics:
-        lines += ["| metric | value |", "|---|---|"]
-        lines += [f"| {k} | {metrics[k]:.4g} |" for k in ("fvu", "mse", "l0", "dead_fraction")]
+        lines += [f"## Metrics ({metrics.get('n_tokens', '?')} held-out tokens)", "",
+                  "| metric | value |", "|---|---|"]
+        lines += [f"| {label} | {metrics[key]:.4g} |" for key, label in CARD_METRICS
+                  if isinstance(metrics.get(key), (int, float))]
         lines.append("")
-    lines += ["Load it:", "", "```python", "from distributed_sae.sae import load_sae",
-              "sae, cfg = load_sae('.')", "# or with SAELens: SAE.load_from_disk('.')", "```", ""]
-    return "\n".join(lines)
+    for file, caption in (plots or {}).items():
+        lines += [f"![{caption}]({file})", ""]
+    return "\n".join(lines + _load_lines(name, repo_id))
+
+
+def export_member(src: Path, export_dir: Path, dtype: torch.dtype, eval_dir: Path | None,
+                  repo_id: str | None = None) -> Path:
+    """Write one trained member folder `src` as export_dir/<name>, with what eval_dir holds."""
+    sae, sae_cfg = load_sae(src)
+    dst = save_sae(sae, Path(export_dir) / src.name, metadata=sae_cfg["metadata"], dtype=dtype)
+    metrics_file = eval_dir / src.name / "metrics.json" if eval_dir else None
+    metrics = None
+    if metrics_file and metrics_file.is_file():
+        metrics = json.loads(metrics_file.read_text())
+        density = torch.tensor(metrics.pop("log10_density"), dtype=torch.float32)
+        save_file({"sparsity": density}, str(dst / "sparsity.safetensors"))
+        (dst / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    else:
+        log.warning("no metrics for %s (run dsae-eval first): exporting weights only", src.name)
+    plots = {}
+    for source, name, caption in PLOTS if eval_dir else ():
+        path = eval_dir / source.format(member=src.name)
+        if path.is_file():
+            shutil.copyfile(path, dst / name)
+            plots[name] = caption
+    card = model_card(src.name, json.loads((dst / "cfg.json").read_text()), metrics, plots, repo_id)
+    (dst / "README.md").write_text(card)
+    return dst
 
 
 def export(cfg: RunConfig) -> list[Path]:
     """Write every trained member to cfg.export.path; returns the folders."""
+    from distributed_sae.eval import trained_members  # the eval package pulls in the store
+
     dtype = getattr(torch, cfg.export.dtype)
-    folders = []
-    for src in trained_members(cfg.out_dir):
-        sae, sae_cfg = load_sae(src)
-        dst = save_sae(sae, Path(cfg.export.path) / src.name, metadata=sae_cfg["metadata"],
-                       dtype=dtype)
-        metrics_file = Path(cfg.out_dir) / "eval" / src.name / "metrics.json"
-        metrics = None
-        if metrics_file.is_file():
-            metrics = json.loads(metrics_file.read_text())
-            density = torch.tensor(metrics.pop("log10_density"), dtype=torch.float32)
-            save_file({"sparsity": density}, str(dst / "sparsity.safetensors"))
-            (dst / "metrics.json").write_text(json.dumps(metrics, indent=2))
-        else:
-            log.warning("no metrics for %s (run dsae-eval first): exporting weights only", src.name)
-        (dst / "README.md").write_text(_card(src.name, json.loads((dst / "cfg.json").read_text()),
-                                             metrics))
-        folders.append(dst)
+    eval_dir = Path(cfg.out_dir) / "eval"
+    repo_id = getattr(cfg.export, "hub_repo_id", None)  # named in the cards when configured
+    folders = [export_member(src, Path(cfg.export.path), dtype, eval_dir, repo_id)
+               for src in trained_members(cfg.out_dir)]
     log.info("exported %d SAEs to %s", len(folders), cfg.export.path)
     return folders
+
+
+def bank_card(export_dir: str | Path, repo_id: str | None = None) -> str:
+    """The repo-level README.md of an exported bank: one row per member folder."""
+    export_dir = Path(export_dir)
+    members = sorted(p.parent for p in export_dir.glob("*/cfg.json"))
+    if not members:
+        raise FileNotFoundError(f"{export_dir} holds no exported SAE folders: run dsae-export")
+    lines = [*FRONT_MATTER, "# SAEs trained with distributed-sae", "",
+             "One folder per SAE (SAELens 6 format: cfg.json + sae_weights.safetensors).", "",
+             "| member | model | hook | d_sae | L0 | FVU | loss recovered |",
+             "|---|---|---|---|---|---|---|"]
+    for folder in members:
+        cfg = json.loads((folder / "cfg.json").read_text())
+        meta = cfg.get("metadata") or {}
+        metrics_file = folder / "metrics.json"
+        m = json.loads(metrics_file.read_text()) if metrics_file.is_file() else {}
+        cells = [f"{m[k]:.4g}" if isinstance(m.get(k), (int, float)) else "" for k in
+                 ("l0", "fvu", "loss_recovered")]
+        lines.append(f"| [{folder.name}]({folder.name}/README.md) | `{meta.get('model_name')}` | "
+                     f"`{meta.get('hook_name')}` | {cfg['d_sae']} | " + " | ".join(cells) + " |")
+    lines.append("")
+    if (members[0] / "frontier.png").is_file():
+        lines += [f"![sparsity-fidelity frontier]({members[0].name}/frontier.png)", ""]
+    return "\n".join(lines + _load_lines(members[0].name, repo_id))
+
+
+def push_export(export_dir: str | Path, repo_id: str, revision: str | None = None,
+                private: bool = False, token: str | None = None) -> str:
+    """Upload an exported bank to the Hub repo `repo_id` (one sub-folder per member) on branch
+    `revision` (None = main). Writes export_dir/README.md, the repo's card with front matter
+    `library_name: saelens`, first. Token: `token`, else HF_TOKEN / the stored login."""
+    from distributed_sae.export.hub import push_to_hub
+
+    export_dir = Path(export_dir)
+    (export_dir / "README.md").write_text(bank_card(export_dir, repo_id))
+    return push_to_hub(export_dir, repo_id, revision=revision, private=private, token=token,
+                       commit_message=f"Upload {len(list(export_dir.glob('*/cfg.json')))} SAEs "
+                                      "trained with distributed-sae")

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import inspect
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
@@ -134,6 +135,23 @@ class SparseAutoencoder(nn.Module):
     def load_saelens_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
         """Inverse of saelens_tensors: copy SAELens-named tensors into this SAE's state."""
         self.load_state_dict(tensors)
+
+    # ---- loading saved SAEs --------------------------------------------------------------------
+    @classmethod
+    def load(cls, path_or_repo: str | Path, member: str | None = None,
+             revision: str | None = None) -> SparseAutoencoder:
+        """Load an SAE for inference from a local SAE folder, a bank folder (pass `member` when
+        it holds several) or a Hugging Face Hub repo id 'org/name' (at `revision`; the Hub cache
+        and HF_HUB_OFFLINE=1 are honoured). Returns the saved kind, e.g. a TopKSAE, in eval
+        mode, with cfg.json as `.cfg_dict`; called on a subclass, a different kind is refused."""
+        # Imported here: export.hub imports this module (and huggingface_hub only when needed).
+        from distributed_sae.export.hub import load_pretrained
+
+        sae = load_pretrained(path_or_repo, member=member, revision=revision)
+        if not isinstance(sae, cls):
+            raise TypeError(f"{path_or_repo} holds a {type(sae).__name__} ({sae.kind!r}), not a "
+                            f"{cls.__name__}: load it with SAE.load")
+        return sae
 
     # ---- construction from the run config ----------------------------------------------------
     @classmethod

@@ -45,19 +45,70 @@ def save_sae(sae: SparseAutoencoder, folder: str | Path, metadata: dict[str, Any
     return folder
 
 
-def load_sae(folder: str | Path) -> tuple[SparseAutoencoder, dict[str, Any]]:
-    """Rebuild an SAE saved by `save_sae`; returns (sae, cfg). Refuses mismatched files."""
-    folder = Path(folder)
-    if not (folder / CFG_FILE).is_file():
+# SAELens inference architectures -> the kind that computes the same function, for folders
+# written by other tools (no `dsae_kind` in their metadata).
+ARCHITECTURE_KINDS = {"standard": "relu", "topk": "topk", "jumprelu": "jumprelu"}
+REQUIRED_CFG_KEYS = ("architecture", "d_in", "d_sae")
+
+
+def _read_cfg(folder: Path) -> dict[str, Any]:
+    """cfg.json of `folder`, with the keys loading needs checked."""
+    path = folder / CFG_FILE
+    if not path.is_file():
         raise FileNotFoundError(f"{folder} has no {CFG_FILE}: not an SAE folder")
-    cfg = json.loads((folder / CFG_FILE).read_text())
-    meta = cfg.get("metadata", {})
-    kind = meta.get("dsae_kind", cfg["architecture"])
-    cls = sae_class(kind)
+    if not (folder / WEIGHTS_FILE).is_file():
+        raise FileNotFoundError(f"{folder} has {CFG_FILE} but no {WEIGHTS_FILE}: the weights are "
+                                "missing (an interrupted copy or download?)")
+    try:
+        cfg = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{path} is not valid JSON: {exc}") from exc
+    missing = [k for k in REQUIRED_CFG_KEYS if k not in cfg]
+    if missing:
+        raise ValueError(f"{path} lacks {missing}: not a SAELens cfg.json")
+    for key in ("d_in", "d_sae"):
+        if not isinstance(cfg[key], int) or cfg[key] <= 0:
+            raise ValueError(f"{path}: {key}={cfg[key]!r} must be a positive integer")
+    return cfg
+
+
+def _kind_and_params(cfg: dict[str, Any], path: Path) -> tuple[str, dict[str, Any]]:
+    """The class to rebuild and its constructor keywords; refuses a cfg.json at odds with itself."""
+    meta = cfg.get("metadata") or {}
+    arch = cfg["architecture"]
+    kind = meta.get("dsae_kind") or ARCHITECTURE_KINDS.get(arch)
+    if kind is None:
+        raise ValueError(f"{path}: architecture {arch!r} has no distributed-sae kind; known: "
+                         f"{sorted(ARCHITECTURE_KINDS)}")
+    params = dict(meta.get("dsae_params") or {})
+    if "k" in cfg:  # topk: cfg.json's k is what SAELens uses, so it must be the one we use
+        if params.setdefault("k", cfg["k"]) != cfg["k"]:
+            raise ValueError(f"{path}: k={cfg['k']} but metadata.dsae_params.k={params['k']}; "
+                             "the file was edited by hand or mixed from two SAEs")
+    # Options that change SAELens's forward pass in ways our kinds do not compute.
+    unsupported = {"apply_b_dec_to_input": True, "normalize_activations": "none",
+                   "rescale_acts_by_decoder_norm": False}
+    for key, ours in unsupported.items():
+        if cfg.get(key, ours) != ours:
+            raise ValueError(f"{path}: {key}={cfg[key]!r} is not supported (only {ours!r}): "
+                             "fold it into the weights before loading")
+    expected = sae_class(kind).architecture
+    if expected != arch:
+        raise ValueError(f"{path}: architecture {arch!r} disagrees with kind {kind!r}, which "
+                         f"exports as {expected!r}")
+    return kind, params
+
+
+def load_sae(folder: str | Path) -> tuple[SparseAutoencoder, dict[str, Any]]:
+    """Rebuild an SAE saved by `save_sae` (or any SAELens standard/topk/jumprelu folder);
+    returns (sae, cfg). Refuses files whose cfg.json and tensors disagree, naming the mismatch."""
+    folder = Path(folder)
+    cfg = _read_cfg(folder)
+    kind, params = _kind_and_params(cfg, folder / CFG_FILE)
     tensors = load_file(str(folder / WEIGHTS_FILE))
-    d_in, d_sae = int(cfg["d_in"]), int(cfg["d_sae"])
+    d_in, d_sae = cfg["d_in"], cfg["d_sae"]
     dtype = tensors["W_enc"].dtype if "W_enc" in tensors else torch.float32
-    sae = cls(d_in, d_sae, **meta.get("dsae_params", {}), dtype=dtype)
+    sae = sae_class(kind)(d_in, d_sae, **params, dtype=dtype)
     # Expected names and shapes come from the kind built at cfg.json's sizes.
     want = {name: tuple(t.shape) for name, t in sae.saelens_tensors().items()}
     if set(tensors) != set(want):
@@ -65,7 +116,8 @@ def load_sae(folder: str | Path) -> tuple[SparseAutoencoder, dict[str, Any]]:
     for name, shape in want.items():
         if tuple(tensors[name].shape) != shape:
             raise ValueError(f"{folder / WEIGHTS_FILE}: {name} has shape "
-                             f"{tuple(tensors[name].shape)} but cfg.json says {shape}")
+                             f"{tuple(tensors[name].shape)} but cfg.json says {shape} "
+                             f"(d_in={d_in}, d_sae={d_sae})")
     sae.load_saelens_tensors(tensors)
     # A loaded SAE is for inference: eval mode makes BatchTopK-style kinds use their threshold.
     sae.eval()

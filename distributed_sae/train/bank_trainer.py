@@ -209,10 +209,14 @@ class BankTrainer:
                 log.info("step %d %s: resampled %d dead features", self.step_count,
                          m.spec.member_id, n)
 
-    def state(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-        """(tensors, JSON state) of everything a restart needs, except the reader's position."""
-        tensors = rng_tensors()
-        for m in self.members:
+    def state(self, members: list[Member] | None = None,
+              with_rng: bool = True) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        """(tensors, JSON state) of everything a restart needs, except the reader's position;
+        `members` (default all) limits the tensors to those members (a rank saving the members
+        it leads)."""
+        tensors = rng_tensors() if with_rng else {}
+        members = self.members if members is None else members
+        for m in members:
             p = m.spec.member_id
             tensors.update({f"{p}.param.{n}": t.detach().cpu() for n, t in m.sae.state_dict().items()})
             tensors.update(optimizer_tensors(m.opt, m.param_names(), f"{p}.opt"))
@@ -220,14 +224,18 @@ class BankTrainer:
             tensors[f"{p}.fire_counts"] = m.fire_counts.clone()
         state = {"step": self.step_count, "tokens_seen": self.tokens_seen,
                  "members": [m.spec.member_id for m in self.members],
-                 "window_tokens": [m.window_tokens for m in self.members]}
+                 "window_tokens": {m.spec.member_id: m.window_tokens for m in members}}
         return tensors, state
 
-    def load_state(self, tensors: dict[str, torch.Tensor], state: dict[str, Any]) -> None:
-        ids = [m.spec.member_id for m in self.members]
+    def load_state(self, tensors: dict[str, torch.Tensor], state: dict[str, Any],
+                   bank_ids: list[str] | None = None) -> None:
+        """Restore from `state()`'s output; `bank_ids` (default: this bank's members) is the
+        member list the checkpoint must hold (the whole bank when this rank trains a part)."""
+        ids = bank_ids if bank_ids is not None else [m.spec.member_id for m in self.members]
         if state["members"] != ids:
             raise ValueError(f"checkpoint holds members {state['members']}, this bank is {ids}: "
                              f"resume with the same sae config or use another out_dir")
+        windows = state.get("window_tokens", {})
         for m in self.members:
             p = m.spec.member_id
             head = f"{p}.param."
@@ -235,7 +243,7 @@ class BankTrainer:
             load_optimizer_tensors(m.opt, m.param_names(), f"{p}.opt", tensors)
             m.since_fired.copy_(tensors[f"{p}.since_fired"])
             m.fire_counts = tensors.get(f"{p}.fire_counts", m.fire_counts).clone()
-        for m, window in zip(self.members, state.get("window_tokens", [])):
-            m.window_tokens = int(window)
-        load_rng_tensors(tensors)
+            m.window_tokens = int(windows.get(p, 0))
+        if "rng.cpu" in tensors:
+            load_rng_tensors(tensors)
         self.step_count, self.tokens_seen = int(state["step"]), int(state["tokens_seen"])

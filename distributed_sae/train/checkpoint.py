@@ -1,7 +1,9 @@
 """Checkpoints without pickles: tensors in safetensors, everything else in JSON.
 
 A checkpoint is a folder `<dir>/step_<step:09d>/` with
-    tensors.safetensors   every tensor: weights, Adam moments, RNG states (as uint8)
+    tensors.safetensors   every tensor: weights, Adam moments, RNG states (as uint8); a job over
+                          several ranks writes one part per rank (rank00001.safetensors, ...)
+                          holding the members that rank leads
     state.json            step, tokens seen, the reader's position, schedules, member metadata
 It is written to a temporary folder and renamed into place, so a crash while saving leaves the
 previous checkpoint as the latest one, never a half-written one. Loading uses safetensors only
@@ -22,7 +24,6 @@ from safetensors.torch import load_file, save_file
 
 log = logging.getLogger(__name__)
 
-TENSORS = "tensors.safetensors"
 STATE = "state.json"
 
 
@@ -67,22 +68,42 @@ def load_rng_tensors(tensors: dict[str, torch.Tensor]) -> None:
         torch.cuda.set_rng_state_all(cuda)
 
 
-def save_checkpoint(folder: str | Path, step: int, tensors: dict[str, torch.Tensor],
-                    state: dict[str, Any], keep: int = 2) -> Path:
-    """Write checkpoint `step` under `folder` atomically; keep the newest `keep` checkpoints."""
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    final = folder / f"step_{step:09d}"
-    tmp = folder / f".tmp_step_{step:09d}_{os.getpid()}"
+def staging(folder: str | Path, step: int) -> Path:
+    """The temporary folder that checkpoint `step` is written into before its rename."""
+    return Path(folder) / f".tmp_step_{step:09d}"
+
+
+def begin_checkpoint(folder: str | Path, step: int) -> Path:
+    """Create (emptied) the staging folder of checkpoint `step`."""
+    tmp = staging(folder, step)
     shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp / TENSORS))
+    tmp.mkdir(parents=True)
+    return tmp
+
+
+def write_part(tmp: Path, tensors: dict[str, torch.Tensor], part: str = "tensors") -> None:
+    """One tensor file of a checkpoint being written (each rank of a job writes its own part)."""
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp / f"{part}.safetensors"))
+
+
+def finish_checkpoint(tmp: Path, step: int, state: dict[str, Any], keep: int = 2) -> Path:
+    """Write state.json last and rename the folder into place; keep the newest `keep`."""
+    folder = tmp.parent
+    final = folder / f"step_{step:09d}"
     (tmp / STATE).write_text(json.dumps(dict(state, step=step), indent=1))
     shutil.rmtree(final, ignore_errors=True)
     os.replace(tmp, final)
     for old in sorted(folder.glob("step_*"))[:-keep] if keep > 0 else []:
         shutil.rmtree(old, ignore_errors=True)
     return final
+
+
+def save_checkpoint(folder: str | Path, step: int, tensors: dict[str, torch.Tensor],
+                    state: dict[str, Any], keep: int = 2) -> Path:
+    """Write checkpoint `step` under `folder` atomically; keep the newest `keep` checkpoints."""
+    tmp = begin_checkpoint(folder, step)
+    write_part(tmp, tensors)
+    return finish_checkpoint(tmp, step, state, keep)
 
 
 def latest_checkpoint(folder: str | Path) -> Path | None:
@@ -92,6 +113,9 @@ def latest_checkpoint(folder: str | Path) -> Path | None:
 
 
 def load_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """(tensors, state) of one checkpoint folder."""
+    """(tensors of every part, state) of one checkpoint folder."""
     path = Path(path)
-    return load_file(str(path / TENSORS)), json.loads((path / STATE).read_text())
+    tensors: dict[str, torch.Tensor] = {}
+    for part in sorted(path.glob("*.safetensors")):
+        tensors.update(load_file(str(part)))
+    return tensors, json.loads((path / STATE).read_text())

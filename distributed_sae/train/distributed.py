@@ -15,13 +15,17 @@ each group saves its member (same folders as `train`); rank 0 gathers the metric
 `train_ray(cfg, num_workers, strategy)` is the production entry: a Ray Train TorchTrainer whose
 workers (gloo on CPU, NCCL with use_gpu) each run `train_rank`.
 
-Not supported yet: checkpoint/resume (the ZeRO-2 optimiser state is partitioned) and neuron
-resampling (ranks would need one shared resample batch); both are refused at start-up.
+Checkpoints (placement=cost, ddp): each rank writes the members it leads, whole, so a job
+resumes on any number of workers; Ray Train restarts a worker group that lost a worker
+(train.max_failures) and the ranks resume from the newest checkpoint. Not supported yet:
+checkpoints with ZeRO-2 (its optimiser state is partitioned) and neuron resampling (ranks would
+need one shared resample batch); both are refused at start-up.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -35,6 +39,9 @@ from distributed_sae.parallel.placement import Placement, member_cost, place_mem
 from distributed_sae.sae import expand_bank
 from distributed_sae.store import ActivationReader, ActivationStore, split_rows
 from distributed_sae.train.bank_trainer import BankTrainer
+from distributed_sae.train.checkpoint import (
+    begin_checkpoint, finish_checkpoint, latest_checkpoint, load_checkpoint, staging, write_part,
+)
 from distributed_sae.train.metrics_log import MetricsLog, member_records
 from distributed_sae.train.trainer import _save_members, input_scale
 
@@ -93,8 +100,8 @@ def train_rank(cfg: RunConfig, strategy: str = "ddp") -> list[Path] | None:
     (with the cost placement every rank returns the folders of the members it led)."""
     if strategy not in STRATEGIES:
         raise ValueError(f"strategy={strategy!r} must be one of {STRATEGIES}")
-    if cfg.train.checkpoint_every:
-        raise ValueError("train.checkpoint_every is not supported with data-parallel training yet")
+    if cfg.train.checkpoint_every and (cfg.train.placement != "cost" or strategy != "ddp"):
+        raise ValueError("train.checkpoint_every with several workers needs placement=cost, ddp")
     rank, world = dist.get_rank(), dist.get_world_size()
     torch.manual_seed(cfg.train.seed)
     store = ActivationStore.open(cfg.store.path)
@@ -119,6 +126,8 @@ def train_rank(cfg: RunConfig, strategy: str = "ddp") -> list[Path] | None:
     if rank == 0:
         log.info("data-parallel (%s, %d ranks, placement %s) training: %d steps of %d tokens",
                  strategy, world, cfg.train.placement, total, cfg.train.batch_size)
+    if plan is not None:
+        _maybe_resume(cfg, bank, reader)
     _loop(cfg, bank, reader, total, plan)
     if plan is None:
         return _save_members(cfg, store, bank, scale) if rank == 0 else None
@@ -145,6 +154,10 @@ def _loop(cfg: RunConfig, bank: BankTrainer, reader: ActivationReader, total: in
     batches = reader.iter_batches()
     while bank.step_count < total:
         bank.step(next(batches).to(cfg.train.device), record=bank.logs_next())
+        _inject_fault(cfg, bank.step_count, rank)
+        every = cfg.train.checkpoint_every
+        if plan is not None and every and bank.step_count % every == 0 and bank.step_count < total:
+            _checkpoint(cfg, bank, reader, plan, specs)
         if bank.step_count % cfg.train.log_every and bank.step_count != total:
             continue
         rate = bank.tokens_seen / (time.perf_counter() - start)
@@ -163,11 +176,60 @@ def _loop(cfg: RunConfig, bank: BankTrainer, reader: ActivationReader, total: in
         metrics.close()
 
 
+def _checkpoint(cfg: RunConfig, bank: BankTrainer, reader: ActivationReader, plan: Placement,
+                specs: list) -> None:
+    """Every rank writes the members it leads as one part; rank 0 adds state.json and renames
+    the folder into place, so a checkpoint is complete or absent. Members are saved whole, so a
+    job may resume on another number of workers."""
+    rank = dist.get_rank()
+    folder = Path(cfg.out_dir) / "train" / "checkpoints"
+    if rank == 0:
+        begin_checkpoint(folder, bank.step_count)
+    dist.barrier()  # the folder exists before anyone writes into it
+    tmp = staging(folder, bank.step_count)
+    tensors, state = bank.state(_led_members(bank, plan, specs, rank), with_rng=rank == 0)
+    write_part(tmp, tensors, f"rank{rank:05d}")
+    windows: list[Any] = [None] * dist.get_world_size() if rank == 0 else None
+    dist.gather_object(state["window_tokens"], windows, dst=0)
+    if rank == 0:
+        state.update(members=[s.member_id for s in specs], reader=reader.state_dict(),
+                     window_tokens={k: v for part in windows for k, v in part.items()})
+        finish_checkpoint(tmp, bank.step_count, state, keep=cfg.train.keep_checkpoints)
+    dist.barrier()  # nobody runs ahead of a checkpoint that is not complete
+
+
+def _maybe_resume(cfg: RunConfig, bank: BankTrainer, reader: ActivationReader) -> None:
+    """Every rank loads its members (and the shared reader position) from the newest checkpoint."""
+    latest = latest_checkpoint(Path(cfg.out_dir) / "train" / "checkpoints") if cfg.train.resume else None
+    if latest is None:
+        return
+    tensors, state = load_checkpoint(latest)
+    bank.load_state(tensors, state, bank_ids=[s.member_id for s in expand_bank(cfg.sae, cfg.sae_hook)])
+    reader.load_state_dict(state["reader"])
+    if dist.get_rank() == 0:
+        log.info("resumed from %s (step %d)", latest, bank.step_count)
+
+
+def _inject_fault(cfg: RunConfig, step: int, rank: int) -> None:
+    """A testing aid for the restart path: with DSAE_FAULT_AT_STEP=n (and DSAE_FAULT_RANK, default
+    1), that rank dies hard (os._exit) at step n, once per out_dir, like a preempted worker."""
+    at = os.environ.get("DSAE_FAULT_AT_STEP")
+    if at is None or step != int(at) or rank != int(os.environ.get("DSAE_FAULT_RANK", "1")):
+        return
+    marker = Path(cfg.out_dir) / "train" / ".fault_injected"
+    if marker.exists():
+        return
+    marker.write_text(f"rank {rank} killed at step {step}\n")
+    log.warning("DSAE_FAULT_AT_STEP: rank %d exits at step %d", rank, step)
+    os._exit(1)
+
+
 def _ray_worker(config: dict[str, Any]) -> None:
     """Body of each Ray Train worker (the group is formed by Ray Train)."""
     from ray import train as ray_train
 
     logging.basicConfig(level=logging.INFO)
+    os.environ.update(config.get("env", {}))  # the driver's DSAE_FAULT_* (see _inject_fault)
     folders = train_rank(config["cfg"], config["strategy"])
     ray_train.report({"saved": len(folders or [])})
 
@@ -175,16 +237,20 @@ def _ray_worker(config: dict[str, Any]) -> None:
 def train_ray(cfg: RunConfig, num_workers: int = 2, strategy: str = "ddp",
               use_gpu: bool = False) -> list[Path]:
     """Data-parallel training over `num_workers` Ray Train workers; returns the saved folders."""
+    from ray.train import FailureConfig
     from ray.train import RunConfig as RayRunConfig
     from ray.train import ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
     trainer = TorchTrainer(
-        _ray_worker, train_loop_config={"cfg": cfg, "strategy": strategy},
+        _ray_worker, train_loop_config={
+            "cfg": cfg, "strategy": strategy,
+            "env": {k: v for k, v in os.environ.items() if k.startswith("DSAE_FAULT_")}},
         scaling_config=ScalingConfig(num_workers=num_workers, use_gpu=use_gpu),
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
         run_config=RayRunConfig(storage_path=str(Path(cfg.out_dir).resolve() / "train" / "ray"),
-                                name="dp"))
+                                name="dp",
+                                failure_config=FailureConfig(max_failures=cfg.train.max_failures)))
     trainer.fit()  # raises if a worker failed
     # The ranks saved the members where `train` does (Ray Train v2 keeps metrics only with
     # checkpoints, so the folders are named here rather than returned).

@@ -1,0 +1,321 @@
+"""Latent-sharded SAEs: one member split by latents over a tensor-parallel group.
+
+Shard r of R holds latents [r·n/R, (r+1)·n/R) (n divisible by R): W_enc's columns, b_enc, W_dec's
+rows (and JumpReLU's thresholds) of that slice, plus the full b_dec. It is an ordinary SAE of the
+same kind at width n/R (`self.local`), so decoder renormalisation and the parallel-gradient
+projection, which act per row, stay local. Every shard sees the same input batch.
+
+    pre_r   = (x - b_dec) W_enc[:, r] + b_enc[r]         (batch, n/R), local
+    f_r     = activation of pre_r, selected EXACTLY      top-k: each shard's local candidates,
+                                                         then one global selection (collectives.py)
+    x_hat   = Σ_r f_r W_dec[r] + b_dec                   one all-reduce of (batch, d_in)
+    loss    = the kind's loss on x_hat                   identical on every shard
+
+Gradients: x_hat's all-reduce passes the gradient through unchanged (every shard computes the
+same loss); b_dec's use inside pre_r collects every shard's part with one all-reduce of (d_in,)
+in backward; sparsity terms (L1, L0) are sums over latents, hence one all-reduced scalar.
+Communication per step, per shard (fp32): top-k candidates 4·batch·k·R bytes gathered (BatchTopK
+the same: k·batch candidates), x_hat 4·batch·d_in, b_dec's gradient 4·d_in, a few scalars; AuxK
+adds 4·batch·k_aux·R and another 4·batch·d_in. None of it grows with the width n.
+
+Dead latents: each shard tracks its own slice (`fired` in the output is the local slice); the
+global count comes from one scalar all-reduce (`dead_count`). Matryoshka is refused: its nested
+prefixes of latents cut across shards.
+
+SAE code (distributed_sae/sae/) stays single-device: everything distributed is here.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import torch
+from torch import nn
+
+from distributed_sae.parallel.collectives import (
+    ShardComm, reduce_grad_over_shards, select_global_topk, sum_over_shards,
+)
+from distributed_sae.sae import SAEOutput, SparseAutoencoder
+from distributed_sae.sae.registry import sae_class
+
+log = logging.getLogger(__name__)
+
+SHARDABLE_KINDS = ("topk", "batchtopk", "jumprelu", "relu")
+# Which axis of each per-latent tensor runs over the latents; other tensors are replicated.
+LATENT_AXIS = {"W_enc": 1, "b_enc": 0, "W_dec": 0, "log_threshold": 0}
+
+
+def shard_range(n: int, shards: int, shard: int) -> tuple[int, int]:
+    """[start, stop) of the latents of `shard` of `shards`; n must be divisible by `shards`."""
+    if shards < 1 or not 0 <= shard < shards:
+        raise ValueError(f"shard={shard} must be in 0..{shards - 1} (shards={shards})")
+    if n % shards:
+        raise ValueError(f"d_sae={n} is not divisible by {shards} latent shards: pick a width "
+                         f"that is a multiple of {shards} (e.g. {n - n % shards + shards})")
+    size = n // shards
+    return shard * size, (shard + 1) * size
+
+
+def latent_axis(name: str, t: torch.Tensor, n_local: int) -> int | None:
+    """Latent axis of local tensor `name` (None: replicated); unknown per-latent tensors raise."""
+    if name in LATENT_AXIS:
+        return LATENT_AXIS[name]
+    if t.dim() > 0 and n_local in t.shape:
+        raise ValueError(f"tensor {name!r} of shape {tuple(t.shape)} may be per-latent: add its "
+                         f"latent axis to LATENT_AXIS in {__name__}")
+    return None
+
+
+def _local_hparams(kind: str, hparams: dict[str, Any], n_local: int) -> dict[str, Any]:
+    """The kind's constructor keywords for a width-n_local slice (k clipped: the slice's class
+    checks k <= its width; the global k is kept by the sharded wrapper)."""
+    out = dict(hparams)
+    if "k" in out:
+        out["k"] = min(int(out["k"]), n_local)
+    return out
+
+
+class LatentShardedSAE(nn.Module):
+    """This shard of a member split by latents; same loss interface as SparseAutoencoder."""
+
+    def __init__(self, local: SparseAutoencoder, d_sae: int, comm: ShardComm,
+                 k: int | None = None) -> None:
+        super().__init__()
+        if local.kind not in SHARDABLE_KINDS:
+            raise ValueError(f"sae.kind={local.kind!r} cannot be latent-sharded: use one of "
+                             f"{SHARDABLE_KINDS} or train it unsharded (latent_shards=1)")
+        self.local, self.comm, self.d_sae, self.d_in = local, comm, d_sae, local.d_in
+        self.start, self.stop = shard_range(d_sae, comm.size, comm.rank)
+        if local.d_sae != self.stop - self.start:
+            raise ValueError(f"shard {comm.rank} of {comm.size} of d_sae={d_sae} holds "
+                             f"{self.stop - self.start} latents, the local SAE has {local.d_sae}")
+        self.k = k if k is not None else getattr(local, "k", None)
+        if self.k is not None and not 0 < self.k <= d_sae:
+            raise ValueError(f"k={self.k} must be in 1..d_sae={d_sae}")
+        # The training loop's flags are the kind's (see SparseAutoencoder).
+        self.unit_norm_decoder = local.unit_norm_decoder
+        self.grad_clip = local.grad_clip
+        if local.uses_resampling:
+            log.warning("%s: neuron resampling is not implemented for sharded members",
+                        local.kind)
+
+    # ---- construction ------------------------------------------------------------------------
+    @classmethod
+    def build(cls, kind: str, d_in: int, d_sae: int, comm: ShardComm, *, seed: int = 0,
+              dtype: torch.dtype = torch.float32, **hparams: Any) -> LatentShardedSAE:
+        """A fresh shard, initialised locally (never materialising the full member): shard r
+        uses seed·1_000_003 + r, so the init differs from the unsharded member's (same law)."""
+        start, stop = shard_range(d_sae, comm.size, comm.rank)
+        local = sae_class(kind)(d_in, stop - start, **_local_hparams(kind, hparams, stop - start),
+                                seed=seed * 1_000_003 + comm.rank, dtype=dtype)
+        return cls(local, d_sae, comm, k=hparams.get("k"))
+
+    @classmethod
+    @torch.no_grad()
+    def from_full(cls, full: SparseAutoencoder, comm: ShardComm) -> LatentShardedSAE:
+        """This shard's slice of an unsharded SAE (every shard passes the same `full`)."""
+        start, stop = shard_range(full.d_sae, comm.size, comm.rank)
+        hp = _local_hparams(full.kind, full.extra_state(), stop - start)
+        local = type(full)(full.d_in, stop - start, **hp, dtype=full.W_enc.dtype)
+        local.load_state_dict({name: slice_latents(t, latent_axis(name, t, full.d_sae), start, stop)
+                               for name, t in full.state_dict().items()})
+        if hasattr(full, "threshold_updates"):
+            local.threshold_updates = full.threshold_updates
+        local.train(full.training)
+        return cls(local, full.d_sae, comm, k=getattr(full, "k", None)).to(full.W_enc.device)
+
+    @property
+    def kind(self) -> str:
+        return self.local.kind
+
+    # This shard's tensors under the SAE's names, so code written for an SAE (e.g. the W_dec
+    # gradient hook of parallel/data_parallel.py, used over the dp group) finds them.
+    @property
+    def W_enc(self) -> nn.Parameter:  # noqa: N802 - SAELens's name
+        return self.local.W_enc  # (d_in, n/R)
+
+    @property
+    def W_dec(self) -> nn.Parameter:  # noqa: N802
+        return self.local.W_dec  # (n/R, d_in)
+
+    @property
+    def b_enc(self) -> nn.Parameter:
+        return self.local.b_enc  # (n/R,)
+
+    @property
+    def b_dec(self) -> nn.Parameter:
+        return self.local.b_dec  # (d_in,), replicated
+
+    @property
+    def auxk_coefficient(self) -> float | None:
+        return getattr(self.local, "auxk_coefficient", None)
+
+    def extra_state(self) -> dict[str, Any]:
+        """The whole member's hyperparameters (the global k, not the slice's)."""
+        out = self.local.extra_state()
+        if self.k is not None and "k" in out:
+            out["k"] = self.k
+        return out
+
+    def sparsity_scale_at(self, step: int, total_steps: int) -> float:
+        return self.local.sparsity_scale_at(step, total_steps)
+
+    # ---- the forward pass ------------------------------------------------------------------
+    def pre_acts(self, x: torch.Tensor) -> torch.Tensor:
+        """(batch, d_in) -> (batch, n/R) this shard's pre-activations (base.pre_acts's formula,
+        with b_dec's gradient summed over the shards)."""
+        loc = self.local
+        return (x - reduce_grad_over_shards(loc.b_dec, self.comm)) @ loc.W_enc + loc.b_enc
+
+    def activate(self, pre: torch.Tensor, update_threshold: bool = False) -> torch.Tensor:
+        """(batch, n/R) pre-activations -> (batch, n/R) this shard's slice of the activations;
+        `update_threshold`: BatchTopK in training folds the batch into its threshold (as its
+        loss does)."""
+        kind = self.kind
+        if kind == "topk":
+            return self._topk(pre)
+        if kind == "batchtopk":
+            if not self.training:
+                return self.local.threshold_encode(pre)
+            return self._batch_topk(pre, update_threshold)
+        if kind == "jumprelu":
+            from distributed_sae.sae.jumprelu import _JumpReLU  # the kind's own STE
+
+            return _JumpReLU.apply(pre, self.local.threshold, self.local.bandwidth)
+        return pre.relu()  # relu
+
+    def _topk(self, pre: torch.Tensor) -> torch.Tensor:
+        """Per token: the k largest pre-activations over all shards, then ReLU."""
+        values, indices = pre.topk(min(self.k, pre.shape[1]), dim=1, sorted=False)  # (batch, c)
+        chosen, _ = select_global_topk(values.detach(), self.k, self.comm)
+        kept = torch.where(chosen, values.relu(), torch.zeros_like(values))
+        return torch.zeros_like(pre).scatter(1, indices, kept)
+
+    def _batch_topk(self, pre: torch.Tensor, update_threshold: bool) -> torch.Tensor:
+        """Over the whole batch: the k·batch largest ReLU'd pre-activations over all shards;
+        updates the inference threshold with the smallest selected value (same on every shard)."""
+        flat = pre.relu().flatten()  # (batch · n/R,)
+        n_keep = min(self.k * pre.shape[0], pre.shape[0] * self.d_sae)
+        values, indices = flat.topk(min(n_keep, flat.numel()), sorted=False)  # (c,)
+        chosen, top = select_global_topk(values.detach()[None], n_keep, self.comm)
+        if update_threshold:
+            self.local.update_threshold(top[0])  # uses the selected values > 0: global min
+        kept = torch.where(chosen[0], values, torch.zeros_like(values))
+        return torch.zeros_like(flat).scatter(0, indices, kept).view_as(pre)
+
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        """(batch, d_in) -> (batch, n/R): this shard's slice of the feature activations."""
+        return self.activate(self.pre_acts(x))
+
+    def decode(self, f: torch.Tensor) -> torch.Tensor:
+        """This shard's activations (batch, n/R) -> the full reconstruction (batch, d_in)."""
+        partial = f @ self.local.W_dec  # (batch, d_in), this shard's share
+        return sum_over_shards(partial, self.comm) + self.local.b_dec
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.decode(self.encode(x))
+
+    # ---- the loss ----------------------------------------------------------------------------
+    def loss(self, x: torch.Tensor, dead: torch.Tensor | None = None,
+             sparsity_scale: float = 1.0) -> SAEOutput:
+        """The kind's training loss, identical on every shard; `dead` (n/R,) is this shard's
+        slice; the output's `fired` (n/R,) too. Collective: every shard must call it."""
+        pre = self.pre_acts(x)  # (batch, n/R)
+        f = self.activate(pre, update_threshold=True)
+        x_hat = self.decode(f)  # (batch, d_in)
+        mse = (x_hat - x).pow(2).mean()
+        terms, loss = {"mse": mse}, mse
+        kind, loc = self.kind, self.local
+        if kind == "relu":  # L1 is a sum over latents: the shards' partial sums add up
+            terms["l1"] = sum_over_shards(loc.sparsity(f).mean(), self.comm)
+            loss = loss + sparsity_scale * loc.l1_coefficient * terms["l1"]
+        elif kind == "jumprelu":
+            from distributed_sae.sae.jumprelu import _Step
+
+            l0_local = _Step.apply(pre, loc.threshold, loc.bandwidth).sum(1).mean()
+            terms["l0"] = sum_over_shards(l0_local, self.comm)
+            loss = loss + sparsity_scale * loc.l0_coefficient * terms["l0"]
+        elif dead is not None:  # topk, batchtopk: AuxK when some latent anywhere is dead
+            n_dead = self.dead_count(dead)
+            if n_dead > 0:
+                terms["auxk"] = self._auxk(x - x_hat.detach(), pre, dead, n_dead)
+                loss = loss + loc.auxk_coefficient * terms["auxk"]
+        fired = (f > 0).any(0)  # (n/R,)
+        return SAEOutput(loss=loss, x_hat=x_hat, terms=terms, fired=fired)
+
+    def _auxk(self, residual: torch.Tensor, pre: torch.Tensor, dead: torch.Tensor,
+              n_dead: int) -> torch.Tensor:
+        """TopKSAE's AuxK with its top-k_aux taken over the dead latents of all shards."""
+        k_aux = min(self.d_in // 2, n_dead)
+        masked = pre.masked_fill(~dead, float("-inf"))  # (batch, n/R)
+        values, indices = masked.topk(min(k_aux, pre.shape[1]), dim=1, sorted=False)
+        chosen, _ = select_global_topk(values.detach(), k_aux, self.comm)
+        # where(), not a product: unchosen slots may hold -inf (fewer dead latents here than c).
+        kept = torch.where(chosen, values.relu(), torch.zeros_like(values))
+        f_aux = torch.zeros_like(pre).scatter(1, indices, kept)
+        e_hat = sum_over_shards(f_aux @ self.local.W_dec, self.comm)  # (batch, d_in)
+        denom = (residual - residual.mean(0)).pow(2).sum().clamp_min(1e-12)
+        return (e_hat - residual).pow(2).sum() / denom
+
+    # ---- training-loop helpers -------------------------------------------------------------
+    @torch.no_grad()
+    def dead_count(self, dead: torch.Tensor) -> int:
+        """Dead latents over all shards, from this shard's mask (n/R,): one scalar all-reduce."""
+        count = dead.sum().to(torch.int64).reshape(1)
+        return int(self.comm.all_reduce_(count, "dead_count"))
+
+    def dead_fraction(self, dead: torch.Tensor) -> float:
+        return self.dead_count(dead) / self.d_sae
+
+    def normalize_decoder(self) -> None:
+        self.local.normalize_decoder()  # per row: local
+
+    def remove_parallel_grad(self) -> None:
+        self.local.remove_parallel_grad()  # per row: local
+
+    @torch.no_grad()
+    def clip_grad_norm_(self, max_norm: float) -> torch.Tensor:
+        """torch.nn.utils.clip_grad_norm_ over the whole member: the sharded parameters' squared
+        norms are summed over the shards, b_dec (replicated, same gradient everywhere) counted
+        once. Returns the total norm."""
+        sharded = [p.grad for n, p in self.local.named_parameters()
+                   if n != "b_dec" and p.grad is not None]
+        sq = torch.stack([g.double().pow(2).sum() for g in sharded]).sum().reshape(1) \
+            if sharded else torch.zeros(1, dtype=torch.float64)
+        self.comm.all_reduce_(sq, "grad_norm")
+        if self.local.b_dec.grad is not None:
+            sq += self.local.b_dec.grad.double().pow(2).sum()
+        total = sq.sqrt()[0].float()
+        coef = (max_norm / (total + 1e-6)).clamp(max=1.0)  # torch's rule
+        for p in self.local.parameters():
+            if p.grad is not None:
+                p.grad.mul_(coef.to(p.grad.dtype))
+        return total
+
+
+def slice_latents(t: torch.Tensor, axis: int | None, start: int, stop: int) -> torch.Tensor:
+    """Latents [start, stop) of `t` along `axis` (a copy); replicated tensors (axis None) as is."""
+    if axis is None:
+        return t.clone()
+    return t.narrow(axis, start, stop - start).clone()
+
+
+def train_step(model: nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor,
+               dead: torch.Tensor | None = None, sparsity_scale: float = 1.0) -> SAEOutput:
+    """One optimiser step of a sharded (or plain) SAE, as bank_trainer.train_step does it:
+    loss, backward, W_dec's parallel gradient removed, clipped (globally), step, renormalised."""
+    opt.zero_grad(set_to_none=True)
+    out = model.loss(x, dead=dead, sparsity_scale=sparsity_scale)
+    out.loss.backward()
+    if model.unit_norm_decoder:
+        model.remove_parallel_grad()
+    if model.grad_clip is not None:
+        if isinstance(model, LatentShardedSAE):
+            model.clip_grad_norm_(model.grad_clip)
+        else:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), model.grad_clip)
+    opt.step()
+    if model.unit_norm_decoder:
+        model.normalize_decoder()
+    return out
