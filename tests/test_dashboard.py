@@ -69,7 +69,7 @@ def mpl():
 @pytest.fixture(scope="module")
 def bank():
     return {"topk_w256_k8_s0": _metrics("topk_w256_k8_s0", 256, 8.0, 0.3, loss_recovered=0.8,
-                                        kl=0.1, clean_ce=3.0, spliced_ce=3.2, zero_ce=4.0),
+                                        kl_div=0.1, ce_clean=3.0, ce_spliced=3.2, ce_zero=4.0),
             "topk_w512_k8_s1": _metrics("topk_w512_k8_s1", 512, 8.0, 0.25),
             "topk_w512_k32_s2": _metrics("topk_w512_k32_s2", 512, 32.0, 0.12, loss_recovered=0.9)}
 

@@ -66,7 +66,7 @@ def exported(tmp_path_factory):
                    "l0": 4.0, "dead_fraction": 0.0, "dense_fraction": 0.0, "member": name,
                    "hook": HOOK, "d_sae": D_SAE, "log10_density": [-2.0] * D_SAE}
         if kind == "topk":  # the spliced-loss evaluation ran for this member only
-            metrics.update(loss_recovered=0.875, kl=0.0625, clean_ce=3.0, spliced_ce=3.25, zero_ce=5.0)
+            metrics.update(loss_recovered=0.875, kl_div=0.0625, ce_clean=3.0, ce_spliced=3.25, ce_zero=5.0)
         (out / "eval" / name).mkdir(parents=True)
         (out / "eval" / name / "metrics.json").write_text(json.dumps(metrics))
         (out / "eval" / name / "density.png").write_bytes(b"\x89PNG fake density")

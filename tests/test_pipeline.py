@@ -63,6 +63,35 @@ def test_every_member_learned_something(done_run):
         assert f"topk_w{width}_k8" in summary
 
 
+def test_eval_reports_spliced_loss_features_and_dashboards(done_run):
+    """dsae-eval on the real model: loss recovered and KL for every member, top contexts that
+    are real CPython text, feature splitting across the two widths, and the HTML pages."""
+    eval_dir = Path(done_run.out_dir) / "eval"
+    tokenizer = load_tokenizer(done_run.model)
+    for width in (128, 256):
+        name = f"topk_w{width}_k8_s{width // 256}"
+        m = json.loads((eval_dir / name / "metrics.json").read_text())
+        # An SAE with FVU < 0.9 must beat zero-ablation; the clean model must beat both.
+        assert m["ce_clean"] < m["ce_spliced"] < m["ce_zero"], m
+        assert 0 < m["loss_recovered"] < 1 and m["kl_div"] > 0
+        features = json.loads((eval_dir / name / "features.json").read_text())
+        assert features["d_sae"] == width and len(features["features"]) == width
+        live = [f for f in features["features"] if f["top_contexts"]]
+        assert live, "no feature fired on the held-out tokens"
+        ctx = max(live, key=lambda f: f["density"])["top_contexts"][0]
+        text = "".join(ctx["tokens"])
+        # The tokens decode back to the store's text: find the window in the held-out tokens.
+        assert len(ctx["tokens"]) > 1 and text.strip()
+        assert ctx["acts"][ctx["focus"]] == pytest.approx(ctx["activation"], rel=1e-4)
+        assert text in tokenizer.decode(ActivationStore.open(done_run.store.path).tokens(0, 8192))
+        page = (eval_dir / name / "dashboard.html").read_text()
+        assert "application/json" in page and name in page
+    assert (eval_dir / "index.html").is_file() and (eval_dir / "frontier.png").is_file()
+    split = json.loads((eval_dir / "splitting.json").read_text())
+    assert list(split) == ["topk_w128_k8_s0->topk_w256_k8_s1"]
+    assert 0 < split["topk_w128_k8_s0->topk_w256_k8_s1"]["mean_max_cosine"] <= 1
+
+
 def test_export_is_loadable_and_identical_to_the_trained_member(done_run):
     for folder in sorted(Path(done_run.export.path).iterdir()):
         exported, cfg = load_sae(folder)

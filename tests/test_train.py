@@ -10,7 +10,7 @@ import torch
 from conftest import write_sparse_store
 from safetensors.torch import load_file
 
-from distributed_sae.config import DataConfig, HarvestConfig, RunConfig, SAEConfig, StoreConfig, TrainConfig
+from distributed_sae.config import DataConfig, EvalConfig, HarvestConfig, RunConfig, SAEConfig, StoreConfig, TrainConfig
 from distributed_sae.eval import evaluate
 from distributed_sae.train import BankTrainer, train
 from distributed_sae.train.checkpoint import latest_checkpoint
@@ -42,6 +42,7 @@ def make_cfg(store_path: str, out_dir: Path, kind: str = "topk", **train_kw) -> 
         sae=SAEConfig(kind=kind, widths=[96, 192], **sae_kw(kind)),
         train=TrainConfig(batch_size=128, lr=3e-3, holdout_fraction=0.25, dead_tokens=4096,
                           log_every=50, **train_kw),
+        eval=EvalConfig(spliced=False, features=False),  # synthetic: there is no model
         out_dir=str(out_dir))
 
 

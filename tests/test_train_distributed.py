@@ -28,7 +28,7 @@ import torch.multiprocessing as mp
 from conftest import sparse_batches
 
 from distributed_sae.config import (
-    DataConfig, HarvestConfig, RunConfig, SAEConfig, StoreConfig, TrainConfig,
+    DataConfig, EvalConfig, HarvestConfig, RunConfig, SAEConfig, StoreConfig, TrainConfig,
 )
 from distributed_sae.sae import expand_bank
 from distributed_sae.train.bank_trainer import BankTrainer
@@ -46,6 +46,7 @@ def make_cfg(kind: str = "topk", dead_tokens: int = 10**9, widths=(96,), store_p
         sae=SAEConfig(kind=kind, widths=list(widths), k=4),
         train=TrainConfig(batch_size=BATCH, lr=3e-3, dead_tokens=dead_tokens, warmup_steps=5,
                           holdout_fraction=0.25, log_every=10, **train_kw),
+        eval=EvalConfig(spliced=False, features=False),  # synthetic: there is no model
         out_dir=out_dir)
 
 

@@ -278,6 +278,11 @@ class TrainConfig:
     # large one trains data-parallel over several; parallel/placement.py) or replicate (every
     # member data-parallel over all workers).
     placement: str = "cost"
+    # Workers each member is split over by latents (parallel/latent_shard.py); 1 = unsharded.
+    # With N > 1 the workers form dp = workers / N data-parallel replicas of N shards each
+    # (parallel/layout.py): every member is sharded over a replica's N workers and the global
+    # batch splits over the dp replicas; train.placement is then ignored (needs ddp).
+    latent_shards: int = 1
     # Save a checkpoint every this many steps (0 = never); a restarted job resumes from the newest.
     checkpoint_every: int = 0
     # Checkpoints to keep (the newest ones).
@@ -305,13 +310,27 @@ class TrainConfig:
             raise ConfigError(f"train.tokens must be >= 0 (0 = one pass), got {self.tokens}")
         _positive("train", batch_size=self.batch_size, lr=self.lr, log_every=self.log_every,
                   dead_tokens=self.dead_tokens, dead_report_tokens=self.dead_report_tokens)
-        _positive("train", workers=self.workers)
+        _positive("train", workers=self.workers, latent_shards=self.latent_shards)
         _choice("train", "data_parallel", self.data_parallel, DATA_PARALLEL)
         _choice("train", "placement", self.placement, PLACEMENTS)
-        if self.batch_size % self.workers:
+        if self.workers % self.latent_shards:
+            raise ConfigError(
+                f"train.workers={self.workers} is not a multiple of train.latent_shards="
+                f"{self.latent_shards}: the workers form replicas of latent_shards shards each; "
+                f"use e.g. train.workers={self.workers - self.workers % self.latent_shards + self.latent_shards}")
+        dp = self.workers // self.latent_shards  # data-parallel replicas: the batch splits over them
+        if self.latent_shards > 1 and self.batch_size % dp:
+            raise ConfigError(f"train.batch_size={self.batch_size} is not divisible by the {dp} "
+                              f"data-parallel replicas (train.workers={self.workers} / "
+                              f"train.latent_shards={self.latent_shards}): use a multiple of {dp}")
+        if self.latent_shards == 1 and self.batch_size % self.workers:
             raise ConfigError(f"train.batch_size={self.batch_size} is not divisible by "
                               f"train.workers={self.workers}")
-        if self.workers > 1 and self.checkpoint_every and (
+        if self.latent_shards > 1 and self.data_parallel != "ddp":
+            raise ConfigError(f"train.latent_shards={self.latent_shards} needs "
+                              f"train.data_parallel=ddp (got {self.data_parallel!r}): ZeRO-2 does "
+                              f"not combine with latent sharding; set train.data_parallel=ddp")
+        if self.workers > 1 and self.checkpoint_every and self.latent_shards == 1 and (
                 self.placement != "cost" or self.data_parallel != "ddp"):
             raise ConfigError(
                 f"train.checkpoint_every with train.workers > 1 needs train.placement=cost and "
@@ -334,11 +353,33 @@ class EvalConfig:
     tokens: int = 0
     # Activations per evaluation batch.
     batch_size: int = 4096
+    # Spliced language-model loss: run the model with each SAE's reconstruction in place of its
+    # hook's activations (clean, spliced, zero-ablated CE, loss recovered, KL). Needs the model.
+    spliced: bool = True
+    # Held-out tokens (whole contexts) the spliced loss runs on. Each SAE costs one full forward
+    # pass over them, plus two shared ones: 8192 tokens take ~13 s per pass for SmolLM2 on the
+    # 2-core build machine (630 tok/s, all 30 layers, fp32).
+    spliced_tokens: int = 8192
+    # Contexts per forward pass of the spliced loss.
+    spliced_batch_size: int = 8
+    # Feature analysis (top contexts, quantiles, density, logit effects) -> eval/<member>/features.json.
+    features: bool = True
+    # Top-activating contexts kept per feature, and tokens shown either side of each.
+    n_top_contexts: int = 8
+    context_window: int = 8
+    # Feature splitting across the bank's widths (decoder cosine above this) -> eval/splitting.json.
+    split_threshold: float = 0.5
+    # Static HTML dashboards: eval/index.html and eval/<member>/dashboard.html.
+    dashboard: bool = True
 
     def __post_init__(self) -> None:
         if self.tokens < 0:
             raise ConfigError(f"eval.tokens must be >= 0 (0 = all held-out tokens), got {self.tokens}")
-        _positive("eval", batch_size=self.batch_size)
+        _positive("eval", batch_size=self.batch_size, spliced_tokens=self.spliced_tokens,
+                  spliced_batch_size=self.spliced_batch_size, n_top_contexts=self.n_top_contexts)
+        if self.context_window < 0 or not -1.0 <= self.split_threshold <= 1.0:
+            raise ConfigError(f"eval.context_window={self.context_window} must be >= 0 and "
+                              f"eval.split_threshold={self.split_threshold} a cosine in [-1, 1]")
 
 
 @dataclass
@@ -349,9 +390,17 @@ class ExportConfig:
     path: str = "${out_dir}/export"
     # dtype of the exported weights.
     dtype: str = "float32"
+    # Hugging Face Hub repo ('org/name') to push the exported bank to; None = no push. The
+    # token comes from HF_TOKEN (or `huggingface-cli login`) and is never written or logged.
+    hub_repo_id: Optional[str] = None
+    # Branch to push to (created if missing; None = main) and whether a new repo is private.
+    hub_revision: Optional[str] = None
+    hub_private: bool = False
 
     def __post_init__(self) -> None:
         _choice("export", "dtype", self.dtype, DTYPES)
+        if self.hub_repo_id is not None and self.hub_repo_id.count("/") != 1:
+            raise ConfigError(f"export.hub_repo_id={self.hub_repo_id!r} must be 'org/name'")
 
 
 @dataclass
@@ -396,6 +445,17 @@ class RunConfig:
         if self.train.workers > 1 and resampling and self.train.resample_steps:
             raise ConfigError("neuron resampling is not supported with train.workers > 1 yet: set "
                               "train.resample_steps=[] or train.workers=1")
+        shards = self.train.latent_shards
+        uneven = [w for w in self.sae.widths if w % shards]
+        if uneven:
+            raise ConfigError(
+                f"sae.widths {uneven} are not multiples of train.latent_shards={shards}: every "
+                f"shard holds width / latent_shards latents; use e.g. "
+                f"{[w - w % shards + shards for w in uneven]}")
+        if shards > 1 and self.sae.kind == "matryoshka":
+            raise ConfigError(f"sae.kind=matryoshka cannot be latent-sharded (its nested prefixes "
+                              f"cut across shards): set train.latent_shards=1 (got {shards}) or "
+                              f"use another sae.kind")
         if self.harvest.sharding == "device_map" and self.model.device_map is None:
             raise ConfigError("harvest.sharding=device_map needs model.device_map (e.g. auto)")
         unit_rows = self.harvest.contexts_per_unit * self.data.context_size

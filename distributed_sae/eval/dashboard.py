@@ -37,9 +37,9 @@ METRIC_ROWS = (
     ("d_sae", "latents (d_sae)"), ("l0", "L0 (active latents per token)"),
     ("fvu", "FVU (fraction of variance unexplained)"), ("explained_variance", "explained variance"),
     ("mse", "MSE"), ("dead_fraction", "dead fraction"), ("dense_fraction", "dense fraction (>10%)"),
-    ("loss_recovered", "fraction of CE loss recovered"), ("clean_ce", "CE loss, clean"),
-    ("spliced_ce", "CE loss, SAE spliced in"), ("zero_ce", "CE loss, hook zero-ablated"),
-    ("kl", "KL(clean || spliced)"),
+    ("loss_recovered", "fraction of CE loss recovered"), ("ce_clean", "CE loss, clean"),
+    ("ce_spliced", "CE loss, SAE spliced in"), ("ce_zero", "CE loss, hook zero-ablated"),
+    ("kl_div", "KL(clean || spliced)"),
 )
 
 
@@ -168,7 +168,7 @@ def write_bank_index(out_dir: str | Path, members: Mapping[str, Mapping[str, Any
     """Write out_dir/index.html: the bank's metrics, one row per member linking to
     <member>/dashboard.html where that exists, and the frontier plot if given."""
     out_dir = Path(out_dir)
-    cols = ("d_sae", "l0", "fvu", "loss_recovered", "kl", "dead_fraction")
+    cols = ("d_sae", "l0", "fvu", "loss_recovered", "kl_div", "dead_fraction")
     head = "<tr><th>member</th>" + "".join(f"<th>{c}</th>" for c in cols) + "</tr>"
     rows = []
     for name, m in members.items():

@@ -1,4 +1,11 @@
-"""The eval stage: metrics of every trained member on the held-out tail of the store."""
+"""The eval stage: every trained member on the held-out tail of the store.
+
+Per member, under out_dir/eval/<member>/: metrics.json (reconstruction and sparsity, plus the
+spliced language-model loss when eval.spliced), features.json (top contexts, quantiles, density,
+logit effects when eval.features) and dashboard.html; for the bank: summary.md, splitting.json
+(how features split across widths), frontier.png and index.html. Reads of the held-out rows and
+the clean / zero-ablated model passes are shared by the members of one hook.
+"""
 
 from __future__ import annotations
 
@@ -7,14 +14,15 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from distributed_sae.config import RunConfig
+from distributed_sae.config import ConfigError, RunConfig
 from distributed_sae.eval.metrics import evaluate_saes
-from distributed_sae.sae import load_sae
+from distributed_sae.sae import SparseAutoencoder, load_sae
 from distributed_sae.store import ActivationReader, ActivationStore, split_rows
 
 log = logging.getLogger(__name__)
 
 SUMMARY_KEYS = ("fvu", "mse", "l0", "dead_fraction")
+SPLICED_KEYS = ("loss_recovered", "kl_div", "ce_spliced")
 
 
 def trained_members(out_dir: str | Path) -> list[Path]:
@@ -25,39 +33,126 @@ def trained_members(out_dir: str | Path) -> list[Path]:
     return [bank.parent / m for m in json.loads(bank.read_text())["members"]]
 
 
-def evaluate(cfg: RunConfig) -> dict[str, dict[str, Any]]:
-    """Evaluate every member; writes out_dir/eval/<member>/metrics.json and summary.md."""
-    store = ActivationStore.open(cfg.store.path)
+def _held_out(cfg: RunConfig, store: ActivationStore) -> range:
     _, held_out = split_rows(store, cfg.train.holdout_fraction)
     if cfg.eval.tokens:
         held_out = range(held_out.start, min(held_out.stop, held_out.start + cfg.eval.tokens))
+    return held_out
+
+
+def evaluate(cfg: RunConfig) -> dict[str, dict[str, Any]]:
+    """Evaluate every member; writes the files of the module docstring and returns the metrics."""
+    store = ActivationStore.open(cfg.store.path)
+    held_out = _held_out(cfg, store)
     loaded = [(folder, *load_sae(folder)) for folder in trained_members(cfg.out_dir)]
     by_hook: dict[str, list] = {}
     for item in loaded:
         by_hook.setdefault(item[2]["metadata"]["hook_name"], []).append(item)
-    results = {}
+    model = _load_model(cfg, store) if cfg.eval.spliced or cfg.eval.features else None
+    eval_dir = Path(cfg.out_dir) / "eval"
+    results: dict[str, dict[str, Any]] = {}
+    splits: dict[str, Any] = {}
     for hook, group in by_hook.items():  # one read of the held-out rows per hook, for the bank
         reader = ActivationReader(store, hook, held_out, cfg.eval.batch_size, shuffle=False,
                                   drop_last=False,
                                   exclude_token_ids=store.metadata["exclude_token_ids"])
-        for (folder, sae, sae_cfg), metrics in zip(group, evaluate_saes([g[1] for g in group], reader)):
+        saes = [g[1] for g in group]
+        spliced = _spliced(cfg, store, model, saes, hook, held_out)
+        for i, ((folder, sae, sae_cfg), metrics) in enumerate(zip(group, evaluate_saes(saes, reader))):
             metrics.update(member=folder.name, hook=hook, d_sae=sae.d_sae,
-                           training_tokens=sae_cfg["metadata"].get("training_tokens"))
-            out = Path(cfg.out_dir) / "eval" / folder.name
+                           training_tokens=sae_cfg["metadata"].get("training_tokens"),
+                           **(spliced[i] if spliced else {}))
+            out = eval_dir / folder.name
             out.mkdir(parents=True, exist_ok=True)
             (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
             results[folder.name] = metrics
+            if cfg.eval.features:
+                _features(cfg, store, model, sae, hook, held_out, folder.name, out)
+        splits.update(_splitting(cfg, [(f.name, s) for f, s, _ in group]))
+    if splits:
+        (eval_dir / "splitting.json").write_text(json.dumps(splits))
     results = {f.name: results[f.name] for f, _, _ in loaded}  # bank order in the table
     table = summary_table(results)
-    (Path(cfg.out_dir) / "eval" / "summary.md").write_text(table + "\n")
+    (eval_dir / "summary.md").write_text(table + "\n")
     log.info("evaluation on %d held-out tokens:\n%s", len(held_out), table)
+    if cfg.eval.dashboard:
+        from distributed_sae.eval.dashboard import write_dashboards
+
+        index = write_dashboards(eval_dir, results)
+        log.info("dashboards: open %s in a browser", index)
     return results
+
+
+def _load_model(cfg: RunConfig, store: ActivationStore) -> tuple[Any, Any]:
+    """(the whole model with its LM head, its tokenizer) for the spliced loss and features."""
+    from distributed_sae.models import load_model, load_tokenizer
+
+    if store.metadata["model_name"] != cfg.model.name:
+        raise ConfigError(
+            f"the store at {store.path} holds activations of {store.metadata['model_name']!r} but "
+            f"model.name={cfg.model.name!r}: set model.name to the store's model, or skip the "
+            f"model-based evaluation with eval.spliced=false eval.features=false")
+
+    log.info("loading %s for the spliced loss and feature analysis", cfg.model.name)
+    return load_model(cfg.model), load_tokenizer(cfg.model)
+
+
+def _spliced(cfg: RunConfig, store: ActivationStore, model: tuple[Any, Any] | None,
+             saes: list[SparseAutoencoder], hook: str, rows: range) -> list[dict[str, Any]] | None:
+    """The spliced-loss metrics of each SAE on the first eval.spliced_tokens held-out tokens."""
+    if not cfg.eval.spliced or model is None:
+        return None
+    from distributed_sae.eval.spliced import contexts_from_rows, spliced_loss
+    from distributed_sae.models import arch_spec
+
+    loaded, _ = model
+    if not arch_spec(loaded.arch).causal:
+        log.warning("%s is not a causal LM: no spliced loss (FVU only)", cfg.model.name)
+        return None
+    contexts = contexts_from_rows(store, rows, max(1, cfg.eval.spliced_tokens // store.context_size))
+    return spliced_loss(loaded, saes, hook, contexts, cfg.eval.spliced_batch_size,
+                        ignore_token_ids=store.metadata["exclude_token_ids"])
+
+
+def _features(cfg: RunConfig, store: ActivationStore, model: tuple[Any, Any] | None,
+              sae: SparseAutoencoder, hook: str, rows: range, member: str, out: Path) -> None:
+    from distributed_sae.eval.features import feature_report, unembedding, write_feature_report
+
+    loaded, tokenizer = model
+    try:
+        unembed = unembedding(loaded, hook)
+    except ValueError as err:  # no LM head (BERT): contexts and densities only
+        log.warning("%s", err)
+        unembed = None
+    report = feature_report(sae, store, hook, rows, tokenizer, unembed,
+                            batch_size=min(cfg.eval.batch_size, 1024),
+                            n_top=cfg.eval.n_top_contexts, window=cfg.eval.context_window,
+                            member=member)
+    write_feature_report(report, out)
+
+
+def _splitting(cfg: RunConfig, members: list[tuple[str, SparseAutoencoder]]) -> dict[str, Any]:
+    """Feature splitting between consecutive widths of one hook's bank (splitting.json)."""
+    from distributed_sae.eval.matching import feature_splitting
+
+    ordered = sorted(members, key=lambda m: m[1].d_sae)
+    found = {}
+    for (name_a, a), (name_b, b) in zip(ordered, ordered[1:]):
+        if a.d_sae == b.d_sae:
+            continue
+        split = feature_splitting(a, b, threshold=cfg.eval.split_threshold)
+        found[f"{name_a}->{name_b}"] = split
+        log.info("feature splitting %s -> %s: mean max cosine %.3f, %.1f%% of features split",
+                 name_a, name_b, split["mean_max_cosine"], 100 * split["split_fraction"])
+    return found
 
 
 def summary_table(results: dict[str, dict[str, Any]]) -> str:
     """A markdown table: one row per member, the headline metrics as columns."""
-    head = "| member | d_sae | " + " | ".join(SUMMARY_KEYS) + " |"
-    rule = "|" + "---|" * (len(SUMMARY_KEYS) + 2)
-    rows = [f"| {name} | {m['d_sae']} | " + " | ".join(f"{m[k]:.4g}" for k in SUMMARY_KEYS) + " |"
+    keys = SUMMARY_KEYS + tuple(k for k in SPLICED_KEYS
+                                if all(k in m for m in results.values()))
+    head = "| member | d_sae | " + " | ".join(keys) + " |"
+    rule = "|" + "---|" * (len(keys) + 2)
+    rows = [f"| {name} | {m['d_sae']} | " + " | ".join(f"{m[k]:.4g}" for k in keys) + " |"
             for name, m in results.items()]
     return "\n".join([head, rule, *rows])

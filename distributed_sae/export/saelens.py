@@ -32,9 +32,9 @@ CARD_METRICS = (
     ("fvu", "FVU (fraction of variance unexplained)"), ("explained_variance", "explained variance"),
     ("mse", "MSE"), ("l0", "L0 (active latents per token)"), ("dead_fraction", "dead fraction"),
     ("dense_fraction", "dense fraction (fires on >10% of tokens)"),
-    ("loss_recovered", "fraction of CE loss recovered"), ("kl", "KL(clean || spliced)"),
-    ("clean_ce", "CE loss, clean"), ("spliced_ce", "CE loss, SAE spliced in"),
-    ("zero_ce", "CE loss, hook zero-ablated"),
+    ("loss_recovered", "fraction of CE loss recovered"), ("kl_div", "KL(clean || spliced)"),
+    ("ce_clean", "CE loss, clean"), ("ce_spliced", "CE loss, SAE spliced in"),
+    ("ce_zero", "CE loss, hook zero-ablated"),
 )
 # Plots copied from the eval stage's folder: (source relative to eval/, name in the export).
 PLOTS = (("frontier.png", "frontier.png", "sparsity-fidelity frontier of the bank"),
@@ -115,10 +115,13 @@ def export(cfg: RunConfig) -> list[Path]:
 
     dtype = getattr(torch, cfg.export.dtype)
     eval_dir = Path(cfg.out_dir) / "eval"
-    repo_id = getattr(cfg.export, "hub_repo_id", None)  # named in the cards when configured
+    repo_id = cfg.export.hub_repo_id  # named in the cards when configured
     folders = [export_member(src, Path(cfg.export.path), dtype, eval_dir, repo_id)
                for src in trained_members(cfg.out_dir)]
     log.info("exported %d SAEs to %s", len(folders), cfg.export.path)
+    if repo_id:
+        url = push_export(cfg.export.path, repo_id, cfg.export.hub_revision, cfg.export.hub_private)
+        log.info("pushed the bank to %s", url)
     return folders
 
 

@@ -8,6 +8,9 @@ Names are `blocks.<layer>.<kind>` (parsed by `distributed_sae.config.parse_hook`
 * `hook_mlp_out`    - what the MLP adds to the residual stream, d_model.
 * `mlp.hook_post`   - MLP neurons after the nonlinearity (input of the down projection), d_mlp.
 
+`patch_hook` is the write side: inside it, every forward pass of the model sees `fn(activations)`
+in place of the activations at a hook point (SAE splicing, ablation, steering).
+
 `run_with_hooks` stops the forward pass as soon as every requested hook has fired, so layers after
 the deepest requested one (and the LM head) never run: harvesting a middle layer costs only the
 layers below it. (Not for ZeRO-3 partitioned models, which `registry.truncate_layers` cuts instead.)
@@ -15,7 +18,8 @@ layers below it. (Not for ZeRO-3 partitioned models, which `registry.truncate_la
 
 from __future__ import annotations
 
-from typing import Any, Callable, Optional, Sequence
+from contextlib import contextmanager
+from typing import Any, Callable, Iterator, Optional, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -181,3 +185,56 @@ def run_with_hooks(
     # clone() outside inference mode turns inference tensors into ordinary ones; otherwise autograd
     # refuses to save them for backward when a downstream SAE trains on them directly.
     return {name: captured[name].clone() for name in wanted}
+
+
+def _replaced(old: Tensor, fn: Callable[[Tensor], Tensor], hook: str) -> Tensor:
+    """fn(old), checked to keep the shape, and cast back to old's dtype and device."""
+    new = fn(old)
+    if not isinstance(new, Tensor) or new.shape != old.shape:
+        got = tuple(new.shape) if isinstance(new, Tensor) else type(new).__name__
+        raise ValueError(f"patch_hook({hook!r}): fn must return a tensor of the activations' "
+                         f"shape {tuple(old.shape)}, got {got}")
+    return new.to(dtype=old.dtype, device=old.device)
+
+
+@contextmanager
+def patch_hook(loaded: LoadedModel, hook: str, fn: Callable[[Tensor], Tensor]) -> Iterator[None]:
+    """Inside the block, the activations at `hook` (batch, seq, d) are replaced by fn(activations).
+
+    fn sees exactly what `run_with_hooks` would capture there (same dtype and device) and must
+    return the same shape; to add a vector, return `x + v`. The rest of the forward pass runs on
+    the replacement, e.g. `with patch_hook(loaded, h, sae): loaded.model(ids).logits` gives the
+    logits with the SAE spliced in. The torch hook is removed on exit, also after an error.
+    Each forward pass inside the block is patched (with a KV cache: each new token's slice).
+    """
+    check_hooks([hook], loaded.n_layers)
+    layer, kind = parse_hook(hook)
+    spec = arch_spec(loaded.arch)
+    block = layer_modules(loaded.model, spec)[layer]
+
+    def on_input(_module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+        # Replace hidden_states wherever the caller put it (positionally or by keyword).
+        if args:
+            return (_replaced(_first_tensor(args), fn, hook), *args[1:]), kwargs
+        return args, {**kwargs, "hidden_states": _replaced(kwargs["hidden_states"], fn, hook)}
+
+    def on_output(_module: nn.Module, _args: tuple, output: Any) -> Any:
+        # Layers and attention modules may return (hidden, weights, ...): replace the first only.
+        if isinstance(output, tuple):
+            return (_replaced(_first_tensor(output), fn, hook), *output[1:])
+        return _replaced(_first_tensor(output), fn, hook)
+
+    if kind == "hook_resid_pre":
+        handle = block.register_forward_pre_hook(on_input, with_kwargs=True)
+    elif kind == "hook_resid_post":
+        handle = block.register_forward_hook(on_output)
+    elif kind in ("hook_attn_out", "hook_mlp_out"):
+        path = spec.attn_out if kind == "hook_attn_out" else spec.mlp_out
+        handle = block.get_submodule(path).register_forward_hook(on_output)
+    else:  # mlp.hook_post: the input of the down projection (parse_hook allows nothing else)
+        handle = block.get_submodule(spec.mlp_down).register_forward_pre_hook(
+            on_input, with_kwargs=True)
+    try:
+        yield
+    finally:
+        handle.remove()

@@ -1,0 +1,154 @@
+"""Spliced language-model loss: the model's next-token loss with an SAE in place of a hook point.
+
+For token contexts and a hook point, three kinds of forward pass (full model, LM head included):
+    clean    - the model as it is                                   -> CE_clean
+    zero     - the hook's activations set to 0                      -> CE_zero
+    spliced  - the hook's activations replaced by the SAE's x_hat    -> CE_spliced
+and per SAE
+    loss_recovered = (CE_zero - CE_spliced) / (CE_zero - CE_clean)   (1 = perfect, 0 = as bad as 0)
+    kl_div         = mean over tokens of KL(P_clean || P_spliced), in nats.
+
+A bank shares work: per batch of contexts the clean and zero passes run once, then one spliced
+pass per SAE; the clean log-probabilities are reused for every SAE's KL, so nothing
+(batch, seq, vocab)-sized outlives its batch.
+
+Positions holding an ignored token (BOS, EOS, padding: tokens the SAE never trained on) keep
+their clean activation in the zero and spliced passes, and a prediction counts only when both the
+input token and the predicted token are not ignored. The SAEs act on RAW activations (input
+scaling folded in, as save_sae writes them).
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from distributed_sae.models.architectures import arch_spec
+from distributed_sae.models.hooks import _forward_kwargs, check_hooks, patch_hook
+from distributed_sae.models.registry import LoadedModel
+from distributed_sae.sae.base import SparseAutoencoder
+from distributed_sae.store.activation_store import ActivationStore
+
+log = logging.getLogger(__name__)
+
+
+def contexts_from_rows(store: ActivationStore, rows: range,
+                       max_contexts: int | None = None) -> Tensor:
+    """Token ids (n_ctx, context_size) int64 of the whole contexts inside store rows `rows`.
+
+    Row r is position r % context_size of context r // context_size, so the contexts wholly
+    inside [start, stop) are ceil(start / cs) .. stop // cs - 1. `max_contexts` keeps the first
+    ones.
+    """
+    cs = store.context_size
+    first, end = -(-rows.start // cs), rows.stop // cs
+    if max_contexts is not None:
+        end = min(end, first + max_contexts)
+    if end <= first:
+        raise ValueError(f"rows {rows.start}..{rows.stop} hold no whole context of {cs} tokens: "
+                         f"give a range of at least {2 * cs} rows (e.g. a larger holdout)")
+    ids = np.asarray(store.tokens(first * cs, end * cs), dtype=np.int64)
+    if (ids < 0).any():  # fill value of token_ids: rows of an uncommitted unit
+        raise ValueError(f"rows {first * cs}..{end * cs} of {store.path} include unwritten "
+                         f"rows (token id -1): finish the harvest first")
+    return torch.from_numpy(ids).view(end - first, cs)
+
+
+def _splice_fn(sae: SparseAutoencoder | None, keep: Tensor) -> Callable[[Tensor], Tensor]:
+    """fn for patch_hook: x_hat (or 0 when sae is None) where keep is False, x where it is True.
+
+    keep (batch, seq) bool marks ignored-token positions, which keep their clean activation.
+    """
+    def fn(x: Tensor) -> Tensor:  # (batch, seq, d)
+        if sae is None:
+            new = torch.zeros_like(x)
+        else:
+            w = sae.W_dec
+            flat = x.reshape(-1, x.shape[-1]).to(device=w.device, dtype=w.dtype)  # (b*seq, d)
+            new = sae(flat).view(x.shape).to(device=x.device, dtype=x.dtype)
+        return torch.where(keep.to(x.device)[..., None], x, new)
+
+    return fn
+
+
+def _logprobs(loaded: LoadedModel, ids: Tensor) -> Tensor:
+    """Full forward (LM head included) -> next-token log-probabilities (batch, seq, vocab) fp32."""
+    spec = arch_spec(loaded.arch)
+    out = loaded.model(**_forward_kwargs(loaded, spec, ids, None))
+    return torch.log_softmax(out.logits.float(), dim=-1)
+
+
+def _batch_terms(logp: Tensor, logp_clean: Tensor, ids: Tensor, counted: Tensor
+                 ) -> tuple[float, float]:
+    """(sum of CE, sum of KL(clean || this)) over the counted predictions of one batch.
+
+    logp (batch, seq, vocab): position p predicts token p + 1, so the last position predicts
+    nothing and targets are ids[:, 1:]; counted (batch, seq - 1) bool.
+    """
+    dev = logp.device  # stay where the logits are: no (batch, seq, vocab) copy to the host
+    lp = logp[:, :-1]  # (batch, seq-1, vocab)
+    ce = -lp.gather(-1, ids[:, 1:, None].to(dev)).squeeze(-1)  # (batch, seq-1)
+    lc = logp_clean[:, :-1].to(dev)
+    kl = (lc.exp() * (lc - lp)).sum(-1)  # (batch, seq-1)
+    counted = counted.to(dev)
+    return float(ce[counted].double().sum()), float(kl[counted].double().sum())
+
+
+@torch.no_grad()
+def spliced_loss(loaded: LoadedModel, saes: Sequence[SparseAutoencoder], hook: str,
+                 contexts: Tensor, batch_size: int = 8,
+                 ignore_token_ids: Sequence[int] = ()) -> list[dict[str, float | int]]:
+    """Clean / zero-ablated / spliced CE, loss recovered and KL for each SAE of `saes` at `hook`.
+
+    contexts: (n_ctx, seq) token ids. Returns one dict per SAE, in order, with keys ce_clean,
+    ce_spliced, ce_zero, ce_delta (= spliced - clean), loss_recovered, kl_div, n_tokens.
+    """
+    check_hooks([hook], loaded.n_layers)
+    if not arch_spec(loaded.arch).causal:
+        raise ValueError(f"spliced loss needs a causal LM, but {loaded.name} is {loaded.arch!r} "
+                         f"(loaded without an LM head): evaluate such SAEs by FVU only")
+    if contexts.dim() != 2 or contexts.shape[1] < 2:
+        raise ValueError(f"contexts must be (n_ctx, seq >= 2) token ids, got shape "
+                         f"{tuple(contexts.shape)}")
+    if batch_size <= 0:
+        raise ValueError(f"batch_size must be positive, got {batch_size}")
+    ignore = torch.as_tensor(list(ignore_token_ids), dtype=torch.long)
+    ce = np.zeros(len(saes) + 2)  # [clean, zero, sae_0, ...] sums of CE
+    kl = np.zeros(len(saes))
+    n = 0
+    for start in range(0, len(contexts), batch_size):
+        ids = contexts[start:start + batch_size].long()  # (batch, seq)
+        keep = torch.isin(ids, ignore)  # (batch, seq): ignored positions keep clean activations
+        counted = ~keep[:, :-1] & ~keep[:, 1:]  # (batch, seq-1) predictions that count
+        n += int(counted.sum())
+        clean = _logprobs(loaded, ids)
+        ce[0] += _batch_terms(clean, clean, ids, counted)[0]
+        with patch_hook(loaded, hook, _splice_fn(None, keep)):
+            ce[1] += _batch_terms(_logprobs(loaded, ids), clean, ids, counted)[0]
+        for i, sae in enumerate(saes):
+            with patch_hook(loaded, hook, _splice_fn(sae, keep)):
+                c, k = _batch_terms(_logprobs(loaded, ids), clean, ids, counted)
+            ce[i + 2] += c
+            kl[i] += k
+    if n == 0:
+        raise ValueError("no prediction counted: every context is made of ignored tokens; "
+                         "check ignore_token_ids")
+    ce_clean, ce_zero = ce[0] / n, ce[1] / n
+    gap = ce_zero - ce_clean
+    out = []
+    for i in range(len(saes)):
+        ce_spliced = ce[i + 2] / n
+        out.append({
+            "ce_clean": ce_clean, "ce_spliced": ce_spliced, "ce_zero": ce_zero,
+            "ce_delta": ce_spliced - ce_clean,
+            # A gap of ~0 (zero-ablating changes nothing) makes the fraction meaningless.
+            "loss_recovered": (ce_zero - ce_spliced) / gap if abs(gap) > 1e-9 else float("nan"),
+            "kl_div": kl[i] / n, "n_tokens": n,
+        })
+    log.info("spliced loss at %s on %d tokens: clean %.4f, zero %.4f, spliced %s", hook, n,
+             ce_clean, ce_zero, ", ".join(f"{r['ce_spliced']:.4f}" for r in out))
+    return [{k: (v if k == "n_tokens" else float(v)) for k, v in r.items()} for r in out]
