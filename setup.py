@@ -69,6 +69,7 @@ setup(
             "dsae-eval=distributed_sae.cli:eval_main",
             "dsae-export=distributed_sae.cli:export_main",
             "dsae-run=distributed_sae.cli:run_main",
+            "dsae-steer=distributed_sae.cli:steer_main",
         ]
     },
 )

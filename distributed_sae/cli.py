@@ -3,6 +3,7 @@
     dsae-harvest   model -> store            dsae-eval     train/ + store -> eval/
     dsae-train     store -> out_dir/train    dsae-export   train/ + eval/ -> export/
     dsae-run       all four in order
+    dsae-steer     a trained member's feature added at its hook while the model generates
 
 Each stage reads the previous stage's output, so stages can run one by one with the same
 `out_dir=` (and `store.path=`). Under --multirun each job gets its own out_dir (the sweep's job
@@ -64,12 +65,19 @@ def _stage_fn(name: str) -> Callable[[RunConfig], object]:
     if name == "eval":
         from distributed_sae.eval import evaluate
         return evaluate
+    if name == "steer":
+        from distributed_sae.eval.steer import steer_stage
+        return steer_stage
     from distributed_sae.export import export
     return export
 
 
 STAGES = {"harvest": ("harvest",), "train": ("train",), "eval": ("eval",),
-          "export": ("export",), "run": ("harvest", "train", "eval", "export")}
+          "export": ("export",), "run": ("harvest", "train", "eval", "export"),
+          "steer": ("steer",)}
+
+# dsae-steer's short forms: `dsae-steer feature=12 scale=8` means steer.feature=12 steer.scale=8.
+STEER_SHORT = ("member", "feature", "scale", "prompt", "max_new_tokens", "temperature")
 
 
 def run_stages(cfg: RunConfig, stages: tuple[str, ...]) -> None:
@@ -111,3 +119,11 @@ train_main = _app(STAGES["train"])
 eval_main = _app(STAGES["eval"])
 export_main = _app(STAGES["export"])
 run_main = _app(STAGES["run"])
+_steer_app = _app(STAGES["steer"])
+
+
+def steer_main() -> None:
+    """dsae-steer: the steer stage, with its keys also accepted without the `steer.` prefix."""
+    sys.argv[1:] = [f"steer.{a}" if a.split("=", 1)[0] in STEER_SHORT else a
+                    for a in sys.argv[1:]]
+    _steer_app()

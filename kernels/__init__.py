@@ -1,5 +1,21 @@
-"""Triton kernels for the sparse SAE matmuls, installed as `distributed_sae.kernels`.
+"""Sparse kernels for the TopK SAE matmuls, installed as `distributed_sae.kernels`.
 
-Each kernel will ship with a launcher, a torch.autograd.Function, a pure-torch reference and a
-test against it (see the kernels issue); until then the SAE kinds use their dense torch paths.
+Only k of n latents are non-zero per token, so the decoder and most of the backward pass are
+O(batch·k·d) instead of O(batch·n·d). One dispatch point (dispatch.py) serves the SAE kinds:
+
+    topk_encode(x, W_enc, b_enc, b_dec, k, dead=None, k_aux=0) -> TopKCode
+    sparse_decode(values, indices, W_dec, b_dec=None) -> (batch, d)
+    use_backend("torch" | "triton" | "dense" | "auto"), or DSAE_KERNELS=... in the environment
+
+Backends: Triton kernels on CUDA tensors (triton_sparse.py, imported lazily), the pure-torch
+sparse path on CPU (torch_sparse.py), dense references (reference.py). Design and measured
+numbers: docs/kernels.md.
 """
+
+from distributed_sae.kernels.dispatch import (
+    BACKENDS, ENV_VAR, TopKCode, backend_for, requested_backend, sparse_decode, topk_encode,
+    triton_available, use_backend,
+)
+
+__all__ = ["BACKENDS", "ENV_VAR", "TopKCode", "backend_for", "requested_backend",
+           "sparse_decode", "topk_encode", "triton_available", "use_backend"]

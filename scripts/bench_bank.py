@@ -17,6 +17,7 @@ import argparse
 import time
 
 import torch
+from plain_topk import plain_dense_step, plain_params  # the baseline loop
 
 from distributed_sae.config import HarvestConfig, RunConfig, SAEConfig, StoreConfig, TrainConfig
 from distributed_sae.sae import MemberSpec
@@ -45,24 +46,11 @@ def run_bank(cfg: RunConfig, specs: list[MemberSpec], store: ActivationStore, st
 
 def plain_topk_loop(data: list[torch.Tensor], width: int, k: int, lr: float) -> float:
     """Seconds of a textbook dense TopK SAE loop over `data` (the baseline of the SAE issue)."""
-    d = data[0].shape[1]
-    w_dec = torch.randn(width, d)
-    w_dec /= w_dec.norm(dim=1, keepdim=True)
-    params = [torch.nn.Parameter(w_dec.t().clone()), torch.nn.Parameter(torch.zeros(width)),
-              torch.nn.Parameter(w_dec), torch.nn.Parameter(torch.zeros(d))]
-    w_enc, b_enc, w_dec_p, b_dec = params
+    params = plain_params(data[0].shape[1], width)
     opt = torch.optim.Adam(params, lr=lr)
     start = time.perf_counter()
     for x in data:
-        pre = (x - b_dec) @ w_enc + b_enc  # (batch, width)
-        vals, idx = pre.topk(k, dim=-1)
-        f = torch.zeros_like(pre).scatter_(1, idx, vals.relu())
-        loss = ((f @ w_dec_p + b_dec - x) ** 2).mean()
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        with torch.no_grad():
-            w_dec_p /= w_dec_p.norm(dim=1, keepdim=True)
+        plain_dense_step(params, opt, x, k)
     return time.perf_counter() - start
 
 

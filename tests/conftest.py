@@ -90,8 +90,19 @@ def write_sparse_store(path, n_units: int = 8, unit_rows: int = 512, d: int = 32
 
 
 def pytest_collection_modifyitems(config, items):
-    """Skip tests marked `gpu` when torch sees no CUDA device (the CPU build machine, CI)."""
+    """Skip tests marked `gpu` when torch sees no CUDA device (the CPU build machine, CI).
+
+    The Triton interpreter cases (test_interp_*) need TRITON_INTERPRET=1 before triton is first
+    imported, so they run only in the subprocess that tests/test_kernels.py starts for them
+    (DSAE_INTERP_CHILD=1); elsewhere they are deselected, not skipped.
+    """
     import torch
+
+    if os.environ.get("DSAE_INTERP_CHILD") != "1":
+        interp = [item for item in items if item.name.startswith("test_interp_")]
+        if interp:
+            config.hook.pytest_deselected(items=interp)
+            items[:] = [item for item in items if not item.name.startswith("test_interp_")]
 
     if torch.cuda.is_available():
         return

@@ -106,3 +106,30 @@ def test_data_parallel_settings_are_checked(overrides, message):
         compose_run(overrides)
     assert message in str(err.value)
     assert compose_run(["train.workers=2", "sae=relu", "train.resample_steps=[]"]).train.workers == 2
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["train.workers=3", "train.latent_shards=2"],
+     "train.workers=3 is not a multiple of train.latent_shards=2"),
+    (["train.workers=4", "train.latent_shards=2", "train.batch_size=1023"],
+     "train.batch_size=1023 is not divisible by the 2 data-parallel replicas"),
+    (["train.workers=2", "train.latent_shards=2", "train.data_parallel=zero2"],
+     "train.latent_shards=2 needs train.data_parallel=ddp"),
+    (["train.workers=2", "train.latent_shards=2", "sae.widths=[2304,4609]"],
+     "sae.widths [4609] are not multiples of train.latent_shards=2"),
+    (["train.workers=2", "train.latent_shards=2", "sae.kind=matryoshka"],
+     "sae.kind=matryoshka cannot be latent-sharded"),
+    (["train.latent_shards=0"], "train.latent_shards must be positive"),
+])
+def test_latent_shard_settings_are_checked(overrides, message):
+    with pytest.raises(ConfigError) as err:
+        compose_run(overrides)
+    assert message in str(err.value)
+
+
+def test_latent_shards_split_the_batch_over_replicas_only():
+    # 6 workers = 2 replicas x 3 shards: the batch (1024) splits over the 2 replicas, not over 6;
+    # checkpoints are allowed whatever train.placement says (it does not apply when sharded).
+    cfg = compose_run(["train.workers=6", "train.latent_shards=3", "train.checkpoint_every=10",
+                       "train.placement=replicate"])
+    assert (cfg.train.workers, cfg.train.latent_shards, cfg.train.batch_size) == (6, 3, 1024)

@@ -92,6 +92,25 @@ def test_eval_reports_spliced_loss_features_and_dashboards(done_run):
     assert 0 < split["topk_w128_k8_s0->topk_w256_k8_s1"]["mean_max_cosine"] <= 1
 
 
+def test_dsae_steer_changes_the_generation(done_run):
+    """The console entry point with its short keys, on the real model: a strong feature added at
+    layer 15 changes the greedy continuation; an out-of-range feature exits 2 with the range."""
+    member = "topk_w128_k8_s0"
+    feats = json.loads((Path(done_run.out_dir) / "eval" / member / "features.json").read_text())
+    best = max(feats["features"], key=lambda f: f["density"])
+    scale = 20 * best["quantiles"]["max"]
+    entry = "from distributed_sae.cli import steer_main; steer_main()"
+    args = [sys.executable, "-c", entry, *TINY, f"out_dir={done_run.out_dir}",
+            f"member={member}", f"feature={best['index']}", f"scale={scale}", "max_new_tokens=6"]
+    proc = subprocess.run(args, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    out = json.loads((Path(done_run.out_dir) / "steer" /
+                      f"{member}_f{best['index']}_x{scale:g}.json").read_text())
+    assert out["text_clean"] != out["text_steered"] and out["text_clean"].strip()
+    bad = subprocess.run(args[:-3] + ["feature=128"], capture_output=True, text=True, timeout=300)
+    assert bad.returncode == 2 and "steer.feature=128 is out of range" in bad.stderr + bad.stdout
+
+
 def test_export_is_loadable_and_identical_to_the_trained_member(done_run):
     for folder in sorted(Path(done_run.export.path).iterdir()):
         exported, cfg = load_sae(folder)

@@ -10,6 +10,7 @@ from distributed_sae.config.schema import (
     ModelConfig,
     RunConfig,
     SAEConfig,
+    SteerConfig,
     StoreConfig,
     TrainConfig,
     parse_hook,
@@ -17,5 +18,5 @@ from distributed_sae.config.schema import (
 
 __all__ = [
     "ClusterConfig", "ConfigError", "DataConfig", "EvalConfig", "ExportConfig", "HarvestConfig",
-    "ModelConfig", "RunConfig", "SAEConfig", "StoreConfig", "TrainConfig", "parse_hook",
+    "ModelConfig", "RunConfig", "SAEConfig", "SteerConfig", "StoreConfig", "TrainConfig", "parse_hook",
 ]

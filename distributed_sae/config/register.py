@@ -18,6 +18,7 @@ _GROUPS = {
     "eval": schema.EvalConfig,
     "export": schema.ExportConfig,
     "cluster": schema.ClusterConfig,
+    "steer": schema.SteerConfig,
 }
 
 

@@ -404,6 +404,33 @@ class ExportConfig:
 
 
 @dataclass
+class SteerConfig:
+    """dsae-steer: generate text with one feature's decoder direction added at its hook point."""
+
+    # Member folder under out_dir/train (or a path to any SAE folder); None = the bank's first.
+    member: Optional[str] = None
+    # The feature (latent index) whose decoder direction is added.
+    feature: int = 0
+    # Multiple of the decoder direction added at every position (the direction has unit norm for
+    # unit-norm kinds; activations at SmolLM2's layer 15 have norms of ~20-60).
+    scale: float = 8.0
+    # Text the generation continues, clean and steered.
+    prompt: str = "The function returns"
+    # Tokens generated after the prompt.
+    max_new_tokens: int = 32
+    # Sampling temperature; 0 = greedy (the clean and steered texts then differ only by the
+    # steering).
+    temperature: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.feature < 0:
+            raise ConfigError(f"steer.feature must be >= 0, got {self.feature}")
+        _positive("steer", max_new_tokens=self.max_new_tokens)
+        if self.temperature < 0:
+            raise ConfigError(f"steer.temperature must be >= 0, got {self.temperature}")
+
+
+@dataclass
 class ClusterConfig:
     """Where Ray runs."""
 
@@ -430,6 +457,7 @@ class RunConfig:
     eval: EvalConfig = field(default_factory=EvalConfig)
     export: ExportConfig = field(default_factory=ExportConfig)
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
+    steer: SteerConfig = field(default_factory=SteerConfig)
     # Directory shared by the stages: store/, train/, eval/, export/ go under it by default.
     out_dir: str = "runs/default"
     # Python logging level of the package.

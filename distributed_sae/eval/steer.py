@@ -95,3 +95,36 @@ def steer_feature(sae_folder: str | Path, feature: int, scale: float, prompt: st
     log.info("steered %s feature %d by %g: %r -> %r", sae_folder, feature, scale,
              out["text_clean"], out["text_steered"])
     return out
+
+
+def steer_stage(cfg: Any) -> dict[str, Any]:
+    """`dsae-steer`: steer with cfg.steer.feature of a trained member (cfg.steer.member, default
+    the bank's first) and write out_dir/steer/<member>_f<feature>_x<scale>.json."""
+    import json
+
+    from distributed_sae.config import ConfigError
+    from distributed_sae.eval.run import trained_members
+    from distributed_sae.models import load_model, load_tokenizer
+
+    st = cfg.steer
+    folder = Path(st.member) if st.member and Path(st.member).is_dir() else None
+    if folder is None:
+        members = trained_members(cfg.out_dir)
+        names = [m.name for m in members]
+        if st.member is not None and st.member not in names:
+            raise FileNotFoundError(f"steer.member={st.member!r} is neither a folder nor a member "
+                                    f"of {cfg.out_dir}/train (members: {names})")
+        folder = members[names.index(st.member)] if st.member else members[0]
+    d_sae = int(json.loads((folder / "cfg.json").read_text())["d_sae"])
+    if st.feature >= d_sae:  # before the model load: a typo should not cost a minute
+        raise ConfigError(f"steer.feature={st.feature} is out of range for {folder.name} "
+                          f"(d_sae={d_sae}): use 0..{d_sae - 1}")
+    out = steer_feature(folder, st.feature, st.scale, st.prompt, st.max_new_tokens,
+                        load_model(cfg.model), load_tokenizer(cfg.model),
+                        temperature=st.temperature, seed=cfg.train.seed)
+    path = Path(cfg.out_dir) / "steer" / f"{folder.name}_f{st.feature}_x{st.scale:g}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(out, indent=2))
+    log.info("clean:   %s%s", st.prompt, out["text_clean"])
+    log.info("steered: %s%s", st.prompt, out["text_steered"])
+    return out

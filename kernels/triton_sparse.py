@@ -1,0 +1,141 @@
+"""Triton kernels for the sparse SAE ops, with launchers of the same signatures as
+torch_sparse.py. Imported only when the triton backend is chosen (dispatch.py), so the package
+works without triton. Loads upcast to fp32 and every sum accumulates in fp32 (fp32/fp16/bf16).
+
+  _decode_kernel       out[b] = bias + sum_j v[b,j] W[idx[b,j]]      grid (batch/BB, d/BD)
+  _gather_dot_kernel   out[b,j] = g[b] . W[idx[b,j]]                  grid (batch*k/BR)
+  _segment_rows_kernel out[i] = sum_{idx[b,j]=i} s[b,j] src[b]        grid (n, d/BD)
+The last one reads the pairs sorted by latent (a stable argsort + bincount), so each output row
+is summed by one program in a fixed order: no atomics, deterministic, and its rows are written
+exactly once (rows of unselected latents are written as zeros, which a dense gradient needs).
+
+Under TRITON_INTERPRET=1 (the CPU tests) each program is a numpy call, so tiles are large there.
+Not yet tuned or timed on a GPU (none was lent while writing them): see docs/kernels.md.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def _block_d(d: int) -> int:
+    return min(triton.next_power_of_2(d), 256 if _interpreting() else 128)
+
+
+@triton.jit
+def _decode_kernel(v_ptr, idx_ptr, w_ptr, b_ptr, out_ptr, B, D, K, stride_wn, stride_wd,
+                   HAS_BIAS: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_D: tl.constexpr):
+    rows = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)  # (BB,)
+    cols = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)  # (BD,)
+    rm, cm = rows < B, cols < D
+    acc = tl.zeros((BLOCK_B, BLOCK_D), dtype=tl.float32)
+    for j in range(0, K):
+        idx = tl.load(idx_ptr + rows * K + j, mask=rm, other=0).to(tl.int64)  # (BB,)
+        v = tl.load(v_ptr + rows * K + j, mask=rm, other=0.0).to(tl.float32)
+        w = tl.load(w_ptr + idx[:, None] * stride_wn + cols[None, :] * stride_wd,
+                    mask=rm[:, None] & cm[None, :], other=0.0).to(tl.float32)  # (BB, BD)
+        acc += v[:, None] * w
+    if HAS_BIAS:
+        acc += tl.load(b_ptr + cols, mask=cm, other=0.0).to(tl.float32)[None, :]
+    tl.store(out_ptr + rows[:, None] * D + cols[None, :], acc.to(out_ptr.dtype.element_ty),
+             mask=rm[:, None] & cm[None, :])
+
+
+@triton.jit
+def _gather_dot_kernel(g_ptr, idx_ptr, w_ptr, out_ptr, R, K, D, stride_wn, stride_wd,
+                       BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
+    r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)  # (BR,) flat (token, slot) pairs
+    rm = r < R
+    tok = r // K
+    idx = tl.load(idx_ptr + r, mask=rm, other=0).to(tl.int64)
+    acc = tl.zeros((BLOCK_R,), dtype=tl.float32)
+    for d0 in range(0, D, BLOCK_D):
+        cols = d0 + tl.arange(0, BLOCK_D)
+        m = rm[:, None] & (cols < D)[None, :]
+        g = tl.load(g_ptr + tok[:, None] * D + cols[None, :], mask=m, other=0.0).to(tl.float32)
+        w = tl.load(w_ptr + idx[:, None] * stride_wn + cols[None, :] * stride_wd, mask=m,
+                    other=0.0).to(tl.float32)  # (BR, BD)
+        acc += tl.sum(g * w, axis=1)
+    tl.store(out_ptr + r, acc.to(out_ptr.dtype.element_ty), mask=rm)
+
+
+@triton.jit
+def _segment_rows_kernel(order_ptr, seg_ptr, s_ptr, src_ptr, out_ptr, sums_ptr, K, D,
+                         WITH_SUMS: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_D: tl.constexpr):
+    i = tl.program_id(0)  # latent
+    start = tl.load(seg_ptr + i)
+    end = tl.load(seg_ptr + i + 1)
+    cols = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+    cm = cols < D
+    acc = tl.zeros((BLOCK_D,), dtype=tl.float32)
+    ssum = tl.zeros((BLOCK_P,), dtype=tl.float32)
+    for p0 in range(start, end, BLOCK_P):
+        p = p0 + tl.arange(0, BLOCK_P)
+        pm = p < end
+        pair = tl.load(order_ptr + p, mask=pm, other=0)  # (BP,) flat pair ids of latent i
+        s = tl.load(s_ptr + pair, mask=pm, other=0.0).to(tl.float32)
+        tok = (pair // K).to(tl.int64)
+        x = tl.load(src_ptr + tok[:, None] * D + cols[None, :], mask=pm[:, None] & cm[None, :],
+                    other=0.0).to(tl.float32)  # (BP, BD)
+        acc += tl.sum(s[:, None] * x, axis=0)
+        ssum += s
+    tl.store(out_ptr + i.to(tl.int64) * D + cols, acc.to(out_ptr.dtype.element_ty), mask=cm)
+    if WITH_SUMS:
+        if tl.program_id(1) == 0:
+            tl.store(sums_ptr + i, tl.sum(ssum, axis=0))
+
+
+def decode_rows(values: torch.Tensor, indices: torch.Tensor, weight: torch.Tensor,
+                bias: torch.Tensor | None = None) -> torch.Tensor:
+    """values (batch, k), indices (batch, k), weight (n, d) any strides -> (batch, d)."""
+    batch, k = indices.shape
+    d = weight.shape[1]
+    out = torch.empty(batch, d, dtype=weight.dtype, device=weight.device)
+    bb = 64 if _interpreting() else 32
+    bd = _block_d(d)
+    grid = (triton.cdiv(batch, bb), triton.cdiv(d, bd))
+    _decode_kernel[grid](values.contiguous(), indices.contiguous(), weight,
+                         bias if bias is not None else out, out, batch, d, k,
+                         weight.stride(0), weight.stride(1), HAS_BIAS=bias is not None,
+                         BLOCK_B=bb, BLOCK_D=bd)
+    return out
+
+
+def gather_dot(grad: torch.Tensor, weight: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+    """grad (batch, d), weight (n, d), indices (batch, k) -> (batch, k) in grad's dtype."""
+    batch, k = indices.shape
+    d = weight.shape[1]
+    out = torch.empty(batch, k, dtype=grad.dtype, device=grad.device)
+    br = 128 if _interpreting() else 32
+    grid = (triton.cdiv(batch * k, br),)
+    _gather_dot_kernel[grid](grad.contiguous(), indices.contiguous(), weight, out, batch * k, k,
+                             d, weight.stride(0), weight.stride(1), BLOCK_R=br,
+                             BLOCK_D=_block_d(d))
+    return out
+
+
+def segment_rows(indices: torch.Tensor, scales: torch.Tensor, src: torch.Tensor, n: int,
+                 with_sums: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """indices, scales (batch, k), src (batch, d) -> ((n, d) in src's dtype, (n,) fp32 or None)."""
+    batch, k = indices.shape
+    d = src.shape[1]
+    flat = indices.reshape(-1)  # (batch * k,)
+    _, order = torch.sort(flat, stable=True)  # pairs grouped by latent, token order kept
+    seg = torch.zeros(n + 1, dtype=torch.int64, device=src.device)
+    torch.cumsum(torch.bincount(flat, minlength=n), 0, out=seg[1:])  # (n + 1,) CSR offsets
+    out = torch.empty(n, d, dtype=src.dtype, device=src.device)
+    sums = torch.empty(n, dtype=torch.float32, device=src.device) if with_sums else None
+    bd = _block_d(d)
+    _segment_rows_kernel[(n, triton.cdiv(d, bd))](
+        order, seg, scales.contiguous(), src.contiguous(), out,
+        sums if sums is not None else out, k, d, WITH_SUMS=with_sums,
+        BLOCK_P=64 if _interpreting() else 16, BLOCK_D=bd)
+    return out, sums

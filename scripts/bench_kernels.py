@@ -1,0 +1,243 @@
+"""Benchmarks of the sparse SAE kernels (distributed_sae.kernels) against the dense paths.
+
+    python scripts/bench_kernels.py --cpu [--json out.json]   # the CPU figures of docs/kernels.md
+    python scripts/bench_kernels.py --gpu [--json out.json]   # the GPU grid (needs CUDA + triton)
+
+CPU: (1) the torch sparse decoder against a dense one (scatter to (batch, n) + matmul) at
+n=16384, k=32, d=576, batch 4096, forward and forward+backward; (2) one whole TopK training
+step (bank_trainer.train_step: loss, backward, parallel-gradient removal, Adam, renorm) at
+width 4608, k=32, d=576, batch 4096, against the encoder matmul alone and against a plain dense
+PyTorch TopK loop (the one of scripts/bench_bank.py), all measured interleaved in one run.
+GPU: n in {16384, 131072, 1048576} x d in {576, 2304, 4096} x k in {32, 128}, batch 4096,
+bf16: each Triton kernel against its dense matmul (time, GB/s, FLOP/s as a fraction of the
+peaks measured here with a big matmul and a big copy) and the train step sparse vs dense with
+peak memory. Times are the minimum over --repeats (the build machine is shared).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from typing import Any, Callable
+
+import torch
+from plain_topk import plain_dense_step  # scripts/plain_topk.py: the baseline loop
+
+from distributed_sae.kernels import sparse_decode, use_backend
+from distributed_sae.sae import MemberSpec, TopKSAE
+from distributed_sae.train.bank_trainer import Member, train_step
+
+
+def _sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def time_all(fns: dict[str, Callable[[], Any]], repeats: int) -> dict[str, float]:
+    """Min seconds of each function, the functions interleaved round by round so that a load
+    change on a shared machine hits all of them alike."""
+    best = {name: float("inf") for name in fns}
+    for name, fn in fns.items():  # warm-up (allocator, Adam state, triton compile)
+        fn()
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            _sync()
+            start = time.perf_counter()
+            fn()
+            _sync()
+            best[name] = min(best[name], time.perf_counter() - start)
+    return best
+
+
+def codes(batch: int, n: int, k: int, device: str, dtype: torch.dtype, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    values = torch.rand(batch, k, generator=g).to(device, dtype)
+    indices = torch.rand(batch, n, generator=g).topk(k, dim=1).indices.to(device)  # distinct
+    return values, indices
+
+
+def dense_decode(values: torch.Tensor, indices: torch.Tensor, w: torch.Tensor,
+                 b: torch.Tensor) -> torch.Tensor:
+    f = torch.zeros(values.shape[0], w.shape[0], dtype=w.dtype, device=w.device)
+    return f.scatter(1, indices, values) @ w + b  # (batch, d) through a dense (batch, n)
+
+
+# ---- CPU ---------------------------------------------------------------------------------------
+def cpu_decoder(batch: int, n: int, d: int, k: int, repeats: int) -> dict[str, Any]:
+    values, indices = codes(batch, n, k, "cpu", torch.float32)
+    w = torch.randn(n, d) / d**0.5
+    b = torch.zeros(d)
+    vr, wr, br = (t.clone().requires_grad_() for t in (values, w, b))
+    grad = torch.randn(batch, d)
+
+    def fwd_bwd(fn: Callable) -> Callable[[], Any]:
+        return lambda: torch.autograd.grad(fn(vr, indices, wr, br), (vr, wr, br), grad)
+
+    with use_backend("torch"):
+        t = time_all({"sparse_fwd": lambda: sparse_decode(values, indices, w, b),
+                      "dense_fwd": lambda: dense_decode(values, indices, w, b),
+                      "sparse_fwd_bwd": fwd_bwd(sparse_decode),
+                      "dense_fwd_bwd": fwd_bwd(dense_decode)}, repeats)
+    return {"shape": dict(batch=batch, n=n, d=d, k=k), "ms": {k_: v * 1e3 for k_, v in t.items()},
+            "speedup_fwd": t["dense_fwd"] / t["sparse_fwd"],
+            "speedup_fwd_bwd": t["dense_fwd_bwd"] / t["sparse_fwd_bwd"]}
+
+
+def cpu_step(batch: int, width: int, d: int, k: int, repeats: int) -> dict[str, Any]:
+    x = torch.randn(batch, d, generator=torch.Generator().manual_seed(1))
+    members = {}
+    for name, kw in (("adam", {}), ("adam_fused", {"fused": True})):
+        sae = TopKSAE(d, width, k=k, seed=0)
+        opt = torch.optim.Adam(sae.parameters(), lr=1e-4, betas=(0.9, 0.999), **kw)
+        members[name] = Member(MemberSpec("h", "topk", width, k, 0), sae, opt,
+                               torch.zeros(width, dtype=torch.long))
+    sae = members["adam"].sae
+    plain = [torch.nn.Parameter(p.detach().clone()) for p in
+             (sae.W_enc, sae.b_enc, sae.W_dec, sae.b_dec)]
+    plain_opt = torch.optim.Adam(plain, lr=1e-4)
+    w_enc = sae.W_enc.detach()
+
+    def ours(name: str) -> Callable[[], None]:
+        return lambda: train_step(members[name], x, 1e-4, 1.0, 10**9)
+
+    def fwd_bwd() -> None:
+        sae.zero_grad(set_to_none=True)
+        sae.loss(x).loss.backward()
+
+    with use_backend("torch"):
+        t = time_all({"encoder_matmul": lambda: x @ w_enc,
+                      "step": ours("adam"),
+                      "step_fused_adam": ours("adam_fused"),
+                      "loss_fwd": lambda: sae.loss(x),
+                      "loss_fwd_bwd": fwd_bwd,
+                      "adam_only": members["adam"].opt.step,
+                      "plain_dense_step": lambda: plain_dense_step(plain, plain_opt, x, k)},
+                     repeats)
+    ms = {k_: v * 1e3 for k_, v in t.items()}
+    return {"shape": dict(batch=batch, width=width, d=d, k=k), "ms": ms,
+            "step_over_matmul": t["step"] / t["encoder_matmul"],
+            "fused_adam_step_over_matmul": t["step_fused_adam"] / t["encoder_matmul"],
+            "plain_dense_over_step": t["plain_dense_step"] / t["step"],
+            "matmul_gflops": 2 * batch * d * width / t["encoder_matmul"] / 1e9}
+
+
+def run_cpu(args: argparse.Namespace) -> dict[str, Any]:
+    torch.set_num_threads(args.threads or torch.get_num_threads())
+    dec = cpu_decoder(4096, 16384, 576, 32, args.repeats)
+    print(f"CPU, {torch.get_num_threads()} threads; times are min of {args.repeats} (ms)")
+    print("| decoder n=16384 k=32 d=576 batch=4096 | sparse | dense | speed-up |")
+    for what in ("fwd", "fwd_bwd"):
+        print(f"| {what} | {dec['ms']['sparse_' + what]:.1f} | {dec['ms']['dense_' + what]:.1f} "
+              f"| {dec['speedup_' + what]:.1f}x |")
+    step = cpu_step(4096, 4608, 576, 32, args.repeats)
+    print("| train step width=4608 k=32 d=576 batch=4096 | ms |")
+    for name, value in step["ms"].items():
+        print(f"| {name} | {value:.1f} |")
+    print(f"step / encoder matmul = {step['step_over_matmul']:.2f} (fused Adam: "
+          f"{step['fused_adam_step_over_matmul']:.2f}); plain dense step / step = "
+          f"{step['plain_dense_over_step']:.2f}; matmul {step['matmul_gflops']:.0f} GFLOP/s")
+    return {"device": "cpu", "threads": torch.get_num_threads(), "decoder": dec, "step": step}
+
+
+# ---- GPU ---------------------------------------------------------------------------------------
+def gpu_peaks() -> dict[str, float]:
+    a = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+    src = torch.empty(2**30, dtype=torch.uint8, device="cuda")
+    dst = torch.empty_like(src)
+    t = time_all({"mm": lambda: a @ a, "copy": lambda: dst.copy_(src)}, 10)
+    return {"tflops": 2 * 8192**3 / t["mm"] / 1e12, "gbps": 2 * 2**30 / t["copy"] / 1e9}
+
+
+def gpu_kernels(batch: int, n: int, d: int, k: int, repeats: int) -> dict[str, Any]:
+    from distributed_sae.kernels import triton_sparse as ts
+
+    bf = torch.bfloat16
+    values, indices = codes(batch, n, k, "cuda", bf)
+    w = torch.randn(n, d, device="cuda", dtype=bf)
+    g = torch.randn(batch, d, device="cuda", dtype=bf)
+    f = torch.zeros(batch, n, device="cuda", dtype=bf).scatter_(1, indices, values)
+    t = time_all({"decode": lambda: ts.decode_rows(values, indices, w, None),
+                  "decode_dense": lambda: f @ w,
+                  "grad_values": lambda: ts.gather_dot(g, w, indices),
+                  "grad_values_dense": lambda: (g @ w.t()).gather(1, indices),
+                  "grad_rows": lambda: ts.segment_rows(indices, values, g, n),
+                  "grad_rows_dense": lambda: f.t() @ g}, repeats)
+    sparse_flops = 2 * batch * k * d
+    moved = {"decode": batch * k * d * 2 + batch * d * 2, "grad_values": 2 * batch * k * d * 2,
+             "grad_rows": batch * k * d * 2 + n * d * 2}  # bytes: gathered rows + output
+    out = {}
+    for name in ("decode", "grad_values", "grad_rows"):
+        out[name] = {"ms": t[name] * 1e3, "dense_ms": t[name + "_dense"] * 1e3,
+                     "gbps": moved[name] / t[name] / 1e9,
+                     "tflops": sparse_flops / t[name] / 1e12}
+    return out
+
+
+def gpu_step(batch: int, n: int, d: int, k: int, backend: str, repeats: int) -> dict[str, Any]:
+    sae = TopKSAE(d, n, k=k, seed=0).to("cuda", torch.bfloat16)
+    opt = torch.optim.Adam(sae.parameters(), lr=1e-4)
+    member = Member(MemberSpec("h", "topk", n, k, 0), sae, opt,
+                    torch.zeros(n, dtype=torch.long, device="cuda"))
+    x = torch.randn(batch, d, device="cuda", dtype=torch.bfloat16)
+    torch.cuda.reset_peak_memory_stats()
+    try:
+        with use_backend(backend):
+            t = time_all({"step": lambda: train_step(member, x, 1e-4, 1.0, 10**9)}, repeats)
+    except torch.OutOfMemoryError:
+        return {"ms": None, "peak_gib": "OOM"}
+    return {"ms": t["step"] * 1e3, "peak_gib": torch.cuda.max_memory_allocated() / 2**30}
+
+
+def run_gpu(args: argparse.Namespace) -> dict[str, Any]:
+    peaks = gpu_peaks()
+    print(f"{torch.cuda.get_device_name()}: {peaks['tflops']:.0f} TFLOP/s bf16 matmul, "
+          f"{peaks['gbps']:.0f} GB/s copy")
+    rows = []
+    print("| n | d | k | kernel | ms | dense ms | GB/s (% peak) | TFLOP/s (% peak) |")
+    for n in args.n:
+        for d in args.d:
+            for k in args.k:
+                try:
+                    kern = gpu_kernels(4096, n, d, k, args.repeats)
+                except torch.OutOfMemoryError:
+                    kern = {}
+                for name, r in kern.items():
+                    print(f"| {n} | {d} | {k} | {name} | {r['ms']:.3f} | {r['dense_ms']:.3f} | "
+                          f"{r['gbps']:.0f} ({100 * r['gbps'] / peaks['gbps']:.0f}%) | "
+                          f"{r['tflops']:.1f} ({100 * r['tflops'] / peaks['tflops']:.1f}%) |")
+                steps = {b: gpu_step(4096, n, d, k, b, args.repeats) for b in ("triton", "dense")}
+                print(f"| {n} | {d} | {k} | train step | {steps['triton']['ms']} | "
+                      f"{steps['dense']['ms']} | peak GiB sparse {steps['triton']['peak_gib']} "
+                      f"dense {steps['dense']['peak_gib']} | |")
+                rows.append({"n": n, "d": d, "k": k, "kernels": kern, "step": steps})
+                torch.cuda.empty_cache()
+    return {"device": torch.cuda.get_device_name(), "peaks": peaks, "grid": rows}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--cpu", action="store_true", help="the CPU benchmarks")
+    ap.add_argument("--gpu", action="store_true", help="the GPU grid (CUDA + triton)")
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--threads", type=int, default=0, help="CPU threads (0: torch's default)")
+    ap.add_argument("--n", type=int, nargs="+", default=[16384, 131072, 1048576])
+    ap.add_argument("--d", type=int, nargs="+", default=[576, 2304, 4096])
+    ap.add_argument("--k", type=int, nargs="+", default=[32, 128])
+    ap.add_argument("--json", default=None, help="also write the results here")
+    args = ap.parse_args()
+    if not (args.cpu or args.gpu):
+        args.gpu = torch.cuda.is_available()
+        args.cpu = not args.gpu
+    results = {}
+    if args.cpu:
+        results["cpu"] = run_cpu(args)
+    if args.gpu:
+        results["gpu"] = run_gpu(args)
+    if args.json:
+        with open(args.json, "w") as fh:
+            json.dump(results, fh, indent=1)
+
+
+if __name__ == "__main__":
+    main()
