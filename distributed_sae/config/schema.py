@@ -313,12 +313,13 @@ class TrainConfig:
         _positive("train", workers=self.workers, latent_shards=self.latent_shards)
         _choice("train", "data_parallel", self.data_parallel, DATA_PARALLEL)
         _choice("train", "placement", self.placement, PLACEMENTS)
-        if self.workers % self.latent_shards:
+        shards = self.latent_shards
+        if self.workers % shards:
             raise ConfigError(
-                f"train.workers={self.workers} is not a multiple of train.latent_shards="
-                f"{self.latent_shards}: the workers form replicas of latent_shards shards each; "
-                f"use e.g. train.workers={self.workers - self.workers % self.latent_shards + self.latent_shards}")
-        dp = self.workers // self.latent_shards  # data-parallel replicas: the batch splits over them
+                f"train.workers={self.workers} is not a multiple of train.latent_shards={shards}: "
+                f"the workers form replicas of latent_shards shards each; use e.g. "
+                f"train.workers={self.workers - self.workers % shards + shards}")
+        dp = self.workers // shards  # data-parallel replicas: the batch splits over them
         if self.latent_shards > 1 and self.batch_size % dp:
             raise ConfigError(f"train.batch_size={self.batch_size} is not divisible by the {dp} "
                               f"data-parallel replicas (train.workers={self.workers} / "

@@ -162,7 +162,13 @@ class DDPSync(_GroupSync):
 
     def step(self) -> None:
         if self.sae.grad_clip is not None:
-            torch.nn.utils.clip_grad_norm_(self.sae.parameters(), self.sae.grad_clip)
+            # A latent-sharded member (parallel/latent_shard.py) clips with the norm over all its
+            # shards; torch's clip would see this shard's gradients only.
+            own_clip = getattr(self.sae, "clip_grad_norm_", None)
+            if own_clip is not None:
+                own_clip(self.sae.grad_clip)
+            else:
+                torch.nn.utils.clip_grad_norm_(self.sae.parameters(), self.sae.grad_clip)
         self.opt.step()
 
 

@@ -46,6 +46,11 @@ SHARDABLE_KINDS = ("topk", "batchtopk", "jumprelu", "relu")
 LATENT_AXIS = {"W_enc": 1, "b_enc": 0, "W_dec": 0, "log_threshold": 0}
 
 
+def shard_seed(seed: int, shard: int) -> int:
+    """Initialisation seed of shard `shard` of a member seeded `seed` (shards must differ)."""
+    return seed * 1_000_003 + shard
+
+
 def shard_range(n: int, shards: int, shard: int) -> tuple[int, int]:
     """[start, stop) of the latents of `shard` of `shards`; n must be divisible by `shards`."""
     if shards < 1 or not 0 <= shard < shards:
@@ -96,6 +101,8 @@ class LatentShardedSAE(nn.Module):
         # The training loop's flags are the kind's (see SparseAutoencoder).
         self.unit_norm_decoder = local.unit_norm_decoder
         self.grad_clip = local.grad_clip
+        # Resampling is not implemented here: the training loop must never try it.
+        self.uses_resampling = False
         if local.uses_resampling:
             log.warning("%s: neuron resampling is not implemented for sharded members",
                         local.kind)
@@ -108,7 +115,7 @@ class LatentShardedSAE(nn.Module):
         uses seed·1_000_003 + r, so the init differs from the unsharded member's (same law)."""
         start, stop = shard_range(d_sae, comm.size, comm.rank)
         local = sae_class(kind)(d_in, stop - start, **_local_hparams(kind, hparams, stop - start),
-                                seed=seed * 1_000_003 + comm.rank, dtype=dtype)
+                                seed=shard_seed(seed, comm.rank), dtype=dtype)
         return cls(local, d_sae, comm, k=hparams.get("k"))
 
     @classmethod
@@ -241,8 +248,8 @@ class LatentShardedSAE(nn.Module):
             if n_dead > 0:
                 terms["auxk"] = self._auxk(x - x_hat.detach(), pre, dead, n_dead)
                 loss = loss + loc.auxk_coefficient * terms["auxk"]
-        fired = (f > 0).any(0)  # (n/R,)
-        return SAEOutput(loss=loss, x_hat=x_hat, terms=terms, fired=fired)
+        counts = (f > 0).sum(0)  # (n/R,) tokens each local latent fired on (density histogram)
+        return SAEOutput(loss=loss, x_hat=x_hat, terms=terms, fired=counts > 0, counts=counts)
 
     def _auxk(self, residual: torch.Tensor, pre: torch.Tensor, dead: torch.Tensor,
               n_dead: int) -> torch.Tensor:

@@ -161,9 +161,11 @@ def gather_full(model: LatentShardedSAE) -> SparseAutoencoder | None:
     full_state = {}
     for name, t in model.local.state_dict().items():
         axis = latent_axis(name, t, n_local)
-        parts = comm.gather_to_first(t.detach().cpu()) if axis is not None else [t.detach().cpu()]
+        # Gathered where the tensor lives (NCCL moves device tensors only), then to the host one
+        # tensor at a time.
+        parts = comm.gather_to_first(t.detach()) if axis is not None else [t.detach()]
         if parts is not None:
-            full_state[name] = torch.cat(parts, dim=axis) if axis is not None else parts[0]
+            full_state[name] = (torch.cat(parts, dim=axis) if axis is not None else parts[0]).cpu()
     if comm.rank != 0:
         return None
     full = sae_class(model.kind)(model.d_in, model.d_sae, **model.extra_state(),

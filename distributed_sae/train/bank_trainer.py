@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import torch
+from torch import nn
 
 from distributed_sae.config import RunConfig
 from distributed_sae.sae import MemberSpec, SparseAutoencoder, build_sae
@@ -28,9 +29,10 @@ class Member:
     """One SAE of the bank with its optimiser and dead-latent tracking."""
 
     spec: MemberSpec
+    # A SparseAutoencoder, or this rank's shard of a latent-sharded member (same interface).
     sae: SparseAutoencoder
     opt: torch.optim.Optimizer
-    since_fired: torch.Tensor  # (d_sae,) tokens since each latent last fired
+    since_fired: torch.Tensor  # (d_sae,) tokens since each latent last fired (sharded: (d_sae/tp,))
     # Tokens each latent fired on since the last log, and this rank's tokens in that window:
     # their ratio is the feature density of the logged histogram.
     fire_counts: torch.Tensor = field(default_factory=lambda: torch.zeros(0, dtype=torch.long))
@@ -108,7 +110,7 @@ def train_step(member: Member, x: torch.Tensor, lr: float, sparsity_scale: float
     if sae.unit_norm_decoder:
         sae.remove_parallel_grad()
     if sae.grad_clip is not None:
-        torch.nn.utils.clip_grad_norm_(sae.parameters(), sae.grad_clip)
+        clip_gradients(sae)
     member.opt.step()
     if sae.unit_norm_decoder:
         sae.normalize_decoder()
@@ -119,6 +121,16 @@ def train_step(member: Member, x: torch.Tensor, lr: float, sparsity_scale: float
         if var is not None:
             member.last = {k: float(v) for k, v in
                            _metrics(out.loss, out.x_hat, x, var, out.terms).items()}
+
+
+def clip_gradients(sae: nn.Module) -> None:
+    """Clip the member's gradient norm to its kind's grad_clip. A latent-sharded member brings
+    its own clip_grad_norm_ (the norm over all shards; torch's would see one shard only)."""
+    own_clip = getattr(sae, "clip_grad_norm_", None)
+    if own_clip is not None:
+        own_clip(sae.grad_clip)
+    else:
+        torch.nn.utils.clip_grad_norm_(sae.parameters(), sae.grad_clip)
 
 
 def _synced_step(member: Member, x: torch.Tensor, out: Any, var: torch.Tensor | None) -> None:
@@ -148,12 +160,17 @@ class BankTrainer:
     global batch and tokens_seen counts the global batch.
     placed: instead of `sync`, per member id a (factory or None, slice of the batch): x is the
     global batch and each member trains on its slice, data-parallel over its own group.
+    build_member: (spec, d_in) -> the member's module (default: build_sae from the config), e.g.
+    this rank's shard of a latent-sharded member (train/sharded.py); dead-latent counters get
+    the module's local width (its b_enc's length).
     """
 
     def __init__(self, cfg: RunConfig, specs: list[MemberSpec], d_in: int,
                  b_dec_init: torch.Tensor, total_steps: int, sync: Any = None,
-                 placed: dict[str, tuple[Any, slice]] | None = None) -> None:
+                 placed: dict[str, tuple[Any, slice]] | None = None,
+                 build_member: Callable[[MemberSpec, int], nn.Module] | None = None) -> None:
         self.cfg, self.total_steps = cfg, total_steps
+        self.build_member = build_member
         self.step_count, self.tokens_seen = 0, 0
         self.world_size = 1 if sync is None else int(sync.world_size)
         self.members = [self._build(spec, d_in, b_dec_init) for spec in specs]
@@ -165,11 +182,16 @@ class BankTrainer:
                 m.sync = factory.wrap(m)
 
     def _build(self, spec: MemberSpec, d_in: int, b_dec_init: torch.Tensor) -> Member:
-        sae = build_sae(spec, d_in, self.cfg.sae, self.cfg.train).to(self.cfg.train.device)
+        if self.build_member is not None:
+            sae = self.build_member(spec, d_in)
+        else:
+            sae = build_sae(spec, d_in, self.cfg.sae, self.cfg.train)
+        sae = sae.to(self.cfg.train.device)
         with torch.no_grad():
             sae.b_dec.copy_(b_dec_init)
         opt = torch.optim.Adam(sae.parameters(), lr=self.cfg.train.lr, betas=(0.9, 0.999))
-        return Member(spec, sae, opt, torch.zeros(spec.width, dtype=torch.long))
+        width = sae.b_enc.shape[0]  # the latents this rank holds: spec.width unless sharded
+        return Member(spec, sae, opt, torch.zeros(width, dtype=torch.long))
 
     def step(self, x: torch.Tensor, record: bool = True) -> None:
         """Feed batch x (batch, d_in) to every member; `record` computes their metrics."""

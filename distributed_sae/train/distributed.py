@@ -15,6 +15,9 @@ each group saves its member (same folders as `train`); rank 0 gathers the metric
 `train_ray(cfg, num_workers, strategy)` is the production entry: a Ray Train TorchTrainer whose
 workers (gloo on CPU, NCCL with use_gpu) each run `train_rank`.
 
+train.latent_shards > 1 splits every member by latents instead (train/sharded.py: the 2-D
+layout of parallel/layout.py; train.placement does not apply).
+
 Checkpoints (placement=cost, ddp): each rank writes the members it leads, whole, so a job
 resumes on any number of workers; Ray Train restarts a worker group that lost a worker
 (train.max_failures) and the ranks resume from the newest checkpoint. Not supported yet:
@@ -100,6 +103,13 @@ def train_rank(cfg: RunConfig, strategy: str = "ddp") -> list[Path] | None:
     (with the cost placement every rank returns the folders of the members it led)."""
     if strategy not in STRATEGIES:
         raise ValueError(f"strategy={strategy!r} must be one of {STRATEGIES}")
+    if cfg.train.latent_shards > 1:  # every member split by latents: the 2-D layout
+        if strategy != "ddp":
+            raise ValueError(f"train.latent_shards={cfg.train.latent_shards} needs strategy "
+                             f"ddp, got {strategy!r}: set train.data_parallel=ddp")
+        from distributed_sae.train.sharded import train_sharded  # it imports this module
+
+        return train_sharded(cfg)
     if cfg.train.checkpoint_every and (cfg.train.placement != "cost" or strategy != "ddp"):
         raise ValueError("train.checkpoint_every with several workers needs placement=cost, ddp")
     rank, world = dist.get_rank(), dist.get_world_size()
@@ -204,6 +214,10 @@ def _maybe_resume(cfg: RunConfig, bank: BankTrainer, reader: ActivationReader) -
     if latest is None:
         return
     tensors, state = load_checkpoint(latest)
+    if "latent_shards" in state:
+        raise ValueError(f"checkpoint {latest} holds latent-sharded members (train.latent_shards="
+                         f"{state['latent_shards']}): resume with train.latent_shards > 1, or "
+                         f"use another out_dir")
     bank.load_state(tensors, state, bank_ids=[s.member_id for s in expand_bank(cfg.sae, cfg.sae_hook)])
     reader.load_state_dict(state["reader"])
     if dist.get_rank() == 0:
