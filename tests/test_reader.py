@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from distributed_sae.store import ActivationReader, ActivationStore, commit_unit, split_rows
+from distributed_sae.store.block_pool import BlockPool
 from distributed_sae.store.buffers import RowSource, ShardFiles
 
 HOOK = "blocks.1.hook_resid_post"
@@ -305,3 +306,48 @@ def test_followed_state_resumes_without_follow_after_the_first_epoch(store):
     plain = ActivationReader(**kw)
     plain.load_state_dict(state)
     assert torch.equal(next(plain.iter_batches()), want)
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16", "float32"])
+def test_shard_file_path_equals_zarr_path_row_for_row(tmp_path, monkeypatch, dtype):
+    store = full_store(tmp_path / "s", dtype)
+    kw = dict(hook=HOOK, rows=range(5, TOTAL - 7), batch_size=23, buffer_chunks=3, seed=3,
+              scale=0.5, exclude_token_ids=[0, 9], drop_last=False)
+    direct = list(ActivationReader(store, **kw).iter_epoch(1))
+    assert RowSource(store, HOOK)._acts_files is not None
+    monkeypatch.setattr(ShardFiles, "open", classmethod(lambda cls, root: None))
+    via_zarr = list(ActivationReader(store, **{**kw, "prefetch": 0}).iter_epoch(1))
+    assert all(torch.equal(x, y) for x, y in zip(direct, via_zarr, strict=True))
+    if dtype != "float32":
+        return  # row ids above 2048 are not exact in 16-bit floats
+    ids = row_ids(x * 2 for x in direct)  # every kept row once, whole and scaled exactly
+    assert torch.equal(ids.sort().values, torch.tensor(
+        [r for r in range(5, TOTAL - 7) if r % 50 not in (0, 9)]))
+
+
+def test_block_pool_reuses_an_array_only_when_nothing_refers_to_it():
+    pool = BlockPool(8, 3, cap=2)
+    a = pool.take(8)
+    ptr = a.data_ptr()
+    del a
+    b = pool.take(5)
+    assert b.data_ptr() == ptr and b.shape == (5, 3)  # released: handed out again
+    view, as_numpy = b[1:], b.numpy()
+    del b
+    c, d = pool.take(8), pool.take(8)
+    assert ptr not in (c.data_ptr(), d.data_ptr())  # a view and a numpy array keep it busy
+    del view, as_numpy
+    assert len(pool) == 2 and pool.take(8).data_ptr() == ptr  # cap 2: d was not pooled
+    assert pool.take(9).shape == (9, 3)  # larger than the pooled rows: a fresh tensor
+
+
+def test_kept_batches_survive_later_epochs_and_threads_keep_torch_threads(store):
+    threads = torch.get_num_threads()
+    reader = ActivationReader(store, HOOK, range(TOTAL), 16, buffer_chunks=2, prefetch=2)
+    e0 = [x.clone() for x in reader.iter_epoch(0)]
+    kept = list(reader.iter_epoch(0))
+    for epoch in (1, 2):
+        for x in reader.iter_epoch(epoch):
+            x.fill_(-1)  # a consumer may change its batches in place
+    assert all(torch.equal(x, y) for x, y in zip(e0, kept, strict=True))
+    assert torch.get_num_threads() == threads  # reader threads went one-thread only themselves

@@ -3,7 +3,8 @@
 Per member, under out_dir/eval/<member>/: metrics.json (reconstruction and sparsity, plus the
 spliced language-model loss when eval.spliced), features.json (top contexts, quantiles, density,
 logit effects when eval.features) and dashboard.html; for the bank: summary.md, splitting.json
-(how features split across widths), frontier.png and index.html. Reads of the held-out rows and
+(how features split across widths), universality.json (activation correlation of members that
+differ only by seed), frontier.png and index.html. Reads of the held-out rows and
 the clean / zero-ablated model passes are shared by the members of one hook.
 """
 
@@ -52,6 +53,7 @@ def evaluate(cfg: RunConfig) -> dict[str, dict[str, Any]]:
     eval_dir = Path(cfg.out_dir) / "eval"
     results: dict[str, dict[str, Any]] = {}
     splits: dict[str, Any] = {}
+    universal: dict[str, Any] = {}
     for hook, group in by_hook.items():  # one read of the held-out rows per hook, for the bank
         reader = ActivationReader(store, hook, held_out, cfg.eval.batch_size, shuffle=False,
                                   drop_last=False,
@@ -69,8 +71,11 @@ def evaluate(cfg: RunConfig) -> dict[str, dict[str, Any]]:
             if cfg.eval.features:
                 _features(cfg, store, model, sae, hook, held_out, folder.name, out)
         splits.update(_splitting(cfg, [(f.name, s) for f, s, _ in group]))
+        universal.update(_universality([(f.name, s) for f, s, _ in group], reader))
     if splits:
         (eval_dir / "splitting.json").write_text(json.dumps(splits))
+    if universal:
+        (eval_dir / "universality.json").write_text(json.dumps(universal))
     results = {f.name: results[f.name] for f, _, _ in loaded}  # bank order in the table
     table = summary_table(results)
     (eval_dir / "summary.md").write_text(table + "\n")
@@ -144,6 +149,23 @@ def _splitting(cfg: RunConfig, members: list[tuple[str, SparseAutoencoder]]) -> 
         found[f"{name_a}->{name_b}"] = split
         log.info("feature splitting %s -> %s: mean max cosine %.3f, %.1f%% of features split",
                  name_a, name_b, split["mean_max_cosine"], 100 * split["split_fraction"])
+    return found
+
+
+def _universality(members: list[tuple[str, SparseAutoencoder]], reader: Any) -> dict[str, Any]:
+    """Activation correlation between members of one hook with the same kind and width (a sweep
+    over seeds): how universal the features are -> eval/universality.json."""
+    from distributed_sae.eval.matching import activation_correlation
+
+    found = {}
+    for i, (name_a, a) in enumerate(members):
+        for name_b, b in members[i + 1:]:
+            if a.kind != b.kind or a.d_sae != b.d_sae:
+                continue
+            corr = activation_correlation(a, b, reader)
+            found[f"{name_a}~{name_b}"] = corr
+            log.info("universality %s ~ %s: mean max correlation %.3f / %.3f", name_a, name_b,
+                     corr["mean_max_corr_a"], corr["mean_max_corr_b"])
     return found
 
 

@@ -104,8 +104,11 @@ class SparseAutoencoder(nn.Module):
         only changes the norm, which normalize_decoder undoes after the step anyway."""
         if self.W_dec.grad is None:
             return
-        w = self.W_dec / self.W_dec.norm(dim=1, keepdim=True).clamp_min(1e-8)  # (d_sae, d_in)
-        self.W_dec.grad -= (self.W_dec.grad * w).sum(1, keepdim=True) * w
+        # g -= (g.w / w.w) w row by row, with one (d_sae,) temporary instead of three
+        # (d_sae, d_in) ones (normalised w, g*w, the product): the unit-norm step's cost.
+        w, g = self.W_dec, self.W_dec.grad
+        coef = torch.linalg.vecdot(g, w) / torch.linalg.vecdot(w, w).clamp_min(1e-16)  # (d_sae,)
+        g.addcmul_(coef.unsqueeze(1), w, value=-1.0)
 
     @torch.no_grad()
     def fold_input_scale(self, scale: float) -> None:

@@ -28,6 +28,7 @@ import numpy as np
 import torch
 
 from distributed_sae.store.activation_store import ActivationStore
+from distributed_sae.store.block_pool import BlockPool, single_threaded_torch
 from distributed_sae.store.buffers import (
     BufferFiller, BufferSpec, Filled, RowSource, UnitWaiter, cuts, loads,
 )
@@ -71,8 +72,10 @@ _END = object()
 class Prefetcher(Generic[T]):
     """Runs an iterator in a daemon thread, at most `depth` items ahead of the consumer.
 
-    File reads and torch's copies release the GIL, so the next buffer is read while the consumer
-    trains on the current one. An exception in the thread is re-raised by the consumer; close()
+    File reads, np.take and torch's copies release the GIL, so the next buffer is read while the
+    consumer trains on the current one. The thread runs torch ops on one core
+    (single_threaded_torch): its own OpenMP team beside the consumer's oversubscribes the cores.
+    An exception in the thread is re-raised by the consumer; close()
     (also called when the consuming generator is closed or collected) stops and joins it.
     """
 
@@ -87,6 +90,7 @@ class Prefetcher(Generic[T]):
 
     def _run(self, make: Callable[[threading.Event], Iterator[T]]) -> None:
         try:
+            single_threaded_torch()
             for item in make(self._stop):
                 if not self._put(item):
                     return
@@ -199,6 +203,7 @@ class ActivationReader:
         self.store.d(self.hook)  # KeyError naming the store's hooks if `hook` is not one
         self._exclude = np.unique(np.asarray(list(self.exclude_token_ids), dtype=np.int64))
         self._source: RowSource | None = None
+        self._pool: BlockPool | None = None  # float32 batch arrays, kept across epochs
         self._ready = UnitWaiter(self.store, self.rows.stop, self.follow_timeout,
                                  self.poll_interval) if self.follow else None
 
@@ -309,31 +314,43 @@ class ActivationReader:
                     rows += len(x)
                     if rows < self.batch_size:
                         continue
-                    out = pending[0] if len(pending) == 1 else torch.cat(pending)  # (batch, d)
+                    out = pending[0] if len(pending) == 1 else self._cat(pending)  # (batch, d)
                     pending, rows, batch = [], 0, batch + 1
                     done = end == buf.rows
                     self._pos = _Position(epoch, batch, buf.index + done, 0 if done else end)
                     yield out
             if pending and not self.drop_last:
                 self._pos = _Position(epoch, batch + 1, len(buffers), 0)
-                yield torch.cat(pending)  # (rows < batch, d)
+                yield self._cat(pending)  # (rows < batch, d)
         finally:
             close()
         self._pos = _Position(epoch + 1)
+
+    def _cat(self, blocks: list[torch.Tensor]) -> torch.Tensor:
+        """Blocks of one batch (a batch straddling two buffers) joined into a pooled array."""
+        assert self._pool is not None
+        return torch.cat(blocks, out=self._pool.take(sum(len(x) for x in blocks)))  # (rows, d)
 
     def _stream(self, epoch: int, buffers: list[np.ndarray], start: _Position
                 ) -> tuple[Iterator[Filled], Callable[[], None]]:
         """The filled buffers from `start` on, and the function that stops their producers.
 
         With prefetch, two threads: one reads buffer b + 1 while the other shuffles and casts
-        buffer b. Measured on the 2-core build machine: 2.4 GB/s against 1.9 GB/s with both
-        stages in one thread (medians of 6 epochs; reads alone take ~40% of a one-thread stage).
+        buffer b; per CPU-second they are balanced (float16, d 576, 2-core build machine: reads
+        5.6 GB, gather + cast 4.4 GB). The earlier torch gather measured 2.4 GB/s against
+        1.9 GB/s in one thread on a quieter machine; with load average 5-8 from other jobs both
+        settings give ~2.4 GB/s now, as the two threads then share about one core.
         """
-        if self._source is None:
+        if self._source is None or self._pool is None:
             self._source = RowSource(self.store, self.hook)
+            # Enough arrays for every block alive at once: the queued buffers, the one being cut,
+            # the consumer's current one, a batch being assembled and the one it holds.
+            per_buffer = -(-self.buffer_chunks * self.store.chunk_rows // self.batch_size) + 1
+            self._pool = BlockPool(self.batch_size, self._source.d,
+                                   (self.prefetch + 3) * per_buffer + 2)
         spec = BufferSpec(self.store.chunk_rows, self.rows.stop, self.batch_size, self.seed,
                           epoch, self.shuffle, self.scale, self._exclude)
-        filler = BufferFiller(self._source, spec)
+        filler = BufferFiller(self._source, spec, self._pool)
         if self.prefetch == 0:
             gen = cuts(filler, loads(filler, buffers, start.buffer, self._ready,
                                      threading.Event()), start.buffer, start.offset)
