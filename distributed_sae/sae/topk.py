@@ -65,15 +65,16 @@ class TopKSAE(SparseAutoencoder):
             e_hat = sparse_decode(code.aux_values, code.aux_indices, self.W_dec)  # (batch, d_in)
             terms["auxk"] = self._auxk_term(x - x_hat.detach(), e_hat)
             loss = loss + self.auxk_coefficient * terms["auxk"]
-        return SAEOutput(loss=loss, x_hat=x_hat, terms=terms,
-                         fired=self.fired_mask(code.values, code.indices))
+        counts = self.fire_counts(code.values, code.indices)
+        return SAEOutput(loss=loss, x_hat=x_hat, terms=terms, fired=counts > 0, counts=counts)
 
-    def fired_mask(self, values: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
-        """(d_sae,) bool: latents with a positive value in (batch, k) codes. A count by
-        index_add_ (deterministic integer adds) avoids boolean-mask indexing's nonzero pass."""
+    def fire_counts(self, values: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+        """(d_sae,) int32: tokens on which each latent has a positive value in (batch, k) codes.
+        A count by index_add_ (deterministic integer adds) avoids boolean-mask indexing's
+        nonzero pass."""
         counts = torch.zeros(self.d_sae, dtype=torch.int32, device=values.device)
         counts.index_add_(0, indices.reshape(-1), (values.reshape(-1) > 0).to(torch.int32))
-        return counts > 0
+        return counts
 
     def _auxk(self, residual: torch.Tensor, pre: torch.Tensor, dead: torch.Tensor) -> torch.Tensor:
         """Normalised error of reconstructing the residual (batch, d_in) from dead latents, from

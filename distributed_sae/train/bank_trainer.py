@@ -53,15 +53,18 @@ class Member:
     def count_fires(self, out: Any, rows: int) -> None:
         """Add a step's firing counts (per token when the kind counts, else once per batch)."""
         counts = out.counts if out.counts is not None else out.fired
+        # Kept on the counts' device: a copy to the host every step would sync a GPU every step.
         if self.fire_counts.numel() != counts.numel():
-            self.fire_counts = torch.zeros(counts.numel(), dtype=torch.long)
-        self.fire_counts += counts.to("cpu", torch.long)
+            self.fire_counts = torch.zeros(counts.numel(), dtype=torch.long, device=counts.device)
+        elif self.fire_counts.device != counts.device:  # loaded from a checkpoint on the host
+            self.fire_counts = self.fire_counts.to(counts.device)
+        self.fire_counts += counts
         self.window_tokens += rows
 
     def take_density(self) -> tuple[torch.Tensor, int]:
-        """(fire counts (d_sae,), tokens) since the last call, and start a new window."""
-        counts, tokens = self.fire_counts, self.window_tokens
-        self.fire_counts, self.window_tokens = torch.zeros_like(counts), 0
+        """(fire counts (d_sae,) on the CPU, tokens) since the last call; starts a new window."""
+        counts, tokens = self.fire_counts.cpu(), self.window_tokens
+        self.fire_counts, self.window_tokens = torch.zeros_like(self.fire_counts), 0
         return counts, tokens
 
     def param_names(self) -> dict[int, str]:
@@ -250,7 +253,7 @@ class BankTrainer:
             tensors.update({f"{p}.param.{n}": t.detach().cpu() for n, t in m.sae.state_dict().items()})
             tensors.update(optimizer_tensors(m.opt, m.param_names(), f"{p}.opt"))
             tensors[f"{p}.since_fired"] = m.since_fired.clone()
-            tensors[f"{p}.fire_counts"] = m.fire_counts.clone()
+            tensors[f"{p}.fire_counts"] = m.fire_counts.cpu().clone()
         state = {"step": self.step_count, "tokens_seen": self.tokens_seen,
                  "members": [m.spec.member_id for m in self.members],
                  "window_tokens": {m.spec.member_id: m.window_tokens for m in members}}

@@ -1,0 +1,45 @@
+"""Names and checks the config schemas share: hook-point parsing, the allowed values of the
+choice fields, and the validation helpers that raise ConfigError with the value and the key."""
+
+from __future__ import annotations
+
+import re
+
+from distributed_sae.config.errors import ConfigError
+
+# The hook-point names are one scheme across architectures (see distributed_sae.models.hooks).
+HOOK_KINDS = ("hook_resid_pre", "hook_resid_post", "hook_mlp_out", "hook_attn_out", "mlp.hook_post")
+_HOOK_RE = re.compile(r"^blocks\.(\d+)\.(" + "|".join(re.escape(k) for k in HOOK_KINDS) + r")$")
+
+DTYPES = ("float32", "float16", "bfloat16")
+SAE_KINDS = ("topk", "batchtopk", "relu", "jumprelu", "matryoshka")
+RELU_RECIPES = ("towards_monosemanticity", "april_2024")
+DATA_PARALLEL = ("ddp", "zero2")
+PLACEMENTS = ("cost", "replicate")
+COMPRESSIONS = ("none", "zstd", "blosc")
+DEVICE_MAPS = ("auto", "balanced", "balanced_low_0", "sequential")
+# How one harvest actor holds a model: whole on one device, spread by HF device_map inside the
+# actor, or partitioned by DeepSpeed ZeRO-3 over a group of actors (one process group).
+SHARDINGS = ("none", "device_map", "deepspeed")
+
+
+def parse_hook(name: str) -> tuple[int, str]:
+    """'blocks.15.hook_resid_post' -> (15, 'hook_resid_post'); ConfigError for anything else."""
+    m = _HOOK_RE.match(name)
+    if m is None:
+        raise ConfigError(
+            f"unknown hook point {name!r}: expected 'blocks.<layer>.<kind>' with kind one of "
+            f"{', '.join(HOOK_KINDS)} (e.g. 'blocks.15.hook_resid_post')"
+        )
+    return int(m.group(1)), m.group(2)
+
+
+def positive(owner: str, **values: float) -> None:
+    for key, value in values.items():
+        if value is None or value <= 0:
+            raise ConfigError(f"{owner}.{key} must be positive, got {value!r}")
+
+
+def choice(owner: str, key: str, value: str, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ConfigError(f"{owner}.{key}={value!r} is not one of {', '.join(choices)}")
