@@ -8,4 +8,4 @@ dsae-run out_dir="$OUT" "$@"
 echo
 echo "results in $ROOT/$OUT:"
 echo "  store/    activations (zarr)      train/   trained SAEs"
-echo "  eval/     metrics + summary.md    export/  SAELens-format folders"
+echo "  eval/     metrics, features, dashboards (open eval/index.html)    export/  SAELens-format folders"
