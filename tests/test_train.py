@@ -129,3 +129,13 @@ def test_eval_reports_universality_of_members_that_differ_by_seed(store_path, tm
     for side in ("mean_max_corr_a", "mean_max_corr_b"):
         assert chance[side] + 0.1 < corr[side] <= 1.0, (side, corr[side], chance[side])
     assert not (tmp_path / "eval" / "splitting.json").exists()
+
+
+def test_single_process_resume_refuses_a_latent_sharded_checkpoint(store_path, tmp_path):
+    from distributed_sae.train.checkpoint import save_checkpoint
+
+    cfg = make_cfg(store_path, tmp_path, tokens=128 * 20, checkpoint_every=10)
+    save_checkpoint(tmp_path / "train" / "checkpoints", 10, {"x": torch.zeros(1)},
+                    {"latent_shards": 2, "members": [], "dp": 1})
+    with pytest.raises(ValueError, match="holds latent-sharded members .*latent_shards=2"):
+        train(cfg)

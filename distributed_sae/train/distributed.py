@@ -43,10 +43,10 @@ from distributed_sae.sae import expand_bank
 from distributed_sae.store import ActivationReader, ActivationStore, split_rows
 from distributed_sae.train.bank_trainer import BankTrainer
 from distributed_sae.train.checkpoint import (
-    begin_checkpoint, finish_checkpoint, latest_checkpoint, load_checkpoint, staging, write_part,
+    begin_checkpoint, finish_checkpoint, staging, write_part,
 )
 from distributed_sae.train.metrics_log import MetricsLog, member_records
-from distributed_sae.train.trainer import _save_members, input_scale
+from distributed_sae.train.trainer import _save_members, input_scale, resume
 
 log = logging.getLogger(__name__)
 
@@ -137,7 +137,10 @@ def train_rank(cfg: RunConfig, strategy: str = "ddp") -> list[Path] | None:
         log.info("data-parallel (%s, %d ranks, placement %s) training: %d steps of %d tokens",
                  strategy, world, cfg.train.placement, total, cfg.train.batch_size)
     if plan is not None:
-        _maybe_resume(cfg, bank, reader)
+        latest = resume(cfg, bank, reader, Path(cfg.out_dir) / "train" / "checkpoints",
+                        bank_ids=[s.member_id for s in expand_bank(cfg.sae, cfg.sae_hook)])
+        if latest is not None and rank == 0:
+            log.info("resumed from %s (step %d)", latest, bank.step_count)
     _loop(cfg, bank, reader, total, plan)
     if plan is None:
         return _save_members(cfg, store, bank, scale) if rank == 0 else None
@@ -206,22 +209,6 @@ def _checkpoint(cfg: RunConfig, bank: BankTrainer, reader: ActivationReader, pla
                      window_tokens={k: v for part in windows for k, v in part.items()})
         finish_checkpoint(tmp, bank.step_count, state, keep=cfg.train.keep_checkpoints)
     dist.barrier()  # nobody runs ahead of a checkpoint that is not complete
-
-
-def _maybe_resume(cfg: RunConfig, bank: BankTrainer, reader: ActivationReader) -> None:
-    """Every rank loads its members (and the shared reader position) from the newest checkpoint."""
-    latest = latest_checkpoint(Path(cfg.out_dir) / "train" / "checkpoints") if cfg.train.resume else None
-    if latest is None:
-        return
-    tensors, state = load_checkpoint(latest)
-    if "latent_shards" in state:
-        raise ValueError(f"checkpoint {latest} holds latent-sharded members (train.latent_shards="
-                         f"{state['latent_shards']}): resume with train.latent_shards > 1, or "
-                         f"use another out_dir")
-    bank.load_state(tensors, state, bank_ids=[s.member_id for s in expand_bank(cfg.sae, cfg.sae_hook)])
-    reader.load_state_dict(state["reader"])
-    if dist.get_rank() == 0:
-        log.info("resumed from %s (step %d)", latest, bank.step_count)
 
 
 def _inject_fault(cfg: RunConfig, step: int, rank: int) -> None:

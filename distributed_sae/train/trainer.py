@@ -70,7 +70,8 @@ def train(cfg: RunConfig) -> list[Path]:
     total = max(1, (cfg.train.tokens or len(train_rows)) // cfg.train.batch_size)
     bank = BankTrainer(cfg, expand_bank(cfg.sae, cfg.sae_hook), store.d(cfg.sae_hook), mean, total)
     ckpt_dir = Path(cfg.out_dir) / "train" / "checkpoints"
-    _maybe_resume(cfg, bank, reader, ckpt_dir)
+    if (latest := resume(cfg, bank, reader, ckpt_dir)) is not None:
+        log.info("resumed from %s (step %d)", latest, bank.step_count)
     log.info("training %d members %s on %s: %d steps of %d tokens (from step %d)",
              len(bank.members), [m.spec.member_id for m in bank.members], cfg.sae_hook, total,
              cfg.train.batch_size, bank.step_count)
@@ -100,14 +101,23 @@ def _checkpoint(cfg: RunConfig, bank: BankTrainer, reader: ActivationReader, fol
     save_checkpoint(folder, bank.step_count, tensors, state, keep=cfg.train.keep_checkpoints)
 
 
-def _maybe_resume(cfg: RunConfig, bank: BankTrainer, reader: ActivationReader, folder: Path) -> None:
+def resume(cfg: RunConfig, bank: BankTrainer, reader: ActivationReader, folder: Path,
+           bank_ids: list[str] | None = None) -> Path | None:
+    """Load the newest checkpoint under `folder` into `bank` and `reader` (unless
+    train.resume=false); returns it, or None when there is none. `bank_ids`: see
+    BankTrainer.load_state (a rank holding part of the bank). Latent-sharded checkpoints
+    (train/sharded.py) hold other files and are refused."""
     latest = latest_checkpoint(folder) if cfg.train.resume else None
     if latest is None:
-        return
+        return None
     tensors, state = load_checkpoint(latest)
-    bank.load_state(tensors, state)
+    if "latent_shards" in state:
+        raise ValueError(f"checkpoint {latest} holds latent-sharded members (train.latent_shards="
+                         f"{state['latent_shards']}): resume with train.latent_shards > 1, or "
+                         f"use another out_dir")
+    bank.load_state(tensors, state, bank_ids=bank_ids)
     reader.load_state_dict(state["reader"])
-    log.info("resumed from %s (step %d)", latest, bank.step_count)
+    return latest
 
 
 def _save_members(cfg: RunConfig, store: ActivationStore, bank: BankTrainer, scale: float,
