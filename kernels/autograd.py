@@ -13,6 +13,8 @@ from typing import Any
 
 import torch
 
+from distributed_sae.kernels.select import grouped_topk, preact_buffer
+
 
 class SparseDecode(torch.autograd.Function):
     """out = bias + sum_j values[:, j] * weight[indices[:, j]]   (batch, d)."""
@@ -55,8 +57,9 @@ class TopKEncode(torch.autograd.Function):
                 b_dec: torch.Tensor, k: int, dead: torch.Tensor | None, k_aux: int,
                 ops: ModuleType) -> tuple[torch.Tensor, ...]:
         x_c = x - b_dec  # (batch, d)
-        pre = torch.addmm(b_enc, x_c, W_enc)  # (batch, n); freed when forward returns
-        values, indices = pre.topk(k, dim=-1, sorted=False)  # (batch, k)
+        buf = preact_buffer(x.shape[0], W_enc.shape[1], x_c)  # reused on CPU, None elsewhere
+        pre = torch.addmm(b_enc, x_c, W_enc, out=buf)  # (batch, n); dead when forward returns
+        values, indices = grouped_topk(pre, k)  # (batch, k)
         values = values.relu_()
         if k_aux > 0 and dead is not None:
             pre.masked_fill_(~dead, float("-inf"))

@@ -27,7 +27,7 @@ import torch
 
 from distributed_sae.kernels import (TopKCode, backend_for, requested_backend, sparse_decode,
                                      topk_encode, use_backend)
-from distributed_sae.kernels import dispatch, torch_sparse
+from distributed_sae.kernels import dispatch, select, torch_sparse
 from distributed_sae.kernels.reference import decode_reference, topk_encode_reference
 
 gpu = pytest.mark.gpu
@@ -70,6 +70,12 @@ def check_decode(backend: str, shape, dtype, device="cpu") -> None:
         assert rel_err(got, want) < TOL[dtype], name
 
 
+def _by_index(indices: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(indices, values) with each row's slots in increasing latent order."""
+    order = indices.argsort(-1)
+    return indices.gather(-1, order), values.gather(-1, order)
+
+
 def check_encode(backend: str, shape, dtype, k_aux: int, device="cpu") -> None:
     batch, d, n, k = shape
     g = torch.Generator().manual_seed(1)
@@ -77,21 +83,26 @@ def check_encode(backend: str, shape, dtype, k_aux: int, device="cpu") -> None:
                               for s in [(batch, d), (d, n), (n,), (d,)])
     dead = (torch.rand(n, generator=g) < 0.5).to(device)
     k_aux = min(k_aux, int(dead.sum()))
-    wv = torch.randn(batch, k, generator=g).to(device)  # a loss that weighs every slot
-    wa = torch.randn(batch, max(k_aux, 1), generator=g).to(device)[:, :k_aux]
+    # A loss that weighs every (token, latent) pair differently, so it is independent of the
+    # order of the k slots (implementation-defined: torch.topk's, grouped_topk's, Triton's).
+    wv, wa = (torch.randn(batch, n, generator=g).to(device) for _ in range(2))
 
     def loss(code):
-        out = (code[0].float() * wv).sum()
-        return out + (code[2].float() * wa).sum() if k_aux else out
+        out = (code[0].float() * wv.gather(1, code[1])).sum()
+        return out + (code[2].float() * wa.gather(1, code[3])).sum() if k_aux else out
 
     with use_backend(backend):
         code = topk_encode(x, w_enc, b_enc, b_dec, k, dead=dead, k_aux=k_aux)
         grads = torch.autograd.grad(loss(code), (x, w_enc, b_enc, b_dec))
     ref = topk_encode_reference(x, w_enc, b_enc, b_dec, k, dead, k_aux)
     ref_grads = torch.autograd.grad(loss(ref), (x, w_enc, b_enc, b_dec))
-    assert torch.equal(code.indices, ref[1]) and rel_err(code.values, ref[0]) < TOL[dtype]
+    got_i, got_v = _by_index(code.indices, code.values)
+    want_i, want_v = _by_index(ref[1], ref[0])
+    assert torch.equal(got_i, want_i) and rel_err(got_v, want_v) < TOL[dtype]
     if k_aux:
-        assert torch.equal(code.aux_indices, ref[3]) and bool(dead[code.aux_indices].all())
+        assert torch.equal(_by_index(code.aux_indices, code.aux_values)[0],
+                           _by_index(ref[3], ref[2])[0])
+        assert bool(dead[code.aux_indices].all())
     for name, got, want in zip(("x", "W_enc", "b_enc", "b_dec"), grads, ref_grads):
         assert got.shape == want.shape and got.dtype == dtype, name
         assert rel_err(got, want) < TOL[dtype], name
@@ -132,7 +143,9 @@ def test_torch_path_decode_matches_reference(shape, dtype):
     check_decode("torch", shape, dtype)
 
 
-@pytest.mark.parametrize("shape,k_aux", [(SHAPES[0], 7), (SHAPES[1], 0), (SHAPES[2], 3)])
+# (33, 20, 320, 6): n a multiple of 8 with 40 >= 4k groups, so kernels.select.grouped_topk runs.
+@pytest.mark.parametrize("shape,k_aux", [(SHAPES[0], 7), (SHAPES[1], 0), (SHAPES[2], 3),
+                                         ((33, 20, 320, 6), 5)])
 def test_torch_path_encode_matches_reference(shape, k_aux):
     check_encode("torch", shape, torch.float32, k_aux)
 
@@ -147,6 +160,38 @@ def test_gather_dot_fallback_and_segment_sums_match():
     assert torch.allclose(sums, want_sums, atol=1e-6)
     dense = torch.zeros(idx.shape[0], w.shape[0]).scatter_add_(1, idx, v.detach())
     assert rel_err(rows, dense.t() @ grad) < 1e-5
+
+
+@pytest.mark.parametrize("batch,n,k", [(37, 1000, 5), (64, 4096, 32), (9, 96, 1), (5, 100, 3),
+                                       (4, 64, 8)])
+def test_grouped_topk_gives_torch_topk_values(batch, n, k):
+    """Exact whatever the data: random rows, rows of few distinct values (ties everywhere),
+    -inf entries, a constant row; (5, 100, 3) and (4, 64, 8) take the fallback (n % 8 != 0,
+    fewer than 4k groups)."""
+    g = torch.Generator().manual_seed(n + k)
+    for pre in (torch.randn(batch, n, generator=g),
+                torch.randint(0, 4, (batch, n), generator=g).float(),
+                torch.randn(batch, n, generator=g).masked_fill(torch.rand(batch, n) < 0.5,
+                                                               float("-inf")),
+                torch.full((batch, n), 0.25)):
+        values, indices = select.grouped_topk(pre, k)
+        want = pre.topk(k, dim=-1).values  # sorted, descending
+        assert torch.equal(values.sort(-1, descending=True).values, want)
+        assert torch.equal(pre.gather(1, indices), values)
+        assert all(len(set(row.tolist())) == k for row in indices)  # k distinct latents
+
+
+def test_preact_buffer_is_reused_per_thread_and_dtype():
+    like = torch.zeros(1)
+    a = select.preact_buffer(8, 100, like)
+    assert a.shape == (8, 100) and select.preact_buffer(4, 50, like).data_ptr() == a.data_ptr()
+    big = select.preact_buffer(16, 100, like)  # grows
+    assert big.shape == (16, 100) and select.preact_buffer(8, 100, like).data_ptr() == big.data_ptr()
+    half = select.preact_buffer(8, 100, like.half())
+    assert half.dtype == torch.float16 and half.data_ptr() != big.data_ptr()
+    assert select.preact_buffer(8, 100, torch.zeros(1, device="meta")) is None  # off the CPU
+    select.release_buffers()
+    assert select._local.buffers == {}  # freed
 
 
 def test_torch_path_is_deterministic_and_never_saves_batch_by_n():

@@ -1,0 +1,74 @@
+"""CPU helpers of the TopK encoder's forward: a reused pre-activation buffer and an exact top-k
+that scans fewer elements than torch.topk.
+
+Both exist because, on the 2-core build machine (AMD EPYC, torch 2.13.0+cpu, 2 threads), the
+encoder forward at batch 4096, d 576, n 4608, fp32 measured:
+  * the matmul into a fresh (batch, n) tensor 129 ms, into a reused one 112 ms: the 17 ms
+    difference is page faults. glibc serves a 75 MB allocation with mmap and unmaps it on free,
+    so every step touches 18k fresh pages (torch has no caching allocator on CPU);
+  * torch.topk(k=32) over (4096, 4608) 29.5 ms; `grouped_topk` below 22.6 ms, same values.
+On CUDA neither applies (the caching allocator reuses blocks; torch.topk is used as is).
+"""
+
+from __future__ import annotations
+
+import threading
+
+import torch
+
+# Group size of grouped_topk: 8 measured best of {4, 8, 16, 32} at n 4608, k 32 (28.5, 22.6,
+# 24.5, 42.7 ms): smaller groups leave many group maxima to select from, larger ones many
+# candidates to gather.
+_GROUP = 8
+
+_local = threading.local()  # one buffer per thread: bank members of one thread share it
+
+
+def preact_buffer(batch: int, n: int, like: torch.Tensor) -> torch.Tensor | None:
+    """A (batch, n) buffer of like's dtype, reused across calls on CPU, or None off the CPU
+    (where torch.addmm's own allocation is already cached).
+
+    The caller must be done with the previous buffer before asking again: TopKEncode's forward
+    is (the pre-activations never leave it). The buffer only grows, to the largest batch * n
+    seen in this thread (release_buffers() frees it).
+    """
+    if like.device.type != "cpu":
+        return None
+    key = like.dtype
+    buffers: dict[torch.dtype, torch.Tensor] = getattr(_local, "buffers", None) or {}
+    flat = buffers.get(key)
+    if flat is None or flat.numel() < batch * n:
+        flat = torch.empty(batch * n, dtype=like.dtype)
+        buffers[key] = flat
+        _local.buffers = buffers
+    return flat[:batch * n].view(batch, n)
+
+
+def release_buffers() -> None:
+    """Free this thread's pre-activation buffers (e.g. after evaluating with a huge batch)."""
+    _local.buffers = {}
+
+
+def grouped_topk(pre: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(values, indices) of the k largest entries of each row of pre (batch, n), unsorted:
+    the same values as torch.topk (indices may differ only among equal values).
+
+    Columns are split into m = n / g strided groups {c, c + m, ..., c + (g-1)m}. The top-k
+    elements of a row lie in the k groups with the largest maxima: a group holding one of them
+    has a maximum >= the k-th largest value v_k, and at most k groups can (each such maximum is a
+    distinct element >= v_k). So torch.topk runs over the m group maxima (an elementwise max of g
+    contiguous slices, vectorised) and then over the k·g candidates, instead of over n.
+    Falls back to torch.topk where that does not pay (off the CPU, n not a multiple of g, or
+    fewer than 4k groups).
+    """
+    batch, n = pre.shape
+    g = _GROUP
+    m = n // g
+    if pre.device.type != "cpu" or n % g or m < 4 * k or not pre.is_contiguous():
+        return pre.topk(k, dim=-1, sorted=False)
+    group_max = pre.view(batch, g, m).amax(1)  # (batch, m)
+    _, groups = group_max.topk(k, dim=-1, sorted=False)  # (batch, k)
+    offsets = torch.arange(0, n, m, device=pre.device)  # (g,)
+    cols = (groups.unsqueeze(-1) + offsets).view(batch, k * g)  # (batch, k·g) candidates
+    values, pos = pre.gather(1, cols).topk(k, dim=-1, sorted=False)  # (batch, k)
+    return values, cols.gather(1, pos)
