@@ -217,8 +217,9 @@ class TrainConfig:
     tokens: int = 0
     # Activations per optimiser step.
     batch_size: int = 4096
-    # Adam learning rate of every member.
-    lr: float = 2e-3
+    # Adam's peak learning rate of every member; None = each kind's default (sae kinds'
+    # default_lr: 1e-3, relu 2e-4).
+    lr: Optional[float] = None
     # Linear warm-up steps of the learning rate.
     warmup_steps: int = 10
     # Coefficient of the AuxK loss for dead latents.
@@ -277,7 +278,9 @@ class TrainConfig:
     def __post_init__(self) -> None:
         if self.tokens < 0:
             raise ConfigError(f"train.tokens must be >= 0 (0 = one pass), got {self.tokens}")
-        _positive("train", batch_size=self.batch_size, lr=self.lr, log_every=self.log_every,
+        if self.lr is not None:
+            _positive("train", lr=self.lr)
+        _positive("train", batch_size=self.batch_size, log_every=self.log_every,
                   dead_tokens=self.dead_tokens, dead_report_tokens=self.dead_report_tokens)
         _positive("train", workers=self.workers, latent_shards=self.latent_shards)
         _choice("train", "data_parallel", self.data_parallel, DATA_PARALLEL)

@@ -1,6 +1,6 @@
 """SAE kinds (one module each, one interface), the bank of members, and their on-disk form."""
 
-from distributed_sae.sae.bank import MemberSpec, build_sae, expand_bank
+from distributed_sae.sae.bank import MemberSpec, build_sae, expand_bank, member_lr
 from distributed_sae.sae.base import SAEOutput, SparseAutoencoder
 from distributed_sae.sae.batchtopk import BatchTopKSAE
 from distributed_sae.sae.jumprelu import JumpReLUSAE
@@ -14,6 +14,6 @@ SAE = SparseAutoencoder
 
 __all__ = [
     "SAE", "SAE_CLASSES", "BatchTopKSAE", "JumpReLUSAE", "MatryoshkaSAE", "MemberSpec",
-    "ReLUSAE", "SAEOutput", "SparseAutoencoder", "TopKSAE", "build_sae", "expand_bank",
+    "ReLUSAE", "SAEOutput", "SparseAutoencoder", "TopKSAE", "build_sae", "expand_bank", "member_lr",
     "load_sae", "sae_class", "save_sae",
 ]

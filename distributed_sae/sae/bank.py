@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 
@@ -25,6 +26,8 @@ class MemberSpec:
     width: int
     k: int
     seed: int
+    # Adam's learning rate; None = train.lr, or the kind's default_lr when that is unset too.
+    lr: Optional[float] = None
 
     @property
     def member_id(self) -> str:
@@ -37,6 +40,13 @@ def expand_bank(sae: SAEConfig, hook: str) -> list[MemberSpec]:
     """One spec per width; member i gets seed sae.seed + i so members start differently."""
     return [MemberSpec(hook=hook, kind=sae.kind, width=w, k=sae.k, seed=sae.seed + i)
             for i, w in enumerate(sae.widths)]
+
+
+def member_lr(spec: MemberSpec, train: TrainConfig) -> float:
+    """The member's peak learning rate: its spec's, else train.lr, else its kind's default."""
+    if spec.lr is not None:
+        return spec.lr
+    return train.lr if train.lr is not None else sae_class(spec.kind).default_lr
 
 
 def build_sae(spec: MemberSpec, d_in: int, sae: SAEConfig, train: TrainConfig) -> SparseAutoencoder:

@@ -50,6 +50,8 @@ class SparseAutoencoder(nn.Module):
     sparsity_warmup_fraction: float = 0.0
     # True: dead latents are re-initialised at the configured steps (train/resampling.py).
     uses_resampling: bool = False
+    # Adam's learning rate for this kind when neither train.lr nor the member's spec sets one.
+    default_lr: ClassVar[float] = 1e-3
 
     def __init__(self, d_in: int, d_sae: int, *, seed: int = 0,
                  dtype: torch.dtype = torch.float32) -> None:

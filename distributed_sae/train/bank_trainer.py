@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from distributed_sae.config import RunConfig
-from distributed_sae.sae import MemberSpec, SparseAutoencoder, build_sae
+from distributed_sae.sae import MemberSpec, SparseAutoencoder, build_sae, member_lr
 from distributed_sae.train.checkpoint import (
     load_optimizer_tensors, load_rng_tensors, optimizer_tensors, rng_tensors,
 )
@@ -46,6 +46,8 @@ class Member:
     # Rows of each batch this member trains on (its data-parallel share when the bank is placed
     # by cost, parallel/placement.py); None = the whole batch.
     share: slice | None = None
+    # Peak learning rate (sae.bank.member_lr); the schedule scales it every step.
+    peak_lr: float = 1e-3
 
     def dead(self, tokens: int) -> torch.Tensor:
         return self.since_fired >= tokens  # (d_sae,) bool
@@ -71,9 +73,9 @@ class Member:
         return {id(p): n for n, p in self.sae.named_parameters()}
 
 
-def lr_at(step: int, total: int, cfg: RunConfig) -> float:
-    """Linear warm-up, then constant, then linear decay to 0 over the last 20% of steps."""
-    base = cfg.train.lr
+def lr_at(step: int, total: int, cfg: RunConfig, base: float = 1.0) -> float:
+    """`base` (a member's peak, sae.bank.member_lr) times the schedule: linear warm-up, then
+    constant, then linear decay to 0 over the last 20% of steps."""
     warm = min(cfg.train.warmup_steps, max(1, total // 10))
     if step < warm:
         return base * (step + 1) / warm
@@ -198,16 +200,17 @@ class BankTrainer:
         sae = sae.to(self.cfg.train.device)
         with torch.no_grad():
             sae.b_dec.copy_(b_dec_init)
-        opt = torch.optim.Adam(sae.parameters(), lr=self.cfg.train.lr, betas=(0.9, 0.999),
+        peak = member_lr(spec, self.cfg.train)
+        opt = torch.optim.Adam(sae.parameters(), lr=peak, betas=(0.9, 0.999),
                                fused=self.fused_adam)
         width = sae.b_enc.shape[0]  # the latents this rank holds: spec.width unless sharded
-        return Member(spec, sae, opt, torch.zeros(width, dtype=torch.long))
+        return Member(spec, sae, opt, torch.zeros(width, dtype=torch.long), peak_lr=peak)
 
     def step(self, x: torch.Tensor, record: bool = True) -> None:
         """Feed batch x (batch, d_in) to every member; `record` computes their metrics."""
-        lr = lr_at(self.step_count, self.total_steps, self.cfg)
         var = batch_variance(x) if record else None
         for m in self.members:
+            lr = lr_at(self.step_count, self.total_steps, self.cfg, m.peak_lr)
             scale = m.sae.sparsity_scale_at(self.step_count, self.total_steps)
             if m.share is None:
                 train_step(m, x, lr, scale, self.cfg.train.dead_tokens, var)
