@@ -247,6 +247,9 @@ def test_resampling_resets_adam_state_of_exactly_the_resampled_features(data):
     target = 0.2 * w_enc_before[:, ~dead].norm(dim=0).mean()
     assert torch.allclose(sae.W_enc[:, dead].norm(dim=0), target.expand(4))
     assert torch.allclose(sae.W_enc[:, dead].t() / target, sae.W_dec[dead])  # same direction
+    centred = data[:512] - sae.b_dec.detach()  # each new direction is one centred input's
+    cos = (sae.W_dec[dead] @ (centred / centred.norm(dim=1, keepdim=True)).t()).amax(1)
+    assert torch.allclose(cos, torch.ones(4), atol=1e-5)
     assert resample_dead(sae, opt, data[:512], torch.zeros(D_SAE, dtype=torch.bool)) == 0
 
 

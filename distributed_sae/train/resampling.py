@@ -5,12 +5,17 @@ input the SAE reconstructs badly:
   1. compute the loss of each of a random sample of inputs;
   2. draw one input per dead feature with probability proportional to loss^2, so the features go
      where the error is concentrated;
-  3. decoder row  <- the input normalised to unit norm;
+  3. decoder row  <- the input, centred by b_dec (what the encoder sees), at unit norm;
      encoder row  <- the input scaled to 0.2 x the mean encoder-row norm of the live features
                      (small, so a revived feature does not swamp the others at once);
      encoder bias <- 0;
   4. reset Adam's moments of exactly those rows/entries: the old moments belong to the dead
      weights and would push the new ones in a stale direction.
+
+Centring departs from the paper, whose inputs were MLP activations. A residual stream carries a
+large common mean (on SmolLM2 layer 15 it is ~75% of E||x||^2), so raw inputs all point near
+that mean and every revived feature would start as the same mean detector; x - b_dec points at
+what makes the chosen input different.
 
 The caller picks the inputs (a random sample of the store) and the dead mask; this module never
 reads the store and, like the SAE code, is single-device.
@@ -82,7 +87,7 @@ def resample_dead(sae: SparseAutoencoder, optimizer: torch.optim.Optimizer | Non
     inputs = inputs.to(device=sae.W_dec.device, dtype=sae.W_dec.dtype)
     losses = input_losses(sae, inputs)  # (n,)
     rows = _sample_rows(losses.pow(2), n_dead, generator).to(inputs.device)  # (n_dead,)
-    picked = inputs[rows]  # (n_dead, d_in)
+    picked = inputs[rows] - sae.b_dec  # (n_dead, d_in), centred as the encoder sees it
     directions = picked / picked.norm(dim=1, keepdim=True).clamp_min(1e-8)  # (n_dead, d_in)
 
     enc_norms = sae.W_enc.norm(dim=0)  # (d_sae,) norm of each feature's encoder row
