@@ -2,7 +2,7 @@
 
 Backends, chosen per call from the tensors' device and `DSAE_KERNELS` (or `use_backend`):
     auto    (default) triton on CUDA tensors when triton imports, else the pure-torch path
-    torch   the pure-torch sparse path everywhere (embedding_bag, CSR matmuls): CPU default,
+    torch   the pure-torch sparse path everywhere (embedding_bag): CPU default,
             and a debugging path on GPU
     triton  the Triton kernels everywhere (on CPU tensors only under TRITON_INTERPRET=1)
     dense   the dense references: (batch, n) activations and plain autograd (comparisons)

@@ -27,7 +27,7 @@ _GATHER_BYTES = 16 * 2**20
 
 
 def _compute_dtype(t: torch.Tensor) -> torch.dtype:
-    # embedding_bag and CSR matmuls on CPU are fp32/fp64 only; half inputs are upcast (fp32
+    # embedding_bag on CPU is fp32/fp64 only; half inputs are upcast (fp32
     # accumulation, as the Triton kernels do) and the result cast back by the caller.
     return t.dtype if t.dtype in (torch.float32, torch.float64) else torch.float32
 

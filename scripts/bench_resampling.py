@@ -4,7 +4,7 @@
 
 Trains the `relu` kind (recipe towards_monosemanticity: unit-norm decoder, parallel-gradient
 removal) twice through the real train stage, same seeds and batches: once with resampling at
-every --every steps (dead = not fired in the last --window steps), once with
+every --every steps of the first --until of the run (dead = not fired in the last --window steps), once with
 train.resample_steps=[]. Then evaluates both on the held-out tokens (no model needed: FVU, L0,
 dead = never fired on the held-out tokens) and prints both with the dead fraction of the training
 log (not fired in the last 10M tokens, or all tokens seen). Make a store with
@@ -30,7 +30,7 @@ def config(a: argparse.Namespace, store: ActivationStore, out: Path, resample: b
     hook = a.hook or store.hook_points[0]
     train_rows, _ = split_rows(store, a.holdout)
     steps = a.epochs * len(train_rows) // a.batch
-    every = list(range(a.every, steps, a.every)) if resample else []
+    every = list(range(a.every, int(steps * a.until), a.every)) if resample else []
     cfg = RunConfig(
         harvest=HarvestConfig(hooks=[hook], contexts_per_unit=store.unit_rows // store.context_size),
         store=StoreConfig(path=str(store.path), chunk_tokens=store.chunk_rows),
@@ -69,6 +69,10 @@ def main() -> None:
     ap.add_argument("--epochs", type=int, default=2)
     ap.add_argument("--every", type=int, default=200, help="resample every this many steps")
     ap.add_argument("--window", type=int, default=100, help="train.resample_window (steps)")
+    ap.add_argument("--until", type=float, default=0.5,
+                    help="resample only in this first fraction of the run, so that revived "
+                         "features have the rest of it to settle (the paper's last resampling, at "
+                         "step 100k, is also followed by more training)")
     ap.add_argument("--resample-inputs", type=int, default=65536)
     ap.add_argument("--holdout", type=float, default=0.1)
     ap.add_argument("--json", default=None)
