@@ -83,9 +83,11 @@ class TopKEncode(torch.autograd.Function):
         need_x, need_w, need_be, need_bd = ctx.needs_input_grad[:4]
         g_x = g_w = g_be = g_bd = None
         if need_w or need_be or need_bd:
-            rows, sums = ctx.ops.segment_rows(indices, g_pre, x_c, ctx.n, with_sums=True)
-            if need_w:  # (n, d) -> W_enc's (d, n) layout: one transposing copy
-                g_w = rows.t().contiguous().to(W_enc.dtype)
+            # straight into W_enc's (d, n) layout
+            rows, sums = ctx.ops.segment_rows(indices, g_pre, x_c, ctx.n, with_sums=True,
+                                              transposed=need_w)
+            if need_w:
+                g_w = rows.to(W_enc.dtype)
             g_be = sums.to(W_enc.dtype)  # (n,)
             if need_bd:  # d pre / d b_dec = -W_enc^T, summed over the batch
                 g_bd = -torch.mv(W_enc, g_be)  # (d,)

@@ -123,8 +123,10 @@ def gather_dot(grad: torch.Tensor, weight: torch.Tensor, indices: torch.Tensor) 
 
 
 def segment_rows(indices: torch.Tensor, scales: torch.Tensor, src: torch.Tensor, n: int,
-                 with_sums: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """indices, scales (batch, k), src (batch, d) -> ((n, d) in src's dtype, (n,) fp32 or None)."""
+                 with_sums: bool = False, transposed: bool = False
+                 ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """indices, scales (batch, k), src (batch, d) -> ((n, d) in src's dtype, or (d, n) with
+    `transposed`; (n,) fp32 or None)."""
     batch, k = indices.shape
     d = src.shape[1]
     flat = indices.reshape(-1)  # (batch * k,)
@@ -138,4 +140,4 @@ def segment_rows(indices: torch.Tensor, scales: torch.Tensor, src: torch.Tensor,
         order, seg, scales.contiguous(), src.contiguous(), out,
         sums if sums is not None else out, k, d, WITH_SUMS=with_sums,
         BLOCK_P=64 if _interpreting() else 16, BLOCK_D=bd)
-    return out, sums
+    return (out.t().contiguous() if transposed else out), sums

@@ -194,6 +194,21 @@ def test_preact_buffer_is_reused_per_thread_and_dtype():
     assert select._local.buffers == {}  # freed
 
 
+def test_segment_rows_transposed_is_the_same_sums():
+    """The blocked (d, n) path (blocks of 512 latents) equals the (n, d) one transposed, bit for
+    bit, with n spanning three blocks, empty latents and repeated indices."""
+    g = torch.Generator().manual_seed(4)
+    idx = torch.randint(0, 1100, (300, 7), generator=g)
+    idx[:, 1] = idx[:, 0]  # repeated within a token
+    scales, src = torch.randn(300, 7, generator=g), torch.randn(300, 33, generator=g)
+    rows, sums = torch_sparse.segment_rows(idx, scales, src, 1100, with_sums=True)
+    rows_t, sums_t = torch_sparse.segment_rows(idx, scales, src, 1100, with_sums=True,
+                                               transposed=True)
+    assert rows_t.shape == (33, 1100) and rows_t.is_contiguous()
+    assert torch.equal(rows_t, rows.t()) and torch.equal(sums_t, sums)
+    assert (rows[torch.bincount(idx.flatten(), minlength=1100) == 0] == 0).all()
+
+
 def test_torch_path_is_deterministic_and_never_saves_batch_by_n():
     from distributed_sae.sae import TopKSAE
 

@@ -109,7 +109,9 @@ class SparseAutoencoder(nn.Module):
         # g -= (g.w / w.w) w row by row, with one (d_sae,) temporary instead of three
         # (d_sae, d_in) ones (normalised w, g*w, the product): the unit-norm step's cost.
         w, g = self.W_dec, self.W_dec.grad
-        coef = torch.linalg.vecdot(g, w) / torch.linalg.vecdot(w, w).clamp_min(1e-16)  # (d_sae,)
+        # (vector_norm is one fused pass; vecdot(w, w) multiplies into a (d_sae, d_in) temporary)
+        w_sq = torch.linalg.vector_norm(w, dim=1).square().clamp_min(1e-16)  # (d_sae,)
+        coef = torch.linalg.vecdot(g, w) / w_sq  # (d_sae,)
         g.addcmul_(coef.unsqueeze(1), w, value=-1.0)
 
     @torch.no_grad()

@@ -17,6 +17,7 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 
 from distributed_sae.sae.base import SAEOutput
 from distributed_sae.sae.topk import TopKSAE
@@ -75,7 +76,7 @@ class BatchTopKSAE(TopKSAE):
     def reconstruction_loss(self, x: torch.Tensor, f: torch.Tensor) -> Reconstruction:
         """(x_hat (batch, d_in), loss, terms) of activations f; Matryoshka overrides this."""
         x_hat = self.decode(f)  # (batch, d_in)
-        mse = (x_hat - x).pow(2).mean()
+        mse = F.mse_loss(x_hat, x)
         return x_hat, mse, {"mse": mse}
 
     def loss(self, x: torch.Tensor, dead: torch.Tensor | None = None,

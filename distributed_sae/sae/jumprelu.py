@@ -22,6 +22,7 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 
 from distributed_sae.sae.base import SAEOutput, SparseAutoencoder
 
@@ -101,7 +102,7 @@ class JumpReLUSAE(SparseAutoencoder):
         theta = self.threshold  # (d_sae,)
         f = _JumpReLU.apply(pre, theta, self.bandwidth)
         x_hat = self.decode(f)  # (batch, d_in)
-        mse = (x_hat - x).pow(2).mean()
+        mse = F.mse_loss(x_hat, x)
         l0 = _Step.apply(pre, theta, self.bandwidth).sum(1).mean()
         loss = mse + sparsity_scale * self.l0_coefficient * l0
         counts = (f != 0).sum(0)  # (d_sae,)

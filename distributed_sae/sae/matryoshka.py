@@ -16,6 +16,7 @@ from __future__ import annotations
 from typing import Any, Sequence
 
 import torch
+import torch.nn.functional as F
 
 from distributed_sae.sae.batchtopk import BatchTopKSAE, Reconstruction
 
@@ -53,7 +54,7 @@ class MatryoshkaSAE(BatchTopKSAE):
         start = 0
         for m in self.prefixes:
             x_hat = x_hat + f[:, start:m] @ self.W_dec[start:m]  # (batch, d_in)
-            mse = (x_hat - x).pow(2).mean()
+            mse = F.mse_loss(x_hat, x)
             terms[f"mse_{m}"] = mse
             total = total + mse
             start = m

@@ -19,6 +19,7 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 
 from distributed_sae.sae.base import SAEOutput, SparseAutoencoder
 
@@ -75,7 +76,7 @@ class ReLUSAE(SparseAutoencoder):
              sparsity_scale: float = 1.0) -> SAEOutput:
         f = self.encode(x)  # (batch, d_sae)
         x_hat = self.decode(f)  # (batch, d_in)
-        mse = (x_hat - x).pow(2).mean()
+        mse = F.mse_loss(x_hat, x)
         l1 = self.sparsity(f).mean()
         loss = mse + sparsity_scale * self.l1_coefficient * l1
         counts = (f > 0).sum(0)  # (d_sae,)

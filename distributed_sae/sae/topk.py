@@ -18,6 +18,7 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 
 from distributed_sae.kernels import sparse_decode, topk_encode
 from distributed_sae.sae.base import SAEOutput, SparseAutoencoder
@@ -58,7 +59,7 @@ class TopKSAE(SparseAutoencoder):
         code = topk_encode(x, self.W_enc, self.b_enc, self.b_dec, self.k,
                            dead=dead if k_aux > 0 else None, k_aux=k_aux)
         x_hat = sparse_decode(code.values, code.indices, self.W_dec, self.b_dec)  # (batch, d_in)
-        mse = (x_hat - x).pow(2).mean()
+        mse = F.mse_loss(x_hat, x)
         terms = {"mse": mse}
         loss = mse
         if code.aux_values is not None and code.aux_indices is not None:
