@@ -1,0 +1,119 @@
+"""One TopK training step: ours against EleutherAI's sparsify and a plain dense PyTorch loop.
+
+    pip install --no-deps --target /tmp/sparsify_pkg eai-sparsify==1.3.3 einops natsort \
+        simple-parsing docstring-parser schedulefree
+    PYTHONPATH=/tmp/sparsify_pkg python scripts/bench_vs_sparsify.py [--json out.json]
+
+The SAE issue and the kernels issue compare against sparsify, whose backward is sparse too (it
+trained the issue's SAE at ~2.4x the plain loop's tokens/s; the aim is twice sparsify). This
+times, interleaved in one run at the issue's shape (batch 4096, d 576, width 4608, k 32, fp32):
+  * ours: bank_trainer.train_step (sparse kernels, fused Adam, unit-norm decoder);
+  * sparsify's step as its Trainer runs it with its defaults: decoder renormalised, forward
+    (`SparseCoder`, encoder + topk + embedding_bag decoder, FVU loss), backward, parallel-gradient
+    removal, SignSGD in a schedule-free wrapper (its default optimiser), on its eager (CPU) decoder;
+    and the same with torch Adam, like ours;
+  * the plain dense loop of scripts/plain_topk.py.
+sparsify is loaded without its package __init__ (which imports its Trainer and, through it,
+`datasets`), so only the modules above are needed. Times are minima over --repeats.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import os
+import sys
+import types
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from bench_kernels import time_all  # scripts/: the interleaved timer
+from plain_topk import plain_dense_step
+
+from distributed_sae.kernels import use_backend
+from distributed_sae.sae import MemberSpec, TopKSAE
+from distributed_sae.train.bank_trainer import Member, train_step
+
+
+def load_sparsify() -> types.SimpleNamespace:
+    """sparsify's SparseCoder, config and SignSGD, without running sparsify/__init__.py."""
+    os.environ.setdefault("SPARSIFY_DISABLE_TRITON", "1")  # its Triton decoder is CUDA-only
+    spec = importlib.util.find_spec("sparsify")
+    if spec is None or not spec.submodule_search_locations:
+        raise SystemExit("sparsify is not installed: see this script's docstring")
+    pkg = types.ModuleType("sparsify")
+    pkg.__path__ = list(spec.submodule_search_locations)
+    sys.modules["sparsify"] = pkg
+    coder = importlib.import_module("sparsify.sparse_coder")
+    config = importlib.import_module("sparsify.config")
+    sign = importlib.import_module("sparsify.sign_sgd")
+    from schedulefree import ScheduleFreeWrapper
+    return types.SimpleNamespace(SparseCoder=coder.SparseCoder, Config=config.SparseCoderConfig,
+                                 SignSGD=sign.SignSGD, ScheduleFree=ScheduleFreeWrapper,
+                                 path=str(Path(pkg.__path__[0])))
+
+
+def sparsify_step(sp: types.SimpleNamespace, x: torch.Tensor, width: int, k: int,
+                  optimizer: str) -> Callable[[], None]:
+    sae = sp.SparseCoder(x.shape[1], sp.Config(num_latents=width, k=k))
+    if optimizer == "signum":  # its Trainer's default, lr 5e-3 / sqrt(width / 2^14)
+        opt = sp.ScheduleFree(sp.SignSGD([{"params": sae.parameters(),
+                                           "lr": 5e-3 / (width / 2**14) ** 0.5}]), momentum=0.95)
+        opt.train()
+    else:
+        opt = torch.optim.Adam(sae.parameters(), lr=2e-4 / (width / 2**14) ** 0.5)
+
+    def step() -> None:
+        sae.set_decoder_norm_to_unit_norm()
+        out = sae(x, dead_mask=None)
+        out.fvu.backward()
+        sae.remove_gradient_parallel_to_decoder_directions()
+        opt.step()
+        opt.zero_grad()
+
+    return step
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--batch", type=int, default=4096)
+    ap.add_argument("--d", type=int, default=576)
+    ap.add_argument("--width", type=int, default=4608)
+    ap.add_argument("--k", type=int, default=32)
+    ap.add_argument("--repeats", type=int, default=7)
+    ap.add_argument("--json", default=None)
+    a = ap.parse_args()
+    sp = load_sparsify()
+    x = torch.randn(a.batch, a.d, generator=torch.Generator().manual_seed(1))
+    sae = TopKSAE(a.d, a.width, k=a.k, seed=0)
+    opt = torch.optim.Adam(sae.parameters(), lr=1e-4, fused=True)
+    member = Member(MemberSpec("h", "topk", a.width, a.k, 0), sae, opt,
+                    torch.zeros(a.width, dtype=torch.long))
+    plain = [torch.nn.Parameter(p.detach().clone()) for p in
+             (sae.W_enc, sae.b_enc, sae.W_dec, sae.b_dec)]
+    plain_opt = torch.optim.Adam(plain, lr=1e-4)
+    with use_backend("torch"):
+        t = time_all({"ours": lambda: train_step(member, x, 1e-4, 1.0, 10**9),
+                      "sparsify_signum": sparsify_step(sp, x, a.width, a.k, "signum"),
+                      "sparsify_adam": sparsify_step(sp, x, a.width, a.k, "adam"),
+                      "plain_dense": lambda: plain_dense_step(plain, plain_opt, x, a.k)},
+                     a.repeats)
+    ms = {name: v * 1e3 for name, v in t.items()}
+    print(f"sparsify from {sp.path}; batch {a.batch}, d {a.d}, width {a.width}, k {a.k}, "
+          f"{torch.get_num_threads()} threads; min of {a.repeats} (ms)")
+    for name, v in ms.items():
+        print(f"| {name} | {v:.1f} | {a.batch / v * 1e3:,.0f} tokens/s |")
+    ratios: dict[str, Any] = {
+        "sparsify_signum_over_ours": t["sparsify_signum"] / t["ours"],
+        "sparsify_adam_over_ours": t["sparsify_adam"] / t["ours"],
+        "plain_over_sparsify_signum": t["plain_dense"] / t["sparsify_signum"],
+        "plain_over_ours": t["plain_dense"] / t["ours"]}
+    print("  ".join(f"{k} {v:.2f}" for k, v in ratios.items()))
+    if a.json:
+        Path(a.json).write_text(json.dumps({"ms": ms, **ratios, "args": vars(a)}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
