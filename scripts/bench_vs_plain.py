@@ -9,7 +9,9 @@ latents, and the fraction of LM loss recovered with the SAE spliced in (clean / 
 spliced cross-entropy of the real model). Both trainers see the same scaled batches, in the same
 order, preloaded into memory (so neither pays for reading); each run's wall time covers its
 steps only. Ours is BankTrainer (sparse kernels, AuxK, lr warm-up and decay); the plain loop is
-scripts/plain_topk.py with constant lr. Prints a table and the tokens/s ratio measured in this run.
+scripts/plain_topk.py with constant lr. With --sparsify, EleutherAI's sparsify trains on the same
+batches too, with its defaults (scripts/bench_vs_sparsify.py says how to install it). Prints a
+table and the tokens/s ratios measured in this run.
 """
 
 from __future__ import annotations
@@ -77,6 +79,9 @@ def main() -> None:
     ap.add_argument("--lr", type=float, default=2e-3)
     ap.add_argument("--eval-tokens", type=int, default=40960)
     ap.add_argument("--json", help="also write the results here")
+    ap.add_argument("--sparsify", action="store_true",
+                    help="also train EleutherAI's sparsify on the same batches (installed as in "
+                         "scripts/bench_vs_sparsify.py)")
     args = ap.parse_args()
 
     store = ActivationStore.open(args.store)
@@ -87,33 +92,41 @@ def main() -> None:
           f"{len(held)} held-out tokens; {torch.get_num_threads()} threads")
     t_ours, ours, never = run_ours(data, args.width, args.k, args.lr, mean, args.store)
     t_plain, plain = run_plain(data, args.width, args.k, args.lr)
-    for sae in (ours, plain):
+    trained = {"ours": (t_ours, ours), "plain": (t_plain, plain)}
+    if args.sparsify:
+        from bench_vs_sparsify import run_sparsify
+
+        trained["sparsify"] = run_sparsify(data, args.width, args.k, mean)
+    saes = [sae for _, sae in trained.values()]
+    for sae in saes:
         sae.eval()
-        sae.fold_input_scale(scale)  # both now act on raw activations
+        sae.fold_input_scale(scale)  # all now act on raw activations
     eval_reader = ActivationReader(store, HOOK, held, 4096, shuffle=False, drop_last=False,
                                    exclude_token_ids=store.metadata["exclude_token_ids"])
-    metrics = evaluate_saes([ours, plain], eval_reader)
+    metrics = evaluate_saes(saes, eval_reader)
     loaded = load_model(ModelConfig(name=store.metadata["model_name"]))
     contexts = contexts_from_rows(store, held)
-    spliced = spliced_loss(loaded, [ours, plain], HOOK, contexts, batch_size=8,
+    spliced = spliced_loss(loaded, saes, HOOK, contexts, batch_size=8,
                            ignore_token_ids=store.metadata["exclude_token_ids"])
     tokens = len(data) * args.batch
     rows = {}
-    for name, t, m, s in (("ours", t_ours, metrics[0], spliced[0]),
-                          ("plain", t_plain, metrics[1], spliced[1])):
+    for (name, (t, _)), m, s in zip(trained.items(), metrics, spliced):
         m.pop("log10_density")
         rows[name] = {"seconds": t, "tokens_per_s": tokens / t, **m, **s}
     rows["ours"]["never_fired_in_training"] = never
     rows["ratio_tokens_per_s"] = t_plain / t_ours
     print(f"\n| trainer | tokens/s | FVU | L0 | dead (eval) | loss recovered | KL | CE spliced |")
     print("|---|---|---|---|---|---|---|---|")
-    for name in ("ours", "plain"):
+    for name in trained:
         r = rows[name]
         print(f"| {name} | {r['tokens_per_s']:.0f} | {r['fvu']:.3f} | {r['l0']:.1f} | "
               f"{r['dead_fraction']:.3f} | {r['loss_recovered']:.3f} | {r['kl_div']:.3f} | "
               f"{r['ce_spliced']:.3f} |")
     print(f"\nclean CE {rows['ours']['ce_clean']:.3f}, zero-ablation CE {rows['ours']['ce_zero']:.3f}; "
           f"ours / plain tokens/s = {rows['ratio_tokens_per_s']:.2f}")
+    if "sparsify" in rows:
+        rows["ratio_over_sparsify"] = rows["sparsify"]["seconds"] / t_ours
+        print(f"ours / sparsify tokens/s = {rows['ratio_over_sparsify']:.2f}")
     if args.json:
         with open(args.json, "w") as fh:
             json.dump(rows, fh, indent=2)

@@ -24,6 +24,7 @@ import importlib
 import json
 import os
 import sys
+import time
 import types
 from pathlib import Path
 from typing import Any, Callable
@@ -74,6 +75,37 @@ def sparsify_step(sp: types.SimpleNamespace, x: torch.Tensor, width: int, k: int
         opt.zero_grad()
 
     return step
+
+
+def run_sparsify(data: list[torch.Tensor], width: int, k: int, mean: torch.Tensor
+                 ) -> tuple[float, TopKSAE]:
+    """Train sparsify's SparseCoder over `data` as its Trainer would (defaults: SignSGD with a
+    schedule-free wrapper, decoder renormalised every step, b_dec started at the data mean);
+    returns (seconds, the same weights as one of our TopKSAEs, for evaluation). Its encoder is
+    ReLU then top-k; ours top-k then ReLU: the same values."""
+    sp = load_sparsify()
+    sae = sp.SparseCoder(data[0].shape[1], sp.Config(num_latents=width, k=k))
+    with torch.no_grad():
+        sae.b_dec.copy_(mean)
+    opt = sp.ScheduleFree(sp.SignSGD([{"params": sae.parameters(),
+                                       "lr": 5e-3 / (width / 2**14) ** 0.5}]), momentum=0.95)
+    opt.train()
+    start = time.perf_counter()
+    for x in data:
+        sae.set_decoder_norm_to_unit_norm()
+        sae(x).fvu.backward()
+        sae.remove_gradient_parallel_to_decoder_directions()
+        opt.step()
+        opt.zero_grad()
+    seconds = time.perf_counter() - start
+    opt.eval()  # schedule-free: evaluate at the averaged weights, as its Trainer saves them
+    ours = TopKSAE(data[0].shape[1], width, k)
+    with torch.no_grad():
+        ours.W_enc.copy_(sae.encoder.weight.t())
+        ours.b_enc.copy_(sae.encoder.bias)
+        ours.W_dec.copy_(sae.W_dec)
+        ours.b_dec.copy_(sae.b_dec)
+    return seconds, ours
 
 
 def main() -> None:
