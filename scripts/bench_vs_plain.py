@@ -79,6 +79,8 @@ def main() -> None:
     ap.add_argument("--lr", type=float, default=2e-3)
     ap.add_argument("--eval-tokens", type=int, default=40960)
     ap.add_argument("--json", help="also write the results here")
+    ap.add_argument("--dictionary-learning", action="store_true",
+                    help="also train dictionary_learning's TopKTrainer on the same batches")
     ap.add_argument("--sparsify", action="store_true",
                     help="also train EleutherAI's sparsify on the same batches (installed as in "
                          "scripts/bench_vs_sparsify.py)")
@@ -97,6 +99,10 @@ def main() -> None:
         from bench_vs_sparsify import run_sparsify
 
         trained["sparsify"] = run_sparsify(data, args.width, args.k, mean)
+    if args.dictionary_learning:
+        from bench_vs_sparsify import run_dictionary_learning
+
+        trained["dictionary_learning"] = run_dictionary_learning(data, args.width, args.k)
     saes = [sae for _, sae in trained.values()]
     for sae in saes:
         sae.eval()
@@ -124,9 +130,10 @@ def main() -> None:
               f"{r['ce_spliced']:.3f} |")
     print(f"\nclean CE {rows['ours']['ce_clean']:.3f}, zero-ablation CE {rows['ours']['ce_zero']:.3f}; "
           f"ours / plain tokens/s = {rows['ratio_tokens_per_s']:.2f}")
-    if "sparsify" in rows:
-        rows["ratio_over_sparsify"] = rows["sparsify"]["seconds"] / t_ours
-        print(f"ours / sparsify tokens/s = {rows['ratio_over_sparsify']:.2f}")
+    for name in trained:
+        if name not in ("ours", "plain"):
+            rows[f"ratio_over_{name}"] = rows[name]["seconds"] / t_ours
+            print(f"ours / {name} tokens/s = {rows[f'ratio_over_{name}']:.2f}")
     if args.json:
         with open(args.json, "w") as fh:
             json.dump(rows, fh, indent=2)

@@ -4,6 +4,9 @@
         simple-parsing docstring-parser schedulefree
     PYTHONPATH=/tmp/sparsify_pkg python scripts/bench_vs_sparsify.py [--json out.json]
 
+(dictionary_learning for scripts/bench_vs_plain.py --dictionary-learning: `pip install --no-deps
+--target /tmp/dl_pkg dictionary-learning==0.1.0`, then add /tmp/dl_pkg to PYTHONPATH.)
+
 The SAE issue and the kernels issue compare against sparsify, whose backward is sparse too (it
 trained the issue's SAE at ~2.4x the plain loop's tokens/s; the aim is twice sparsify). This
 times, interleaved in one run at the issue's shape (batch 4096, d 576, width 4608, k 32, fp32):
@@ -21,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import importlib.util
 import json
 import os
 import sys
@@ -38,22 +42,49 @@ from distributed_sae.sae import MemberSpec, TopKSAE
 from distributed_sae.train.bank_trainer import Member, train_step
 
 
-def load_sparsify() -> types.SimpleNamespace:
-    """sparsify's SparseCoder, config and SignSGD, without running sparsify/__init__.py."""
-    os.environ.setdefault("SPARSIFY_DISABLE_TRITON", "1")  # its Triton decoder is CUDA-only
-    spec = importlib.util.find_spec("sparsify")
+def load_package(name: str, modules: list[str]) -> list[types.ModuleType]:
+    """Import `modules` of package `name` without running its __init__.py (sparsify's imports
+    its Trainer and `datasets`, dictionary_learning's imports `nnsight`)."""
+    spec = importlib.util.find_spec(name)
     if spec is None or not spec.submodule_search_locations:
-        raise SystemExit("sparsify is not installed: see this script's docstring")
-    pkg = types.ModuleType("sparsify")
+        raise SystemExit(f"{name} is not installed: see scripts/bench_vs_sparsify.py's docstring")
+    pkg = types.ModuleType(name)
     pkg.__path__ = list(spec.submodule_search_locations)
-    sys.modules["sparsify"] = pkg
-    coder = importlib.import_module("sparsify.sparse_coder")
-    config = importlib.import_module("sparsify.config")
-    sign = importlib.import_module("sparsify.sign_sgd")
+    sys.modules[name] = pkg
+    return [importlib.import_module(f"{name}.{m}") for m in modules]
+
+
+def load_sparsify() -> types.SimpleNamespace:
+    """sparsify's SparseCoder, config and SignSGD."""
+    os.environ.setdefault("SPARSIFY_DISABLE_TRITON", "1")  # its Triton decoder is CUDA-only
+    coder, config, sign = load_package("sparsify", ["sparse_coder", "config", "sign_sgd"])
     from schedulefree import ScheduleFreeWrapper
     return types.SimpleNamespace(SparseCoder=coder.SparseCoder, Config=config.SparseCoderConfig,
                                  SignSGD=sign.SignSGD, ScheduleFree=ScheduleFreeWrapper,
-                                 path=str(Path(pkg.__path__[0])))
+                                 path=str(Path(sys.modules["sparsify"].__path__[0])))
+
+
+def run_dictionary_learning(data: list[torch.Tensor], width: int, k: int
+                            ) -> tuple[float, TopKSAE]:
+    """Train dictionary_learning's TopKTrainer over `data` (its update(): geometric-median b_dec,
+    Adam at its default lr 2e-4/sqrt(width/2^14), AuxK, grad clip 1, unit-norm decoder); its
+    1000-step warm-up is cut to 10 steps (this run has ~100). Returns (seconds, as a TopKSAE)."""
+    (top_k,) = load_package("dictionary_learning", ["trainers.top_k"])
+    trainer = top_k.TopKTrainer(steps=len(data), activation_dim=data[0].shape[1], dict_size=width,
+                                k=k, layer=15, lm_name="SmolLM2-135M",
+                                warmup_steps=min(10, len(data) - 1),
+                                device="cpu")
+    start = time.perf_counter()
+    for step, x in enumerate(data):
+        trainer.update(step, x)
+    seconds = time.perf_counter() - start
+    ae, ours = trainer.ae, TopKSAE(data[0].shape[1], width, k)
+    with torch.no_grad():
+        ours.W_enc.copy_(ae.encoder.weight.t())
+        ours.b_enc.copy_(ae.encoder.bias)
+        ours.W_dec.copy_(ae.decoder.weight.t())
+        ours.b_dec.copy_(ae.b_dec)
+    return seconds, ours
 
 
 def sparsify_step(sp: types.SimpleNamespace, x: torch.Tensor, width: int, k: int,
