@@ -113,12 +113,12 @@ def segment_rows(indices: torch.Tensor, scales: torch.Tensor, src: torch.Tensor,
     """
     dt = _compute_dtype(src)
     tokens, offsets, weights = latent_bags(indices, scales.to(dt), n)
-    src = src.to(dt).contiguous()
+    src_c = src.to(dt).contiguous()
     if transposed:
-        out = _segment_rows_transposed(tokens, offsets, weights, src, n).to(src.dtype)
+        out = _segment_rows_transposed(tokens, offsets, weights, src_c, n)  # (d, n)
     else:
-        out = F.embedding_bag(tokens, src, offsets, per_sample_weights=weights,
-                              mode="sum").to(src.dtype)  # (n, d)
+        out = F.embedding_bag(tokens, src_c, offsets, per_sample_weights=weights, mode="sum")
+    out = out.to(src.dtype)  # (n, d) or (d, n), back in src's dtype
     sums = None
     if with_sums:
         # index_add_ is deterministic on CPU; on GPU this path is for debugging only.

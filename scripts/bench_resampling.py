@@ -49,7 +49,7 @@ def run(cfg: RunConfig) -> dict[str, float]:
     start = time.perf_counter()
     train(cfg)
     seconds = time.perf_counter() - start
-    (member, metrics), = evaluate(cfg).items()
+    (_, metrics), = evaluate(cfg).items()
     last = [json.loads(x) for x in
             (Path(cfg.out_dir) / "train" / "metrics.jsonl").read_text().splitlines()][-1]
     return {"fvu": metrics["fvu"], "l0": metrics["l0"], "dead_heldout": metrics["dead_fraction"],

@@ -30,6 +30,7 @@ import os
 import sys
 import time
 import types
+from functools import partial
 from pathlib import Path
 from typing import Any, Callable
 
@@ -87,47 +88,42 @@ def run_dictionary_learning(data: list[torch.Tensor], width: int, k: int
     return seconds, ours
 
 
-def sparsify_step(sp: types.SimpleNamespace, x: torch.Tensor, width: int, k: int,
-                  optimizer: str) -> Callable[[], None]:
-    sae = sp.SparseCoder(x.shape[1], sp.Config(num_latents=width, k=k))
-    if optimizer == "signum":  # its Trainer's default, lr 5e-3 / sqrt(width / 2^14)
-        opt = sp.ScheduleFree(sp.SignSGD([{"params": sae.parameters(),
-                                           "lr": 5e-3 / (width / 2**14) ** 0.5}]), momentum=0.95)
+def sparsify_trainer(sp: types.SimpleNamespace, d: int, width: int, k: int,
+                     optimizer: str = "signum") -> tuple[Any, Any, Callable[[torch.Tensor], None]]:
+    """(its SparseCoder, its optimiser, one training step on a batch) as sparsify's Trainer runs
+    them: decoder renormalised, forward (FVU loss), backward, parallel-gradient removal, step.
+    `signum` is its default (SignSGD, schedule-free wrapper, lr 5e-3 / sqrt(width / 2^14));
+    `adam` uses torch Adam at its Adam default lr 2e-4 / sqrt(width / 2^14)."""
+    sae = sp.SparseCoder(d, sp.Config(num_latents=width, k=k))
+    scale = (width / 2**14) ** 0.5
+    if optimizer == "signum":
+        opt = sp.ScheduleFree(sp.SignSGD([{"params": sae.parameters(), "lr": 5e-3 / scale}]),
+                              momentum=0.95)
         opt.train()
     else:
-        opt = torch.optim.Adam(sae.parameters(), lr=2e-4 / (width / 2**14) ** 0.5)
+        opt = torch.optim.Adam(sae.parameters(), lr=2e-4 / scale)
 
-    def step() -> None:
+    def step(x: torch.Tensor) -> None:
         sae.set_decoder_norm_to_unit_norm()
-        out = sae(x, dead_mask=None)
-        out.fvu.backward()
+        sae(x, dead_mask=None).fvu.backward()
         sae.remove_gradient_parallel_to_decoder_directions()
         opt.step()
         opt.zero_grad()
 
-    return step
+    return sae, opt, step
 
 
 def run_sparsify(data: list[torch.Tensor], width: int, k: int, mean: torch.Tensor
                  ) -> tuple[float, TopKSAE]:
-    """Train sparsify's SparseCoder over `data` as its Trainer would (defaults: SignSGD with a
-    schedule-free wrapper, decoder renormalised every step, b_dec started at the data mean);
-    returns (seconds, the same weights as one of our TopKSAEs, for evaluation). Its encoder is
-    ReLU then top-k; ours top-k then ReLU: the same values."""
-    sp = load_sparsify()
-    sae = sp.SparseCoder(data[0].shape[1], sp.Config(num_latents=width, k=k))
+    """Train sparsify's SparseCoder over `data` with its defaults (b_dec started at the data
+    mean, as its Trainer does); returns (seconds, the same weights as one of our TopKSAEs, for
+    evaluation). Its encoder is ReLU then top-k; ours top-k then ReLU: the same values."""
+    sae, opt, step = sparsify_trainer(load_sparsify(), data[0].shape[1], width, k)
     with torch.no_grad():
         sae.b_dec.copy_(mean)
-    opt = sp.ScheduleFree(sp.SignSGD([{"params": sae.parameters(),
-                                       "lr": 5e-3 / (width / 2**14) ** 0.5}]), momentum=0.95)
-    opt.train()
     start = time.perf_counter()
     for x in data:
-        sae.set_decoder_norm_to_unit_norm()
-        sae(x).fvu.backward()
-        sae.remove_gradient_parallel_to_decoder_directions()
-        opt.step()
-        opt.zero_grad()
+        step(x)
     seconds = time.perf_counter() - start
     opt.eval()  # schedule-free: evaluate at the averaged weights, as its Trainer saves them
     ours = TopKSAE(data[0].shape[1], width, k)
@@ -159,8 +155,9 @@ def main() -> None:
     plain_opt = torch.optim.Adam(plain, lr=1e-4)
     with use_backend("torch"):
         t = time_all({"ours": lambda: train_step(member, x, 1e-4, 1.0, 10**9),
-                      "sparsify_signum": sparsify_step(sp, x, a.width, a.k, "signum"),
-                      "sparsify_adam": sparsify_step(sp, x, a.width, a.k, "adam"),
+                      "sparsify_signum": partial(sparsify_trainer(sp, a.d, a.width, a.k)[2], x),
+                      "sparsify_adam": partial(sparsify_trainer(sp, a.d, a.width, a.k,
+                                                                "adam")[2], x),
                       "plain_dense": lambda: plain_dense_step(plain, plain_opt, x, a.k)},
                      a.repeats)
     ms = {name: v * 1e3 for name, v in t.items()}

@@ -207,6 +207,9 @@ def test_segment_rows_transposed_is_the_same_sums():
     assert rows_t.shape == (33, 1100) and rows_t.is_contiguous()
     assert torch.equal(rows_t, rows.t()) and torch.equal(sums_t, sums)
     assert (rows[torch.bincount(idx.flatten(), minlength=1100) == 0] == 0).all()
+    for transposed in (False, True):  # half inputs are summed in fp32, returned in their dtype
+        half, _ = torch_sparse.segment_rows(idx, scales, src.half(), 1100, transposed=transposed)
+        assert half.dtype == torch.float16
 
 
 def test_torch_path_is_deterministic_and_never_saves_batch_by_n():

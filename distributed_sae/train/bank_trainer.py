@@ -73,7 +73,7 @@ class Member:
         return {id(p): n for n, p in self.sae.named_parameters()}
 
 
-def lr_at(step: int, total: int, cfg: RunConfig, base: float = 1.0) -> float:
+def lr_at(step: int, total: int, cfg: RunConfig, base: float) -> float:
     """`base` (a member's peak, sae.bank.member_lr) times the schedule: linear warm-up, then
     constant, then linear decay to 0 over the last 20% of steps."""
     warm = min(cfg.train.warmup_steps, max(1, total // 10))
