@@ -9,8 +9,10 @@ The last one reads the pairs sorted by latent (a stable argsort + bincount), so 
 is summed by one program in a fixed order: no atomics, deterministic, and its rows are written
 exactly once (rows of unselected latents are written as zeros, which a dense gradient needs).
 
-Under TRITON_INTERPRET=1 (the CPU tests) each program is a numpy call, so tiles are large there.
-Not yet tuned or timed on a GPU (none was lent while writing them): see docs/kernels.md.
+Tile sizes live in CONFIG (one dict per kernel), so scripts/bench_kernels.py can sweep them on a
+GPU and set the defaults below from what it measured; under TRITON_INTERPRET=1 (the CPU tests)
+each program is a numpy call, so INTERPRET_CONFIG uses large tiles there. Pointer offsets that can
+pass 2^31 elements (n·d at n = 2^20, d = 4096 is 2^32) are computed in int64.
 """
 
 from __future__ import annotations
@@ -22,12 +24,36 @@ import triton
 import triton.language as tl
 
 
+# Tile sizes of each kernel on a GPU. BLOCK_D is capped at next_power_of_2(d) per call.
+CONFIG: dict[str, dict[str, int]] = {
+    "decode": dict(BLOCK_B=32, BLOCK_D=128, num_warps=4),
+    "gather_dot": dict(BLOCK_R=32, BLOCK_D=128, num_warps=4),
+    # LATENTS: latents summed one after another by each program (fewer, longer programs when the
+    # average latent has ~1 pair, as at batch 4096, k 32, n 131072).
+    "segment_rows": dict(BLOCK_P=16, BLOCK_D=128, LATENTS=1, num_warps=4),
+}
+# Under the interpreter a program costs ~a numpy call whatever its size: big tiles, few programs.
+INTERPRET_CONFIG: dict[str, dict[str, int]] = {
+    "decode": dict(BLOCK_B=64, BLOCK_D=256, num_warps=4),
+    "gather_dot": dict(BLOCK_R=128, BLOCK_D=256, num_warps=4),
+    "segment_rows": dict(BLOCK_P=64, BLOCK_D=256, LATENTS=1, num_warps=4),
+}
+
+
 def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-def _block_d(d: int) -> int:
-    return min(triton.next_power_of_2(d), 256 if _interpreting() else 128)
+def tile_table() -> dict[str, dict[str, int]]:
+    """The table of tile sizes in force (CONFIG, or INTERPRET_CONFIG under the interpreter)."""
+    return INTERPRET_CONFIG if _interpreting() else CONFIG
+
+
+def _config(kernel: str, d: int) -> dict[str, int]:
+    """The tile sizes of `kernel` for rows of width d (BLOCK_D no wider than d needs)."""
+    cfg = dict(tile_table()[kernel])
+    cfg["BLOCK_D"] = min(cfg["BLOCK_D"], triton.next_power_of_2(d))
+    return cfg
 
 
 @triton.jit
@@ -36,11 +62,12 @@ def _decode_kernel(v_ptr, idx_ptr, w_ptr, b_ptr, out_ptr, B, D, K, stride_wn, st
     rows = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)  # (BB,)
     cols = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)  # (BD,)
     rm, cm = rows < B, cols < D
+    cols64 = cols.to(tl.int64)  # W may be W_enc^T: stride_wd = n, cols * n can pass 2^31
     acc = tl.zeros((BLOCK_B, BLOCK_D), dtype=tl.float32)
     for j in range(0, K):
         idx = tl.load(idx_ptr + rows * K + j, mask=rm, other=0).to(tl.int64)  # (BB,)
         v = tl.load(v_ptr + rows * K + j, mask=rm, other=0.0).to(tl.float32)
-        w = tl.load(w_ptr + idx[:, None] * stride_wn + cols[None, :] * stride_wd,
+        w = tl.load(w_ptr + idx[:, None] * stride_wn + cols64[None, :] * stride_wd,
                     mask=rm[:, None] & cm[None, :], other=0.0).to(tl.float32)  # (BB, BD)
         acc += v[:, None] * w
     if HAS_BIAS:
@@ -61,36 +88,41 @@ def _gather_dot_kernel(g_ptr, idx_ptr, w_ptr, out_ptr, R, K, D, stride_wn, strid
         cols = d0 + tl.arange(0, BLOCK_D)
         m = rm[:, None] & (cols < D)[None, :]
         g = tl.load(g_ptr + tok[:, None] * D + cols[None, :], mask=m, other=0.0).to(tl.float32)
-        w = tl.load(w_ptr + idx[:, None] * stride_wn + cols[None, :] * stride_wd, mask=m,
-                    other=0.0).to(tl.float32)  # (BR, BD)
+        w = tl.load(w_ptr + idx[:, None] * stride_wn + cols[None, :].to(tl.int64) * stride_wd,
+                    mask=m, other=0.0).to(tl.float32)  # (BR, BD)
         acc += tl.sum(g * w, axis=1)
     tl.store(out_ptr + r, acc.to(out_ptr.dtype.element_ty), mask=rm)
 
 
 @triton.jit
-def _segment_rows_kernel(order_ptr, seg_ptr, s_ptr, src_ptr, out_ptr, sums_ptr, K, D,
-                         WITH_SUMS: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_D: tl.constexpr):
-    i = tl.program_id(0)  # latent
-    start = tl.load(seg_ptr + i)
-    end = tl.load(seg_ptr + i + 1)
+def _segment_rows_kernel(order_ptr, seg_ptr, s_ptr, src_ptr, out_ptr, sums_ptr, N, K, D,
+                         WITH_SUMS: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_D: tl.constexpr,
+                         LATENTS: tl.constexpr):
     cols = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
     cm = cols < D
-    acc = tl.zeros((BLOCK_D,), dtype=tl.float32)
-    ssum = tl.zeros((BLOCK_P,), dtype=tl.float32)
-    for p0 in range(start, end, BLOCK_P):
-        p = p0 + tl.arange(0, BLOCK_P)
-        pm = p < end
-        pair = tl.load(order_ptr + p, mask=pm, other=0)  # (BP,) flat pair ids of latent i
-        s = tl.load(s_ptr + pair, mask=pm, other=0.0).to(tl.float32)
-        tok = (pair // K).to(tl.int64)
-        x = tl.load(src_ptr + tok[:, None] * D + cols[None, :], mask=pm[:, None] & cm[None, :],
-                    other=0.0).to(tl.float32)  # (BP, BD)
-        acc += tl.sum(s[:, None] * x, axis=0)
-        ssum += s
-    tl.store(out_ptr + i.to(tl.int64) * D + cols, acc.to(out_ptr.dtype.element_ty), mask=cm)
-    if WITH_SUMS:
-        if tl.program_id(1) == 0:
-            tl.store(sums_ptr + i, tl.sum(ssum, axis=0))
+    for li in range(0, LATENTS):
+        i = tl.program_id(0) * LATENTS + li  # latent
+        valid = i < N
+        start = tl.load(seg_ptr + i, mask=valid, other=0)
+        end = tl.load(seg_ptr + i + 1, mask=valid, other=0)
+        acc = tl.zeros((BLOCK_D,), dtype=tl.float32)
+        ssum = tl.zeros((BLOCK_P,), dtype=tl.float32)
+        for p0 in range(start, end, BLOCK_P):
+            p = p0 + tl.arange(0, BLOCK_P)
+            pm = p < end
+            pair = tl.load(order_ptr + p, mask=pm, other=0)  # (BP,) flat pair ids of latent i
+            s = tl.load(s_ptr + pair, mask=pm, other=0.0).to(tl.float32)
+            tok = (pair // K).to(tl.int64)
+            x = tl.load(src_ptr + tok[:, None] * D + cols[None, :],
+                        mask=pm[:, None] & cm[None, :], other=0.0).to(tl.float32)  # (BP, BD)
+            acc += tl.sum(s[:, None] * x, axis=0)
+            ssum += s
+        if valid:  # the last program's trailing latents (n not a multiple of LATENTS)
+            tl.store(out_ptr + i.to(tl.int64) * D + cols, acc.to(out_ptr.dtype.element_ty),
+                     mask=cm)
+            if WITH_SUMS:
+                if tl.program_id(1) == 0:
+                    tl.store(sums_ptr + i, tl.sum(ssum, axis=0))
 
 
 def decode_rows(values: torch.Tensor, indices: torch.Tensor, weight: torch.Tensor,
@@ -99,13 +131,11 @@ def decode_rows(values: torch.Tensor, indices: torch.Tensor, weight: torch.Tenso
     batch, k = indices.shape
     d = weight.shape[1]
     out = torch.empty(batch, d, dtype=weight.dtype, device=weight.device)
-    bb = 64 if _interpreting() else 32
-    bd = _block_d(d)
-    grid = (triton.cdiv(batch, bb), triton.cdiv(d, bd))
+    cfg = _config("decode", d)
+    grid = (triton.cdiv(batch, cfg["BLOCK_B"]), triton.cdiv(d, cfg["BLOCK_D"]))
     _decode_kernel[grid](values.contiguous(), indices.contiguous(), weight,
                          bias if bias is not None else out, out, batch, d, k,
-                         weight.stride(0), weight.stride(1), HAS_BIAS=bias is not None,
-                         BLOCK_B=bb, BLOCK_D=bd)
+                         weight.stride(0), weight.stride(1), HAS_BIAS=bias is not None, **cfg)
     return out
 
 
@@ -114,11 +144,10 @@ def gather_dot(grad: torch.Tensor, weight: torch.Tensor, indices: torch.Tensor) 
     batch, k = indices.shape
     d = weight.shape[1]
     out = torch.empty(batch, k, dtype=grad.dtype, device=grad.device)
-    br = 128 if _interpreting() else 32
-    grid = (triton.cdiv(batch * k, br),)
+    cfg = _config("gather_dot", d)
+    grid = (triton.cdiv(batch * k, cfg["BLOCK_R"]),)
     _gather_dot_kernel[grid](grad.contiguous(), indices.contiguous(), weight, out, batch * k, k,
-                             d, weight.stride(0), weight.stride(1), BLOCK_R=br,
-                             BLOCK_D=_block_d(d))
+                             d, weight.stride(0), weight.stride(1), **cfg)
     return out
 
 
@@ -135,9 +164,9 @@ def segment_rows(indices: torch.Tensor, scales: torch.Tensor, src: torch.Tensor,
     torch.cumsum(torch.bincount(flat, minlength=n), 0, out=seg[1:])  # (n + 1,) CSR offsets
     out = torch.empty(n, d, dtype=src.dtype, device=src.device)
     sums = torch.empty(n, dtype=torch.float32, device=src.device) if with_sums else None
-    bd = _block_d(d)
-    _segment_rows_kernel[(n, triton.cdiv(d, bd))](
-        order, seg, scales.contiguous(), src.contiguous(), out,
-        sums if sums is not None else out, k, d, WITH_SUMS=with_sums,
-        BLOCK_P=64 if _interpreting() else 16, BLOCK_D=bd)
+    cfg = _config("segment_rows", d)
+    grid = (triton.cdiv(n, cfg["LATENTS"]), triton.cdiv(d, cfg["BLOCK_D"]))
+    _segment_rows_kernel[grid](order, seg, scales.contiguous(), src.contiguous(), out,
+                               sums if sums is not None else out, n, k, d, WITH_SUMS=with_sums,
+                               **cfg)
     return (out.t().contiguous() if transposed else out), sums

@@ -8,16 +8,18 @@ n=16384, k=32, d=576, batch 4096, forward and forward+backward; (2) one whole To
 step (bank_trainer.train_step: loss, backward, parallel-gradient removal, Adam, renorm) at
 width 4608, k=32, d=576, batch 4096, against the encoder matmul alone and against a plain dense
 PyTorch TopK loop (the one of scripts/bench_bank.py), all measured interleaved in one run.
-GPU: n in {16384, 131072, 1048576} x d in {576, 2304, 4096} x k in {32, 128}, batch 4096,
-bf16: each Triton kernel against its dense matmul (time, GB/s, FLOP/s as a fraction of the
-peaks measured here with a big matmul and a big copy) and the train step sparse vs dense with
-peak memory. Times are the minimum over --repeats (the build machine is shared).
+GPU (scripts/bench_kernels_gpu.py): a tile sweep at n 131072, d 4096, k 32, then n in {16384,
+131072, 1048576} x d in {576, 2304, 4096} x k in {32, 128}, batch 4096, bf16: each Triton kernel
+and the decoder forward + backward against dense, against the bound of the bytes they must move
+(at the copy bandwidth measured there), and the train step sparse vs dense with peak memory.
+CPU times are the minimum over --repeats (the build machine is shared); GPU times are medians.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import time
 from typing import Any, Callable
 
@@ -138,81 +140,6 @@ def run_cpu(args: argparse.Namespace) -> dict[str, Any]:
     return {"device": "cpu", "threads": torch.get_num_threads(), "decoder": dec, "step": step}
 
 
-# ---- GPU ---------------------------------------------------------------------------------------
-def gpu_peaks() -> dict[str, float]:
-    a = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
-    src = torch.empty(2**30, dtype=torch.uint8, device="cuda")
-    dst = torch.empty_like(src)
-    t = time_all({"mm": lambda: a @ a, "copy": lambda: dst.copy_(src)}, 10)
-    return {"tflops": 2 * 8192**3 / t["mm"] / 1e12, "gbps": 2 * 2**30 / t["copy"] / 1e9}
-
-
-def gpu_kernels(batch: int, n: int, d: int, k: int, repeats: int) -> dict[str, Any]:
-    from distributed_sae.kernels import triton_sparse as ts
-
-    bf = torch.bfloat16
-    values, indices = codes(batch, n, k, "cuda", bf)
-    w = torch.randn(n, d, device="cuda", dtype=bf)
-    g = torch.randn(batch, d, device="cuda", dtype=bf)
-    f = torch.zeros(batch, n, device="cuda", dtype=bf).scatter_(1, indices, values)
-    t = time_all({"decode": lambda: ts.decode_rows(values, indices, w, None),
-                  "decode_dense": lambda: f @ w,
-                  "grad_values": lambda: ts.gather_dot(g, w, indices),
-                  "grad_values_dense": lambda: (g @ w.t()).gather(1, indices),
-                  "grad_rows": lambda: ts.segment_rows(indices, values, g, n),
-                  "grad_rows_dense": lambda: f.t() @ g}, repeats)
-    sparse_flops = 2 * batch * k * d
-    moved = {"decode": batch * k * d * 2 + batch * d * 2, "grad_values": 2 * batch * k * d * 2,
-             "grad_rows": batch * k * d * 2 + n * d * 2}  # bytes: gathered rows + output
-    out = {}
-    for name in ("decode", "grad_values", "grad_rows"):
-        out[name] = {"ms": t[name] * 1e3, "dense_ms": t[name + "_dense"] * 1e3,
-                     "gbps": moved[name] / t[name] / 1e9,
-                     "tflops": sparse_flops / t[name] / 1e12}
-    return out
-
-
-def gpu_step(batch: int, n: int, d: int, k: int, backend: str, repeats: int) -> dict[str, Any]:
-    sae = TopKSAE(d, n, k=k, seed=0).to("cuda", torch.bfloat16)
-    opt = torch.optim.Adam(sae.parameters(), lr=1e-4)
-    member = Member(MemberSpec("h", "topk", n, k, 0), sae, opt,
-                    torch.zeros(n, dtype=torch.long, device="cuda"))
-    x = torch.randn(batch, d, device="cuda", dtype=torch.bfloat16)
-    torch.cuda.reset_peak_memory_stats()
-    try:
-        with use_backend(backend):
-            t = time_all({"step": lambda: train_step(member, x, 1e-4, 1.0, 10**9)}, repeats)
-    except torch.OutOfMemoryError:
-        return {"ms": None, "peak_gib": "OOM"}
-    return {"ms": t["step"] * 1e3, "peak_gib": torch.cuda.max_memory_allocated() / 2**30}
-
-
-def run_gpu(args: argparse.Namespace) -> dict[str, Any]:
-    peaks = gpu_peaks()
-    print(f"{torch.cuda.get_device_name()}: {peaks['tflops']:.0f} TFLOP/s bf16 matmul, "
-          f"{peaks['gbps']:.0f} GB/s copy")
-    rows = []
-    print("| n | d | k | kernel | ms | dense ms | GB/s (% peak) | TFLOP/s (% peak) |")
-    for n in args.n:
-        for d in args.d:
-            for k in args.k:
-                try:
-                    kern = gpu_kernels(4096, n, d, k, args.repeats)
-                except torch.OutOfMemoryError:
-                    kern = {}
-                for name, r in kern.items():
-                    print(f"| {n} | {d} | {k} | {name} | {r['ms']:.3f} | {r['dense_ms']:.3f} | "
-                          f"{r['gbps']:.0f} ({100 * r['gbps'] / peaks['gbps']:.0f}%) | "
-                          f"{r['tflops']:.1f} ({100 * r['tflops'] / peaks['tflops']:.1f}%) |")
-                steps = {b: gpu_step(4096, n, d, k, b, args.repeats) for b in ("triton", "dense")}
-                print(f"| {n} | {d} | {k} | train step | {steps['triton']['ms']} | "
-                      f"{steps['dense']['ms']} | peak GiB sparse {steps['triton']['peak_gib']} "
-                      f"dense {steps['dense']['peak_gib']} | |")
-                rows.append({"n": n, "d": d, "k": k, "kernels": kern, "step": steps})
-                torch.cuda.empty_cache()
-    return {"device": torch.cuda.get_device_name(), "peaks": peaks, "grid": rows}
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--cpu", action="store_true", help="the CPU benchmarks")
@@ -223,7 +150,21 @@ def main() -> None:
     ap.add_argument("--d", type=int, nargs="+", default=[576, 2304, 4096])
     ap.add_argument("--k", type=int, nargs="+", default=[32, 128])
     ap.add_argument("--json", default=None, help="also write the results here")
+    ap.add_argument("--deadline", type=float, default=1e9,
+                    help="GPU: start no new grid point after this many seconds")
+    ap.add_argument("--no-sweep", action="store_true", help="GPU: keep the committed tiles")
+    ap.add_argument("--dry-run", action="store_true",
+                    help="run the GPU script on CPU tensors under TRITON_INTERPRET=1, fp32, tiny "
+                         "shapes (checks the script; its times mean nothing)")
     args = ap.parse_args()
+    if args.dry_run:
+        os.environ["TRITON_INTERPRET"] = "1"  # before triton is first imported
+        import bench_kernels_gpu
+
+        bench_kernels_gpu.dry_run()
+        args.gpu, args.cpu = True, False
+        if args.n == ap.get_default("n"):
+            args.n, args.d, args.k = [100, 300], [40], [4, 1]
     if not (args.cpu or args.gpu):
         args.gpu = torch.cuda.is_available()
         args.cpu = not args.gpu
@@ -231,6 +172,8 @@ def main() -> None:
     if args.cpu:
         results["cpu"] = run_cpu(args)
     if args.gpu:
+        from bench_kernels_gpu import run_gpu  # scripts/bench_kernels_gpu.py
+
         results["gpu"] = run_gpu(args)
     if args.json:
         with open(args.json, "w") as fh:
