@@ -20,6 +20,8 @@ import torch
 # 24.5, 42.7 ms): smaller groups leave many group maxima to select from, larger ones many
 # candidates to gather.
 _GROUP = 8
+# On CUDA: 0 = torch.topk over all n (set from the GPU measurements in docs/kernels.md).
+_GROUP_CUDA = 0
 
 _local = threading.local()  # one buffer per thread: bank members of one thread share it
 
@@ -49,7 +51,8 @@ def release_buffers() -> None:
     _local.buffers = {}
 
 
-def grouped_topk(pre: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+def grouped_topk(pre: torch.Tensor, k: int, group: int | None = None
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(values, indices) of the k largest entries of each row of pre (batch, n), unsorted:
     the same values as torch.topk (indices may differ only among equal values).
 
@@ -58,13 +61,13 @@ def grouped_topk(pre: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]
     has a maximum >= the k-th largest value v_k, and at most k groups can (each such maximum is a
     distinct element >= v_k). So torch.topk runs over the m group maxima (an elementwise max of g
     contiguous slices, vectorised) and then over the k·g candidates, instead of over n.
-    Falls back to torch.topk where that does not pay (off the CPU, n not a multiple of g, or
-    fewer than 4k groups).
+    g is `group`, else _GROUP on the CPU and _GROUP_CUDA elsewhere. Falls back to torch.topk
+    where that does not pay (g <= 1, n not a multiple of g, or fewer than 4k groups).
     """
     batch, n = pre.shape
-    g = _GROUP
-    m = n // g
-    if pre.device.type != "cpu" or n % g or m < 4 * k or not pre.is_contiguous():
+    g = group or (_GROUP if pre.device.type == "cpu" else _GROUP_CUDA)
+    m = n // max(g, 1)
+    if g <= 1 or n % g or m < 4 * k or not pre.is_contiguous():
         return pre.topk(k, dim=-1, sorted=False)
     group_max = pre.view(batch, g, m).amax(1)  # (batch, m)
     _, groups = group_max.topk(k, dim=-1, sorted=False)  # (batch, k)

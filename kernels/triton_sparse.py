@@ -26,17 +26,21 @@ import triton.language as tl
 
 # Tile sizes of each kernel on a GPU. BLOCK_D is capped at next_power_of_2(d) per call.
 CONFIG: dict[str, dict[str, int]] = {
-    "decode": dict(BLOCK_B=32, BLOCK_D=128, num_warps=4),
+    "decode": dict(BLOCK_B=16, BLOCK_D=128, num_warps=4),
     "gather_dot": dict(BLOCK_R=32, BLOCK_D=128, num_warps=4),
     # LATENTS: latents summed one after another by each program (fewer, longer programs when the
     # average latent has ~1 pair, as at batch 4096, k 32, n 131072).
-    "segment_rows": dict(BLOCK_P=16, BLOCK_D=128, LATENTS=1, num_warps=4),
+    "segment_rows": dict(BLOCK_P=4, BLOCK_D=512, LATENTS=4, num_warps=4),
+    "segment_tile": dict(BLOCK_L=32, PAIRS=1, BLOCK_D=128, num_warps=4),
 }
+# Which kernel segment_rows launches: "rows" (_segment_rows_kernel) or "tile".
+SEGMENT_KERNEL = "rows"
 # Under the interpreter a program costs ~a numpy call whatever its size: big tiles, few programs.
 INTERPRET_CONFIG: dict[str, dict[str, int]] = {
     "decode": dict(BLOCK_B=64, BLOCK_D=256, num_warps=4),
     "gather_dot": dict(BLOCK_R=128, BLOCK_D=256, num_warps=4),
     "segment_rows": dict(BLOCK_P=64, BLOCK_D=256, LATENTS=1, num_warps=4),
+    "segment_tile": dict(BLOCK_L=16, PAIRS=4, BLOCK_D=256, num_warps=4),
 }
 
 
@@ -125,6 +129,44 @@ def _segment_rows_kernel(order_ptr, seg_ptr, s_ptr, src_ptr, out_ptr, sums_ptr, 
                     tl.store(sums_ptr + i, tl.sum(ssum, axis=0))
 
 
+@triton.jit
+def _segment_tile_kernel(order_ptr, seg_ptr, s_ptr, src_ptr, out_ptr, sums_ptr, N, K, D,
+                         stride_on, stride_od, WITH_SUMS: tl.constexpr, BLOCK_L: tl.constexpr,
+                         PAIRS: tl.constexpr, BLOCK_D: tl.constexpr):
+    """BLOCK_L latents side by side, PAIRS pairs of each per step: a tile of BLOCK_L * PAIRS
+    independent row loads per step instead of one latent's chain of dependent loads."""
+    r = tl.arange(0, BLOCK_L * PAIRS)  # (R,) lanes: latent r // PAIRS, pair slot r % PAIRS
+    lat = tl.program_id(0) * BLOCK_L + r // PAIRS
+    slot = r % PAIRS
+    lm = lat < N
+    cols = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+    cm = cols < D
+    start = tl.load(seg_ptr + lat, mask=lm, other=0)
+    count = tl.load(seg_ptr + lat + 1, mask=lm, other=0) - start  # (R,)
+    steps = tl.max((count + PAIRS - 1) // PAIRS, axis=0)
+    acc = tl.zeros((BLOCK_L * PAIRS, BLOCK_D), dtype=tl.float32)
+    ssum = tl.zeros((BLOCK_L * PAIRS,), dtype=tl.float32)
+    for t in range(0, steps):
+        q = t * PAIRS + slot  # (R,) position within each latent's pairs
+        pm = q < count
+        pair = tl.load(order_ptr + start + q, mask=pm, other=0)
+        s = tl.load(s_ptr + pair, mask=pm, other=0.0).to(tl.float32)
+        tok = (pair // K).to(tl.int64)
+        x = tl.load(src_ptr + tok[:, None] * D + cols[None, :], mask=pm[:, None] & cm[None, :],
+                    other=0.0).to(tl.float32)  # (R, BD)
+        acc += s[:, None] * x
+        ssum += s
+    rows = tl.sum(tl.reshape(acc, (BLOCK_L, PAIRS, BLOCK_D)), axis=1)  # (BL, BD)
+    lat1 = tl.program_id(0) * BLOCK_L + tl.arange(0, BLOCK_L)
+    off = lat1.to(tl.int64)[:, None] * stride_on + cols.to(tl.int64)[None, :] * stride_od
+    tl.store(out_ptr + off, rows.to(out_ptr.dtype.element_ty),
+             mask=(lat1 < N)[:, None] & cm[None, :])
+    if WITH_SUMS:
+        if tl.program_id(1) == 0:
+            sums = tl.sum(tl.reshape(ssum, (BLOCK_L, PAIRS)), axis=1)
+            tl.store(sums_ptr + lat1, sums, mask=lat1 < N)
+
+
 def decode_rows(values: torch.Tensor, indices: torch.Tensor, weight: torch.Tensor,
                 bias: torch.Tensor | None = None) -> torch.Tensor:
     """values (batch, k), indices (batch, k), weight (n, d) any strides -> (batch, d)."""
@@ -162,9 +204,18 @@ def segment_rows(indices: torch.Tensor, scales: torch.Tensor, src: torch.Tensor,
     _, order = torch.sort(flat, stable=True)  # pairs grouped by latent, token order kept
     seg = torch.zeros(n + 1, dtype=torch.int64, device=src.device)
     torch.cumsum(torch.bincount(flat, minlength=n), 0, out=seg[1:])  # (n + 1,) CSR offsets
-    out = torch.empty(n, d, dtype=src.dtype, device=src.device)
     sums = torch.empty(n, dtype=torch.float32, device=src.device) if with_sums else None
+    if SEGMENT_KERNEL == "tile":
+        cfg = _config("segment_tile", d)
+        out = torch.empty((d, n) if transposed else (n, d), dtype=src.dtype, device=src.device)
+        strides = (1, n) if transposed else (d, 1)  # (latent, column) strides of out
+        grid = (triton.cdiv(n, cfg["BLOCK_L"]), triton.cdiv(d, cfg["BLOCK_D"]))
+        _segment_tile_kernel[grid](order, seg, scales.contiguous(), src.contiguous(), out,
+                                   sums if sums is not None else out, n, k, d, *strides,
+                                   WITH_SUMS=with_sums, **cfg)
+        return out, sums
     cfg = _config("segment_rows", d)
+    out = torch.empty(n, d, dtype=src.dtype, device=src.device)
     grid = (triton.cdiv(n, cfg["LATENTS"]), triton.cdiv(d, cfg["BLOCK_D"]))
     _segment_rows_kernel[grid](order, seg, scales.contiguous(), src.contiguous(), out,
                                sums if sums is not None else out, n, k, d, WITH_SUMS=with_sums,

@@ -96,51 +96,74 @@ def kernel_calls(t: dict[str, torch.Tensor]) -> dict[str, Callable[[], Any]]:
             "grad_rows": lambda: ts.segment_rows(idx, v, g, n)[0]}
 
 
+# (table entry, tiles) variants per op; the first run on an H100 (docs/kernels.md) swept wider.
 SWEEP = {
-    "decode": [dict(BLOCK_B=b, BLOCK_D=bd, num_warps=nw) for b, bd, nw in
-               [(16, 128, 4), (32, 128, 4), (64, 128, 4), (16, 256, 4), (32, 256, 4),
-                (32, 256, 8), (64, 256, 8), (32, 64, 2), (8, 512, 4)]],
-    "gather_dot": [dict(BLOCK_R=r, BLOCK_D=bd, num_warps=nw) for r, bd, nw in
-                   [(16, 128, 4), (32, 128, 4), (64, 128, 4), (32, 256, 4), (32, 256, 8),
-                    (64, 256, 8), (128, 128, 8), (16, 512, 4)]],
-    "segment_rows": [dict(BLOCK_P=p, BLOCK_D=bd, LATENTS=lat, num_warps=nw) for p, bd, lat, nw in
-                     [(16, 128, 1, 4), (8, 256, 1, 4), (8, 512, 1, 4), (8, 1024, 1, 8),
-                      (4, 512, 4, 4), (8, 512, 4, 4), (8, 1024, 4, 8), (8, 512, 16, 4),
-                      (16, 256, 8, 4), (4, 256, 4, 2)]],
+    "decode": [("decode", dict(BLOCK_B=b, BLOCK_D=bd, num_warps=nw))
+               for b, bd, nw in [(16, 128, 4), (32, 128, 4), (8, 256, 4)]],
+    "grad_values": [("gather_dot", dict(BLOCK_R=r, BLOCK_D=bd, num_warps=nw))
+                    for r, bd, nw in [(16, 128, 4), (32, 128, 4), (32, 256, 4)]],
+    "grad_rows": [("segment_rows", dict(BLOCK_P=p, BLOCK_D=bd, LATENTS=lat, num_warps=nw))
+                  for p, bd, lat, nw in [(4, 512, 4, 4), (8, 512, 1, 4), (8, 512, 16, 4)]]
+    + [("segment_tile", dict(BLOCK_L=bl, PAIRS=p, BLOCK_D=bd, num_warps=nw))
+       for bl, p, bd, nw in [(32, 1, 128, 4), (16, 2, 128, 4), (16, 4, 128, 4), (64, 1, 64, 4),
+                             (32, 1, 256, 8), (16, 4, 256, 8), (8, 4, 256, 4), (64, 1, 128, 8)]],
 }
 
 
-def sweep_tiles(n: int, d: int, k: int) -> dict[str, Any]:
-    """Time every SWEEP variant of each kernel (checked against the default tiles first); set
-    triton_sparse.CONFIG to the fastest and return the table."""
+def _use(entry: str, cfg: dict[str, int]) -> None:
+    """Put tiles `cfg` in force for table entry `entry` (a segment entry also picks its kernel)."""
     from distributed_sae.kernels import triton_sparse as ts
 
-    t = inputs(n, d, k)
-    calls = kernel_calls(t)
+    ts.tile_table()[entry] = cfg
+    if entry.startswith("segment_"):
+        ts.SEGMENT_KERNEL = entry.removeprefix("segment_")
+
+
+def sweep_tiles(n: int, d: int, k: int) -> dict[str, Any]:
+    """Time every SWEEP variant of each op (checked against the tiles in force first); put the
+    fastest in force and return the table."""
+    calls = kernel_calls(inputs(n, d, k))
     out: dict[str, Any] = {}
-    for op, name in (("decode", "decode"), ("grad_values", "gather_dot"),
-                     ("grad_rows", "segment_rows")):
-        variants, call = SWEEP[name], calls[op]
-        ref = call()
-        table = ts.tile_table()
-        default = dict(table[name])
+    for op, variants in SWEEP.items():
+        ref = calls[op]()
         rows = []
-        for cfg in variants:
-            table[name] = cfg
+        for entry, cfg in variants:
+            _use(entry, cfg)
             try:
-                err = rel_err(call(), ref)
-                ms = bench(call) if err < 1e-2 else float("nan")
+                err = rel_err(calls[op](), ref)
+                ms = bench(calls[op]) if err < 1e-2 else float("nan")
             except Exception as exc:  # a tile too big for shared memory / registers
                 err, ms = float("nan"), float("nan")
-                print(f"  {name} {cfg}: {type(exc).__name__}: {str(exc)[:120]}")
-            rows.append({"config": cfg, "ms": ms, "rel_err": err})
-        timed = [r for r in rows if r["ms"] == r["ms"]]
-        best = min(timed, key=lambda r: r["ms"])["config"] if timed else default
-        table[name] = best
-        out[name] = {"default": default, "best": best, "variants": rows}
-        print(f"sweep {name}: " + ", ".join(
-            f"{tuple(r['config'].values())} {r['ms']:.3f}" for r in rows) + f" -> best {best}")
+                print(f"  {op} {entry} {cfg}: {type(exc).__name__}: {str(exc)[:120]}")
+            rows.append({"entry": entry, "config": cfg, "ms": ms, "rel_err": err})
+        timed = [r for r in rows if r["ms"] == r["ms"]] or rows[:1]
+        best = min(timed, key=lambda r: r["ms"])
+        _use(best["entry"], best["config"])
+        out[op] = {"best": best, "variants": rows}
+        print(f"sweep {op}: " + ", ".join(f"{r['entry']}{tuple(r['config'].values())} "
+                                          f"{r['ms']:.3f}" for r in rows)
+              + f" -> {best['entry']} {best['config']}")
+    out["topk_group"] = sweep_topk(n, k)
     return out
+
+
+def sweep_topk(n: int, k: int) -> dict[str, Any]:
+    """torch.topk (group 1) against select.grouped_topk's group sizes on (batch, n) bf16; the
+    fastest that returns the same values goes in force (select._GROUP_CUDA)."""
+    from distributed_sae.kernels import select
+
+    pre = torch.randn(BATCH, n, device=DEV, dtype=BF16)
+    want = pre.topk(k, dim=-1).values.sort(-1).values
+    ms = {}
+    for group in (1, 8, 16, 32, 64):
+        call = (lambda g=group: select.grouped_topk(pre, k, group=g))
+        if torch.equal(call()[0].sort(-1).values, want):
+            ms[group] = bench(call)
+    best = min(ms, key=ms.get)
+    select._GROUP_CUDA = best if DEV == "cuda" else select._GROUP_CUDA
+    print("sweep topk groups: " + ", ".join(f"{g} {t:.3f}" for g, t in ms.items())
+          + f" -> {best}")
+    return {"ms": ms, "best": best}
 
 
 def kernel_point(n: int, d: int, k: int) -> dict[str, Any]:

@@ -6,7 +6,8 @@
 # import time) are installed from wheels in .whl/ when present, fetched beforehand with
 #   pip download --no-deps --only-binary=:all: --python-version 3.12 --platform manylinux2014_x86_64 \
 #       -d .whl zarr==3.1.6 numcodecs==0.16.6 donfig==0.8.1.post1 google-crc32c==1.9.0
-# Environment: DEADLINE (s; the grid starts no point after it, default 200), BENCH_TIMEOUT (s).
+# Environment: DEADLINE (s; the grid starts no point after it, default 200), BENCH_TIMEOUT (s),
+# TESTS=0 skips the tests, EXPLORE=1 first runs scripts/explore_gpu_step.py (variants, profile).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/gpu_out}
@@ -26,9 +27,16 @@ cd /tmp/pkg
   python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
 } 2>&1 | tee "$OUT/env.txt"
 start=$(date +%s)
-timeout "${TEST_TIMEOUT:-180}" python3 -m pytest tests/test_kernels.py -m gpu -q -rs \
-  -p no:cacheprovider 2>&1 | tee "$OUT/gpu_tests.log" | tail -25
-echo "gpu tests: $(( $(date +%s) - start )) s"
+if [ "${TESTS:-1}" = 1 ]; then
+  timeout "${TEST_TIMEOUT:-180}" python3 -m pytest tests/test_kernels.py -m gpu -q -rs \
+    -p no:cacheprovider 2>&1 | tee "$OUT/gpu_tests.log" | tail -25
+  echo "gpu tests: $(( $(date +%s) - start )) s"
+fi
+if [ "${EXPLORE:-0}" = 1 ]; then
+  timeout "${EXPLORE_TIMEOUT:-150}" python3 scripts/explore_gpu_step.py --json "$OUT/explore.json" \
+    2>&1 | tee "$OUT/explore.log"
+  echo "explore: $(( $(date +%s) - start )) s"
+fi
 timeout "${BENCH_TIMEOUT:-330}" python3 scripts/bench_kernels.py --gpu \
   --deadline "${DEADLINE:-200}" --json "$OUT/gpu.json" 2>&1 | tee "$OUT/bench.log"
 echo "all: $(( $(date +%s) - start )) s"
