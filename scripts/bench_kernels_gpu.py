@@ -93,9 +93,14 @@ def kernel_calls(t: dict[str, torch.Tensor]) -> dict[str, Callable[[], Any]]:
     n = w.shape[0]
     return {"decode": lambda: ts.decode_rows(v, idx, w, None),
             "grad_values": lambda: ts.gather_dot(g, w, idx),
-            "grad_rows": lambda: ts.segment_rows(idx, v, g, n)[0]}
+            "grad_rows": lambda: ts.segment_rows(idx, v, g, n)[0],
+            # grad W_enc's (d, n) layout, viewed back as (n, d) to compare
+            "grad_rows_T": lambda: ts.segment_rows(idx, v, g, n, transposed=True)[0].t()}
 
 
+# (BLOCK_L, BLOCK_D, num_warps) of the latent-tile segment kernel
+TILE_SWEEP = [(32, 128, 4), (64, 128, 4), (64, 64, 4), (128, 64, 8), (32, 256, 8), (64, 256, 8),
+              (16, 256, 4), (128, 128, 8)]
 # (table entry, tiles) variants per op; the first run on an H100 (docs/kernels.md) swept wider.
 SWEEP = {
     "decode": [("decode", dict(BLOCK_B=b, BLOCK_D=bd, num_warps=nw))
@@ -104,9 +109,7 @@ SWEEP = {
                     for r, bd, nw in [(16, 128, 4), (32, 128, 4), (32, 256, 4)]],
     "grad_rows": [("segment_rows", dict(BLOCK_P=p, BLOCK_D=bd, LATENTS=lat, num_warps=nw))
                   for p, bd, lat, nw in [(4, 512, 4, 4), (8, 512, 1, 4), (8, 512, 16, 4)]]
-    + [("segment_tile", dict(BLOCK_L=bl, PAIRS=p, BLOCK_D=bd, num_warps=nw))
-       for bl, p, bd, nw in [(32, 1, 128, 4), (16, 2, 128, 4), (16, 4, 128, 4), (64, 1, 64, 4),
-                             (32, 1, 256, 8), (16, 4, 256, 8), (8, 4, 256, 4), (64, 1, 128, 8)]],
+    + [("segment_tile", dict(BLOCK_L=bl, BLOCK_D=bd, num_warps=nw)) for bl, bd, nw in TILE_SWEEP],
 }
 
 
@@ -126,12 +129,13 @@ def sweep_tiles(n: int, d: int, k: int) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for op, variants in SWEEP.items():
         ref = calls[op]()
+        ops = [op, op + "_T"] if op == "grad_rows" else [op]  # both layouts count
         rows = []
         for entry, cfg in variants:
             _use(entry, cfg)
             try:
-                err = rel_err(calls[op](), ref)
-                ms = bench(calls[op]) if err < 1e-2 else float("nan")
+                err = max(rel_err(calls[o](), ref) for o in ops)
+                ms = sum(bench(calls[o]) for o in ops) if err < 1e-2 else float("nan")
             except Exception as exc:  # a tile too big for shared memory / registers
                 err, ms = float("nan"), float("nan")
                 print(f"  {op} {entry} {cfg}: {type(exc).__name__}: {str(exc)[:120]}")
@@ -173,19 +177,19 @@ def kernel_point(n: int, d: int, k: int) -> dict[str, Any]:
     f = torch.zeros(BATCH, n, device=DEV, dtype=BF16).scatter_(1, idx, v)  # (batch, n)
     calls = kernel_calls(t)
     dense = {"decode": lambda: f @ w, "grad_values": lambda: (g @ w.t()).gather(1, idx),
-             "grad_rows": lambda: f.t() @ g}
+             "grad_rows": lambda: f.t() @ g, "grad_rows_T": lambda: g.t() @ f}
     # against cuBLAS's bf16 matmul (fp32 accumulation): an fp32 copy of W would not fit at n 2^20
     row: dict[str, Any] = {"decode_rel_err_vs_dense": rel_err(calls["decode"](), f @ w)}
     # Bytes each sparse op must move: k rows of W (or of g) per token, plus its output.
     rows_bytes = BATCH * k * d * 2
     moved = {"decode": rows_bytes + BATCH * d * 2, "grad_values": rows_bytes + BATCH * d * 2,
-             "grad_rows": rows_bytes + n * d * 2}
+             "grad_rows": rows_bytes + n * d * 2, "grad_rows_T": rows_bytes + n * d * 2}
     for name in calls:
         ms = bench(calls[name])
         row[name] = {"ms": ms, "dense_ms": bench(dense[name]), "bytes": moved[name]}
     del f
     row["decoder_fwd_bwd"] = decoder_fwd_bwd(v, idx, w, g)
-    row["decoder_fwd_bwd"]["bytes"] = sum(moved.values())
+    row["decoder_fwd_bwd"]["bytes"] = sum(moved[o] for o in ("decode", "grad_values", "grad_rows"))
     return row
 
 
@@ -257,7 +261,7 @@ def _ms(ms: float | None) -> str:
 
 
 def _fmt_kernels(n: int, d: int, k: int, kern: dict[str, Any], peaks: dict[str, float]) -> None:
-    for name in ("decode", "grad_values", "grad_rows", "decoder_fwd_bwd"):
+    for name in ("decode", "grad_values", "grad_rows", "grad_rows_T", "decoder_fwd_bwd"):
         r = kern[name]
         gbps = r["bytes"] / r["ms"] / 1e6
         bound_ms = r["bytes"] / peaks["gbps"] / 1e6

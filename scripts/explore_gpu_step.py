@@ -33,9 +33,7 @@ from distributed_sae.sae import MemberSpec  # noqa: E402
 from distributed_sae.train.bank_trainer import Member, train_step  # noqa: E402
 
 ROWS = dict(BLOCK_P=4, BLOCK_D=512, LATENTS=4, num_warps=4)  # the first run's sweep winner
-TILES = [dict(BLOCK_L=bl, PAIRS=p, BLOCK_D=bd, num_warps=nw) for bl, p, bd, nw in
-         [(32, 1, 128, 4), (16, 2, 128, 4), (16, 4, 128, 4), (64, 1, 64, 4), (32, 1, 256, 8),
-          (16, 4, 256, 8), (8, 4, 256, 4), (32, 2, 128, 4), (64, 1, 128, 8), (8, 8, 128, 4)]]
+TILES = [dict(BLOCK_L=bl, BLOCK_D=bd, num_warps=nw) for bl, bd, nw in bk.TILE_SWEEP]
 
 
 def skewed_indices(n: int, k: int) -> torch.Tensor:

@@ -134,7 +134,7 @@ def test_interp_encode_gradients(shape, k_aux, dtype):
 
 @pytest.mark.parametrize("segment,tiles", [
     ("rows", dict(LATENTS=3, BLOCK_D=16, BLOCK_P=4)), ("rows", dict(LATENTS=8, BLOCK_D=32, BLOCK_P=2)),
-    ("tile", dict(BLOCK_L=4, PAIRS=1, BLOCK_D=16)), ("tile", dict(BLOCK_L=8, PAIRS=4, BLOCK_D=32))])
+    ("tile", dict(BLOCK_L=4, BLOCK_D=16)), ("tile", dict(BLOCK_L=32, BLOCK_D=32))])
 def test_interp_other_tile_sizes(segment, tiles, monkeypatch):
     """The tile sizes and segment kernels a GPU sweep may pick (scripts/bench_kernels.py --gpu)
     compute the same sums: several latents per program (n = 100, 33, 200 not multiples of 3, 4 or
@@ -144,7 +144,7 @@ def test_interp_other_tile_sizes(segment, tiles, monkeypatch):
     small = {"decode": dict(BLOCK_B=8, BLOCK_D=tiles["BLOCK_D"], num_warps=4),
              "gather_dot": dict(BLOCK_R=16, BLOCK_D=tiles["BLOCK_D"], num_warps=4),
              "segment_rows": dict(LATENTS=1, BLOCK_P=8, BLOCK_D=64, num_warps=4),
-             "segment_tile": dict(BLOCK_L=8, PAIRS=2, BLOCK_D=64, num_warps=4)}
+             "segment_tile": dict(BLOCK_L=8, BLOCK_D=64, num_warps=4)}
     small["segment_" + segment] = dict(tiles, num_warps=4)
     monkeypatch.setattr(triton_sparse, "INTERPRET_CONFIG", small)
     monkeypatch.setattr(triton_sparse, "SEGMENT_KERNEL", segment)
