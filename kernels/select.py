@@ -7,7 +7,8 @@ encoder forward at batch 4096, d 576, n 4608, fp32 measured:
     difference is page faults. glibc serves a 75 MB allocation with mmap and unmaps it on free,
     so every step touches 18k fresh pages (torch has no caching allocator on CPU);
   * torch.topk(k=32) over (4096, 4608) 29.5 ms; `grouped_topk` below 22.6 ms, same values.
-On CUDA neither applies (the caching allocator reuses blocks; torch.topk is used as is).
+On CUDA the buffer does not apply (the caching allocator reuses blocks); the grouped top-k
+does, with larger groups (_GROUP_CUDA).
 """
 
 from __future__ import annotations
@@ -20,8 +21,10 @@ import torch
 # 24.5, 42.7 ms): smaller groups leave many group maxima to select from, larger ones many
 # candidates to gather.
 _GROUP = 8
-# On CUDA: 0 = torch.topk over all n (set from the GPU measurements in docs/kernels.md).
-_GROUP_CUDA = 0
+# On CUDA (H100, bf16, batch 4096, k 32; docs/kernels.md): torch.topk over n = 131072 took
+# 3.89 ms, groups of 8/16/32/64/128 1.27/1.02/0.95/1.05/1.36 ms; over n = 2^20 35.1 ms against
+# 8.62/6.11/4.95/4.94/4.74 ms. 0 would mean torch.topk over all n.
+_GROUP_CUDA = 32
 
 _local = threading.local()  # one buffer per thread: bank members of one thread share it
 

@@ -17,11 +17,14 @@ pass 2^31 elements (n·d at n = 2^20, d = 4096 is 2^32) are computed in int64.
 
 from __future__ import annotations
 
+import logging
 import os
 
 import torch
 import triton
 import triton.language as tl
+
+log = logging.getLogger(__name__)
 
 
 # Tile sizes of each kernel on a GPU. BLOCK_D is capped at next_power_of_2(d) per call.
@@ -31,7 +34,7 @@ CONFIG: dict[str, dict[str, int]] = {
     # LATENTS: latents summed one after another by each program (fewer, longer programs when the
     # average latent has ~1 pair, as at batch 4096, k 32, n 131072).
     "segment_rows": dict(BLOCK_P=4, BLOCK_D=512, LATENTS=4, num_warps=4),
-    "segment_tile": dict(BLOCK_L=32, BLOCK_D=128, num_warps=4),
+    "segment_tile": dict(BLOCK_L=16, BLOCK_D=256, num_warps=4),
 }
 # Which kernel segment_rows launches: "rows" (_segment_rows_kernel) or "tile".
 SEGMENT_KERNEL = "tile"
@@ -130,14 +133,16 @@ def _segment_rows_kernel(order_ptr, seg_ptr, s_ptr, src_ptr, out_ptr, sums_ptr, 
 
 
 @triton.jit
-def _segment_tile_kernel(order_ptr, seg_ptr, steps_ptr, s_ptr, src_ptr, out_ptr, sums_ptr, N, K,
-                         D, stride_on, stride_od, WITH_SUMS: tl.constexpr, BLOCK_L: tl.constexpr,
+def _segment_tile_kernel(tok_ptr, sc_ptr, seg_ptr, steps_ptr, src_ptr, out_ptr, sums_ptr, N, D,
+                         stride_on, stride_od, WITH_SUMS: tl.constexpr, BLOCK_L: tl.constexpr,
                          BLOCK_D: tl.constexpr):
     """BLOCK_L latents side by side, one pair of each per step: BLOCK_L independent row loads in
-    flight per step instead of one latent's chain of dependent loads (order -> pair -> row).
-    steps_ptr holds each program's largest pair count (computed on the host side: an in-kernel
-    max made Triton 3.6's layout pass fail on an H100). out is written through its strides, so
-    the (d, n) layout of grad W_enc needs no transposing copy."""
+    flight per step instead of one latent's chain of dependent loads. tok_ptr / sc_ptr hold the
+    token and scale of each pair in latent order, gathered on the host side, so a step's chain
+    is position -> token -> row. steps_ptr holds each program's largest pair count. (Both
+    replace in-kernel work that Triton 3.6's layout pass failed to compile on an H100 at most
+    tile sizes: a load addressed by a loaded 1-D value, and an in-kernel max.) out is written
+    through its strides, so grad W_enc's (d, n) layout needs no transposing copy."""
     lat = tl.program_id(0) * BLOCK_L + tl.arange(0, BLOCK_L)  # (BL,)
     lm = lat < N
     cols = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)  # (BD,)
@@ -150,9 +155,8 @@ def _segment_tile_kernel(order_ptr, seg_ptr, steps_ptr, s_ptr, src_ptr, out_ptr,
     for t in range(0, steps):
         p = start + t  # (BL,) the t-th pair of each latent
         pm = p < end
-        pair = tl.load(order_ptr + p, mask=pm, other=0)
-        s = tl.load(s_ptr + pair, mask=pm, other=0.0).to(tl.float32)
-        tok = (pair // K).to(tl.int64)
+        tok = tl.load(tok_ptr + p, mask=pm, other=0)
+        s = tl.load(sc_ptr + p, mask=pm, other=0.0).to(tl.float32)
         x = tl.load(src_ptr + tok[:, None] * D + cols[None, :], mask=pm[:, None] & cm[None, :],
                     other=0.0).to(tl.float32)  # (BL, BD)
         acc += s[:, None] * x
@@ -210,6 +214,35 @@ def gather_dot(grad: torch.Tensor, weight: torch.Tensor, indices: torch.Tensor) 
     return out
 
 
+_TILE_FAILED = False
+
+
+def _tile_failed(err: RuntimeError) -> None:
+    global _TILE_FAILED
+    _TILE_FAILED = True
+    log.warning("the latent-tile segment kernel did not compile (%s); using the per-latent one",
+                str(err).splitlines()[0][:200])
+
+
+def _segment_tile(order: torch.Tensor, seg: torch.Tensor, scales: torch.Tensor,
+                  src: torch.Tensor, n: int, k: int, sums: torch.Tensor | None,
+                  transposed: bool) -> torch.Tensor:
+    d = src.shape[1]
+    cfg = _config("segment_tile", d)
+    bl = cfg["BLOCK_L"]
+    counts = torch.diff(seg)  # (n,) pairs per latent
+    steps = torch.nn.functional.pad(counts, (0, -n % bl)).view(-1, bl).amax(1)  # (n / bl,)
+    tok = order // k  # (batch * k,) token of each pair, latent order
+    sc = scales.reshape(-1)[order]  # (batch * k,) its scale
+    out = torch.empty((d, n) if transposed else (n, d), dtype=src.dtype, device=src.device)
+    strides = (1, n) if transposed else (d, 1)  # (latent, column) strides of out
+    grid = (triton.cdiv(n, bl), triton.cdiv(d, cfg["BLOCK_D"]))
+    _segment_tile_kernel[grid](tok, sc, seg, steps, src.contiguous(), out,
+                               sums if sums is not None else out, n, d, *strides,
+                               WITH_SUMS=sums is not None, **cfg)
+    return out
+
+
 def segment_rows(indices: torch.Tensor, scales: torch.Tensor, src: torch.Tensor, n: int,
                  with_sums: bool = False, transposed: bool = False
                  ) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -222,18 +255,11 @@ def segment_rows(indices: torch.Tensor, scales: torch.Tensor, src: torch.Tensor,
     seg = torch.zeros(n + 1, dtype=torch.int64, device=src.device)
     torch.cumsum(torch.bincount(flat, minlength=n), 0, out=seg[1:])  # (n + 1,) CSR offsets
     sums = torch.empty(n, dtype=torch.float32, device=src.device) if with_sums else None
-    if SEGMENT_KERNEL == "tile":
-        cfg = _config("segment_tile", d)
-        bl = cfg["BLOCK_L"]
-        counts = torch.diff(seg)  # (n,) pairs per latent
-        steps = torch.nn.functional.pad(counts, (0, -n % bl)).view(-1, bl).amax(1)  # (n / bl,)
-        out = torch.empty((d, n) if transposed else (n, d), dtype=src.dtype, device=src.device)
-        strides = (1, n) if transposed else (d, 1)  # (latent, column) strides of out
-        grid = (triton.cdiv(n, bl), triton.cdiv(d, cfg["BLOCK_D"]))
-        _segment_tile_kernel[grid](order, seg, steps, scales.contiguous(), src.contiguous(), out,
-                                   sums if sums is not None else out, n, k, d, *strides,
-                                   WITH_SUMS=with_sums, **cfg)
-        return out, sums
+    if SEGMENT_KERNEL == "tile" and not _TILE_FAILED:
+        try:
+            return _segment_tile(order, seg, scales, src, n, k, sums, transposed), sums
+        except RuntimeError as err:  # a Triton that cannot compile it: the per-latent kernel
+            _tile_failed(err)
     cfg = _config("segment_rows", d)
     out = torch.empty(n, d, dtype=src.dtype, device=src.device)
     grid = (triton.cdiv(n, cfg["LATENTS"]), triton.cdiv(d, cfg["BLOCK_D"]))

@@ -71,6 +71,7 @@ def segment_variants(n: int, d: int, k: int) -> list[dict[str, Any]]:
         ts.SEGMENT_KERNEL = "tile"
         for cfg in TILES:
             ts.CONFIG["segment_tile"] = cfg
+            ts._TILE_FAILED = False
             for tr in (False, True):
                 name = f"tile{tuple(cfg.values())}{'_T' if tr else ''}"
                 call = (lambda tr=tr: ts.segment_rows(idx, v, g, n, transposed=tr)[0].t()
@@ -84,6 +85,8 @@ def segment_variants(n: int, d: int, k: int) -> list[dict[str, Any]]:
 def _time(law: str, top: int, name: str, call, ref: torch.Tensor) -> dict[str, Any]:
     try:
         err = rel_err(call(), ref)
+        if name.startswith("tile") and ts._TILE_FAILED:
+            raise RuntimeError("the tile kernel did not compile")
         ms = bench(call)
     except Exception as exc:
         print(f"{law} {name}: {exc!r}"[:200])

@@ -151,6 +151,7 @@ def test_interp_other_tile_sizes(segment, tiles, monkeypatch):
     for shape in SHAPES:
         check_decode("triton", shape, torch.float32)
         check_encode("triton", shape, torch.float32, k_aux=3)
+    assert not triton_sparse._TILE_FAILED  # ran the kernel asked for, not the fallback
 
 
 def test_interp_topk_sae_loss_matches_dense():
@@ -326,10 +327,46 @@ def test_topk_code_without_auxk_has_no_aux():
 @needs_cuda
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("shape", SHAPES + [(512, 576, 16384, 32)])
-def test_gpu_triton_matches_reference(shape, dtype):
+def test_gpu_triton_matches_reference(shape, dtype, monkeypatch):
     pytest.importorskip("triton")
+    # torch.topk over all n, as the reference: in bf16 the k-th and (k+1)-th pre-activations tie
+    # often at n 16384, and grouped_topk may then keep the other one (same values, other
+    # indices, other gradients). Its own test is below.
+    monkeypatch.setattr(select, "_GROUP_CUDA", 0)
     check_decode("triton", shape, dtype, device="cuda")
     check_encode("triton", shape, dtype, k_aux=min(7, shape[2] // 4), device="cuda")
+
+
+@gpu
+@needs_cuda
+@pytest.mark.parametrize("n", [16384, 131072])
+def test_gpu_grouped_topk_gives_topk_values(n):
+    pre = torch.randn(256, n, device="cuda", dtype=torch.bfloat16)
+    values, indices = select.grouped_topk(pre, 32)  # _GROUP_CUDA-sized groups
+    want = pre.topk(32, dim=-1).values
+    assert torch.equal(values.sort(-1).values, want.sort(-1).values)
+    assert torch.equal(pre.gather(1, indices), values)
+    assert int(indices.sort(-1).values.diff(dim=-1).eq(0).sum()) == 0  # distinct latents
+
+
+@gpu
+@needs_cuda
+def test_gpu_segment_tile_kernel_compiles_and_is_used():
+    """The latent-tile kernel at the committed tiles compiles with this Triton (a fallback to the
+    per-latent kernel would stay silent apart from a warning, and cost ~3x on an H100)."""
+    pytest.importorskip("triton")
+    from distributed_sae.kernels import triton_sparse
+
+    idx = torch.randint(0, 3000, (300, 16), device="cuda")
+    s, src = torch.rand(300, 16, device="cuda"), torch.randn(300, 200, device="cuda")
+    for transposed in (False, True):
+        out, sums = triton_sparse.segment_rows(idx, s, src, 3000, True, transposed)
+        assert not triton_sparse._TILE_FAILED
+        want = torch.zeros(3000, 200, device="cuda").index_add_(
+            0, idx.reshape(-1), s.reshape(-1, 1) * src.repeat_interleave(16, 0))
+        assert rel_err(out.t() if transposed else out, want) < 1e-5
+        assert rel_err(sums, torch.zeros(3000, device="cuda").index_add_(
+            0, idx.reshape(-1), s.reshape(-1))) < 1e-5
 
 
 @gpu
