@@ -251,9 +251,10 @@ def segment_rows(indices: torch.Tensor, scales: torch.Tensor, src: torch.Tensor,
     batch, k = indices.shape
     d = src.shape[1]
     flat = indices.reshape(-1)  # (batch * k,)
-    _, order = torch.sort(flat, stable=True)  # pairs grouped by latent, token order kept
-    seg = torch.zeros(n + 1, dtype=torch.int64, device=src.device)
-    torch.cumsum(torch.bincount(flat, minlength=n), 0, out=seg[1:])  # (n + 1,) CSR offsets
+    keys, order = torch.sort(flat, stable=True)  # pairs grouped by latent, token order kept
+    # (n + 1,) CSR offsets: pairs with a latent < i. torch.bincount would do it too, but on CUDA
+    # it reads its input's max back to the host, a sync per call.
+    seg = torch.searchsorted(keys, torch.arange(n + 1, device=src.device))
     sums = torch.empty(n, dtype=torch.float32, device=src.device) if with_sums else None
     if SEGMENT_KERNEL == "tile" and not _TILE_FAILED:
         try:
