@@ -7,7 +7,7 @@
 #   pip download --no-deps --only-binary=:all: --python-version 3.12 --platform manylinux2014_x86_64 \
 #       -d .whl zarr==3.1.6 numcodecs==0.16.6 donfig==0.8.1.post1 google-crc32c==1.9.0
 # Environment: DEADLINE (s; the grid starts no point after it, default 200), BENCH_TIMEOUT (s),
-# TESTS=0 skips the tests, EXPLORE=1 first runs scripts/explore_gpu_step.py (variants, profile).
+# SWEEP=0 keeps the committed tiles (no sweep), TESTS=0 skips the tests, EXPLORE=1 first runs scripts/explore_gpu_step.py (variants, profile).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/gpu_out}
@@ -37,6 +37,7 @@ if [ "${EXPLORE:-0}" = 1 ]; then
     2>&1 | tee "$OUT/explore.log"
   echo "explore: $(( $(date +%s) - start )) s"
 fi
-timeout "${BENCH_TIMEOUT:-330}" python3 scripts/bench_kernels.py --gpu \
+sweep=$([ "${SWEEP:-1}" = 1 ] || echo --no-sweep)
+timeout "${BENCH_TIMEOUT:-330}" python3 scripts/bench_kernels.py --gpu $sweep \
   --deadline "${DEADLINE:-200}" --json "$OUT/gpu.json" 2>&1 | tee "$OUT/bench.log"
 echo "all: $(( $(date +%s) - start )) s"
