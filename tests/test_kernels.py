@@ -386,3 +386,25 @@ def test_gpu_topk_sae_step_matches_dense(backend):
         outs[name] = [p.grad for p in sae.parameters()]
     for got, want in zip(outs[backend], outs["dense"]):
         assert rel_err(got, want) < 1e-4  # TF32 may be on for the dense matmuls
+
+
+def test_bench_kernels_gpu_script_dry_run_on_cpu(tmp_path):
+    """scripts/bench_kernels.py --gpu runs only where a GPU is lent; its --dry-run (CPU tensors,
+    the Triton interpreter, fp32, tiny shapes) takes every line of it, so a GPU lease is not
+    spent finding a bug in the script. Checks the JSON holds every op and the step for the point."""
+    import json
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    out = tmp_path / "dry.json"
+    run = subprocess.run([sys.executable, os.path.join(root, "scripts", "bench_kernels.py"),
+                          "--dry-run", "--n", "100", "--d", "40", "--k", "4", "--json", str(out)],
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    gpu = json.loads(out.read_text())["gpu"]
+    assert set(gpu["sweep"]) == {"decode", "grad_values", "grad_rows", "topk_group"}
+    point = gpu["grid"][0]
+    assert (point["n"], point["d"], point["k"]) == (100, 40, 4)
+    assert set(point["kernels"]) >= {"decode", "grad_values", "grad_rows", "grad_rows_T",
+                                     "decoder_fwd_bwd"}
+    assert point["kernels"]["decode_rel_err_vs_dense"] < 1e-5
+    assert point["step"]["triton"]["ms"] > 0 and point["step"]["dense"]["ms"] > 0
