@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gc
 import json
+import os
 import threading
 import time
 
@@ -149,6 +150,45 @@ def test_direct_shard_reads_match_zarr(tmp_path, monkeypatch):
     for store in stores:
         via_zarr = list(ActivationReader(store, **kw).iter_epoch(2))
         assert all(torch.equal(x, y) for x, y in zip(direct, via_zarr, strict=True))
+
+
+def test_read_ahead_hints_cover_exactly_the_bytes_then_read(tmp_path, monkeypatch):
+    """ShardFiles.advise asks the kernel (posix_fadvise WILLNEED) for the very byte ranges that
+    read() then preads, across shards, partial chunks and never-written ones; and a reader epoch
+    hints every chunk before reading it."""
+    from distributed_sae.store import shard_files
+
+    store = ActivationStore.create(
+        tmp_path / "s", hook_dims={HOOK: D}, n_units=3, unit_rows=UNIT_ROWS, chunk_rows=CHUNK,
+        dtype="float16", compression="none", metadata={})
+    for u in range(3):
+        x, tokens = unit_rows(u)
+        x[CHUNK:2 * CHUNK] = 0  # a chunk of fill values: not written
+        if u == 1:
+            x[:] = 0  # a shard of fill values: no file
+        store.write_unit(u, {HOOK: x}, tokens)
+        commit_unit(store.path, u, {"stats": {}})
+    store = ActivationStore.open(tmp_path / "s")
+    files = RowSource(store, HOOK)._acts_files
+    hinted, read = [], []
+    ino = lambda fd: os.fstat(fd).st_ino  # noqa: E731  (which shard file)
+    monkeypatch.setattr(shard_files.os, "posix_fadvise",
+                        lambda fd, off, n, advice: hinted.append((ino(fd), off, n, advice)),
+                        raising=False)
+    real_pread = shard_files._pread_into
+    monkeypatch.setattr(shard_files, "_pread_into", lambda fd, buf, off: (
+        read.append((ino(fd), off, len(buf))), real_pread(fd, buf, off)))
+    start, stop = 5, 3 * UNIT_ROWS - 7
+    files.advise(start, stop)
+    out = np.empty((stop - start, D), dtype=np.float16)
+    files.read(start, stop, out)
+    assert hinted and [h[:3] for h in hinted] == read
+    assert {h[3] for h in hinted} == {shard_files.os.POSIX_FADV_WILLNEED}
+    assert np.array_equal(out, store.read(HOOK, start, stop).numpy().astype(np.float16))
+    hinted.clear(), read.clear()
+    list(ActivationReader(store, HOOK, range(3 * UNIT_ROWS), 16, buffer_chunks=2,
+                          prefetch=0).iter_epoch(0))
+    assert sorted(read) == sorted({h[:3] for h in hinted})  # each chunk hinted (twice: ahead)
 
 
 def test_prefetch_gives_the_same_batches(store):

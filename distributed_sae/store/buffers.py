@@ -71,6 +71,17 @@ class RowSource:
         """Rows of every [start, stop) span, one after another, into out (rows, d)."""
         _read_spans(self._acts_files, self._acts, spans, out)
 
+    def advise(self, spans: Sequence[tuple[int, int]], with_tokens: bool) -> None:
+        """Start reading these spans from the disk in the background (uncompressed stores; a
+        hint that is dropped on any error: the reads that follow check everything)."""
+        for files in (self._acts_files, self._token_files if with_tokens else None):
+            if files is not None:
+                try:
+                    for start, stop in spans:
+                        files.advise(start, stop)
+                except (OSError, ValueError):
+                    return
+
     def tokens(self, spans: Sequence[tuple[int, int]]) -> np.ndarray:
         """Token ids of every span, concatenated: (rows,) int32."""
         out = np.empty(sum(e - s for s, e in spans), dtype=np.int32)
@@ -159,6 +170,10 @@ class BufferFiller:
         self._raws: list[np.ndarray | None] = [None] * self.SLOTS  # (rows, d) storage dtype
         self._tile = source.empty(self.TILE)  # (TILE, d) storage dtype, gather target
         self._tile_t = source.as_torch(self._tile)  # the same memory as a torch tensor
+
+    def advise(self, starts: Sequence[int]) -> None:
+        """Hint the kernel to read these chunks now (see ShardFiles.advise)."""
+        self.source.advise(spans_of(starts, self.spec), with_tokens=len(self.spec.exclude) > 0)
 
     def load(self, index: int, starts: Sequence[int]) -> Loaded:
         """Read the chunks of buffer `index` and draw its row order."""
@@ -265,6 +280,11 @@ def loads(filler: BufferFiller, buffers: Sequence[Sequence[int]], first: int,
     for index in range(first, len(buffers)):
         if halt.is_set() or (ready is not None and not ready(buffers[index], halt)):
             return
+        # All of this buffer's chunks queued at once, and the next buffer's behind them (not in
+        # follow mode, where the next chunks may still be being written).
+        filler.advise(buffers[index])
+        if ready is None and index + 1 < len(buffers):
+            filler.advise(buffers[index + 1])
         yield filler.load(index, buffers[index])
 
 

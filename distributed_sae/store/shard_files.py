@@ -6,6 +6,7 @@ import json
 import os
 import sys
 from pathlib import Path
+from typing import Iterator
 
 import google_crc32c
 import numpy as np
@@ -61,6 +62,32 @@ class ShardFiles:
         if not out.flags.c_contiguous or out.dtype != self.dtype:
             raise ValueError("ShardFiles.read needs a C-contiguous array of the array's dtype")
         view = memoryview(out.reshape(-1).view(np.uint8))
+        for fd, lo, hi, offset in self._pieces(start, stop):
+            if fd is None or offset is None:  # a shard or chunk never written: fill values
+                out[lo:hi] = self.fill
+            else:
+                _pread_into(fd, view[lo * self.row_bytes:hi * self.row_bytes], offset)
+
+    def advise(self, start: int, stop: int) -> None:
+        """Ask the kernel to start reading rows [start, stop) from the disk now (a hint:
+        posix_fadvise WILLNEED), so that the reads that follow find them in the page cache.
+
+        A shuffled reader reads one ~1 MB chunk after another from scattered offsets, which
+        the kernel's sequential readahead does not foresee: on the 2-core build machine, with the
+        files evicted from the page cache, that read 0.94 GB/s where a sequential memmap pass
+        read 2.28 GB/s. Hinting a whole buffer's chunks at once queues them together.
+        """
+        if not hasattr(os, "posix_fadvise"):
+            return
+        for fd, lo, hi, offset in self._pieces(start, stop):
+            if fd is not None and offset is not None:
+                os.posix_fadvise(fd, offset, (hi - lo) * self.row_bytes, os.POSIX_FADV_WILLNEED)
+
+    def _pieces(self, start: int, stop: int
+                ) -> Iterator[tuple[int | None, int, int, int | None]]:
+        """(fd, lo, hi, file offset) of each run of rows [start, stop) within one inner chunk:
+        rows lo..hi of the request (0-based), None fd / offset where never written. The fd is
+        open only until the next item."""
         row = start
         while row < stop:
             shard = row // self.shard_rows
@@ -69,7 +96,7 @@ class ShardFiles:
             try:
                 fd = os.open(self.root / key, os.O_RDONLY)
             except FileNotFoundError:  # a shard of fill values only is not written
-                out[row - start:end - start] = self.fill
+                yield None, row - start, end - start, None
                 row = end
                 continue
             try:
@@ -78,11 +105,8 @@ class ShardFiles:
                     inner, in_chunk = divmod(row - shard * self.shard_rows, self.chunk_rows)
                     stop_c = min(end, row - in_chunk + self.chunk_rows)
                     offset = int(index[inner, 0])
-                    lo, hi = (row - start) * self.row_bytes, (stop_c - start) * self.row_bytes
-                    if offset == _MISSING:
-                        out[row - start:stop_c - start] = self.fill
-                    else:
-                        _pread_into(fd, view[lo:hi], offset + in_chunk * self.row_bytes)
+                    at = None if offset == _MISSING else offset + in_chunk * self.row_bytes
+                    yield fd, row - start, stop_c - start, at
                     row = stop_c
             finally:
                 os.close(fd)
