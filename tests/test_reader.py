@@ -188,7 +188,7 @@ def test_read_ahead_hints_cover_exactly_the_bytes_then_read(tmp_path, monkeypatc
     hinted.clear(), read.clear()
     list(ActivationReader(store, HOOK, range(3 * UNIT_ROWS), 16, buffer_chunks=2,
                           prefetch=0).iter_epoch(0))
-    assert sorted(read) == sorted({h[:3] for h in hinted})  # each chunk hinted (twice: ahead)
+    assert sorted(read) == sorted(h[:3] for h in hinted)  # each chunk hinted exactly once
 
 
 def test_prefetch_gives_the_same_batches(store):

@@ -280,9 +280,11 @@ def loads(filler: BufferFiller, buffers: Sequence[Sequence[int]], first: int,
     for index in range(first, len(buffers)):
         if halt.is_set() or (ready is not None and not ready(buffers[index], halt)):
             return
-        # All of this buffer's chunks queued at once, and the next buffer's behind them (not in
-        # follow mode, where the next chunks may still be being written).
-        filler.advise(buffers[index])
+        # Read-ahead hints: the next buffer's chunks while this one is read (this one was
+        # hinted on the previous turn), except in follow mode, where the next chunks may still
+        # be being written: there each buffer is hinted once ready, all its chunks at once.
+        if index == first or ready is not None:
+            filler.advise(buffers[index])
         if ready is None and index + 1 < len(buffers):
             filler.advise(buffers[index + 1])
         yield filler.load(index, buffers[index])
