@@ -250,18 +250,23 @@ def _segment_tile(order: torch.Tensor, seg: torch.Tensor, scales: torch.Tensor,
     return out
 
 
+def latent_csr(indices: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """indices (batch, k) -> (order (batch * k,): flat pair ids grouped by latent, token order
+    kept; seg (n + 1,): CSR offsets, the pairs of latent i are order[seg[i]:seg[i + 1]])."""
+    keys, order = torch.sort(indices.reshape(-1), stable=True)
+    # seg[i] = pairs with a latent < i. torch.bincount would do it too, but on CUDA it reads
+    # its input's max back to the host, a sync per call.
+    return order, torch.searchsorted(keys, torch.arange(n + 1, device=indices.device))
+
+
 def segment_rows(indices: torch.Tensor, scales: torch.Tensor, src: torch.Tensor, n: int,
                  with_sums: bool = False, transposed: bool = False
                  ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """indices, scales (batch, k), src (batch, d) -> ((n, d) in src's dtype, or (d, n) with
     `transposed`; (n,) fp32 or None)."""
-    batch, k = indices.shape
+    k = indices.shape[1]
     d = src.shape[1]
-    flat = indices.reshape(-1)  # (batch * k,)
-    keys, order = torch.sort(flat, stable=True)  # pairs grouped by latent, token order kept
-    # (n + 1,) CSR offsets: pairs with a latent < i. torch.bincount would do it too, but on CUDA
-    # it reads its input's max back to the host, a sync per call.
-    seg = torch.searchsorted(keys, torch.arange(n + 1, device=src.device))
+    order, seg = latent_csr(indices, n)
     sums = torch.empty(n, dtype=torch.float32, device=src.device) if with_sums else None
     if SEGMENT_KERNEL == "tile" and not _TILE_FAILED:
         try:

@@ -32,7 +32,6 @@ from distributed_sae.kernels import triton_sparse as ts  # noqa: E402
 from distributed_sae.sae import MemberSpec  # noqa: E402
 from distributed_sae.train.bank_trainer import Member, train_step  # noqa: E402
 
-ROWS = dict(BLOCK_P=4, BLOCK_D=512, LATENTS=4, num_warps=4)  # the first run's sweep winner
 TILES = [dict(BLOCK_L=bl, BLOCK_D=bd, num_warps=nw) for bl, bd, nw in bk.TILE_SWEEP]
 
 
@@ -44,10 +43,7 @@ def skewed_indices(n: int, k: int) -> torch.Tensor:
 
 
 def cusparse_rows(idx: torch.Tensor, v: torch.Tensor, g: torch.Tensor, n: int) -> torch.Tensor:
-    flat = idx.reshape(-1)
-    _, order = torch.sort(flat, stable=True)
-    seg = torch.zeros(n + 1, dtype=torch.int64, device=bk.DEV)
-    torch.cumsum(torch.bincount(flat, minlength=n), 0, out=seg[1:])
+    order, seg = ts.latent_csr(idx, n)
     tok = order // idx.shape[1]
     f_t = torch.sparse_csr_tensor(seg, tok, v.reshape(-1)[order], size=(n, idx.shape[0]))
     return f_t @ g  # (n, d)
@@ -61,8 +57,7 @@ def segment_variants(n: int, d: int, k: int) -> list[dict[str, Any]]:
         top = int(torch.bincount(idx.reshape(-1), minlength=n).max())
         ref = torch.zeros(bk.BATCH, n, device=bk.DEV, dtype=bk.BF16).scatter_(1, idx, v).t() @ g
         calls = {"dense_matmul": lambda: ref}
-        ts.CONFIG["segment_rows"] = ROWS
-        ts.SEGMENT_KERNEL = "rows"
+        ts.SEGMENT_KERNEL = "rows"  # the per-latent kernel at its committed tiles
         calls["rows"] = lambda: ts.segment_rows(idx, v, g, n)[0]
         calls["rows_T"] = lambda: ts.segment_rows(idx, v, g, n, transposed=True)[0].t()
         calls["cusparse"] = lambda: cusparse_rows(idx, v, g, n)
