@@ -38,7 +38,9 @@ def config(a: argparse.Namespace, store: ActivationStore, out: Path, resample: b
                       l1_coefficient=a.l1, seed=0),
         train=TrainConfig(tokens=steps * a.batch, batch_size=a.batch, lr=a.lr,
                           holdout_fraction=a.holdout, log_every=50, resample_steps=every,
-                          resample_window=a.window, resample_inputs=a.resample_inputs),
+                          resample_window=a.window, resample_inputs=a.resample_inputs,
+                          outlier_norm_ratio=a.outlier_ratio,
+                          dead_report_tokens=a.dead_report_tokens),
         eval=EvalConfig(spliced=False, features=False, dashboard=False),
         out_dir=str(out))
     cfg.data.context_size = store.context_size
@@ -75,6 +77,12 @@ def main() -> None:
                          "step 100k, is also followed by more training)")
     ap.add_argument("--resample-inputs", type=int, default=65536)
     ap.add_argument("--holdout", type=float, default=0.1)
+    ap.add_argument("--dead-report-tokens", type=int, default=10_000_000,
+                    help="train.dead_report_tokens: the training log's dead window (the issue: "
+                         "10M tokens, or all tokens seen when fewer)")
+    ap.add_argument("--outlier-ratio", type=float, default=0.0,
+                    help="train.outlier_norm_ratio: drop rows above this multiple of the median "
+                         "norm (SmolLM2's massive activations after BOS); 0 keeps all rows")
     ap.add_argument("--json", default=None)
     a = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")

@@ -62,8 +62,10 @@ def sparse_batches(steps: int, batch: int, d: int, n_dirs: int, seed: int = 0) -
     return out
 
 
-def write_sparse_store(path, n_units: int = 8, unit_rows: int = 512, d: int = 32, seed: int = 0):
-    """A committed store of synthetic activations: sums of 3 of 96 random directions + noise."""
+def write_sparse_store(path, n_units: int = 8, unit_rows: int = 512, d: int = 32, seed: int = 0,
+                       outlier_every: int = 0):
+    """A committed store of synthetic activations: sums of 3 of 96 random directions + noise;
+    with outlier_every, every such row from row 1 on is 100x larger (a "massive activation")."""
     import numpy as np
     import torch
 
@@ -83,6 +85,8 @@ def write_sparse_store(path, n_units: int = 8, unit_rows: int = 512, d: int = 32
         idx = torch.randint(0, 96, (unit_rows, 3), generator=g)
         x = ((torch.rand(unit_rows, 3, generator=g) + 0.5)[..., None] * dirs[idx]).sum(1) * 4 + 1
         x += 0.01 * torch.randn(unit_rows, d, generator=g)
+        if outlier_every:
+            x[1::outlier_every] *= 100
         store.write_unit(u, {hook: x}, np.arange(unit_rows) % 1000)
         keep = torch.ones(unit_rows, dtype=torch.bool)
         commit_unit(store.path, u, {"stats": {hook: unit_stats(x, keep)}})

@@ -62,6 +62,7 @@ def test_default_config_and_user_keys():
     ("sae.hook=blocks.2.hook_resid_post", "sae.hook='blocks.2.hook_resid_post' is not harvested"),
     ("train.holdout_fraction=1.5", "train.holdout_fraction must be in (0, 1), got 1.5"),
     ("data.n_tokens=0", "data.n_tokens must be positive, got 0"),
+    ("train.outlier_norm_ratio=0.8", "train.outlier_norm_ratio=0.8 would drop"),
 ])
 def test_invalid_values_are_refused(override, message):
     with pytest.raises(ConfigError) as err:

@@ -93,6 +93,19 @@ def test_every_row_once_per_epoch_on_every_rank_split(store, batch, buffer_chunk
     assert no_threads_left()
 
 
+@pytest.mark.parametrize("prefetch", [0, 2])
+def test_rows_above_max_norm_are_dropped_exactly(store, prefetch):
+    norms = store.read(HOOK, 0, TOTAL).norm(dim=1)  # (TOTAL,) grows with the row id
+    limit = float(norms[TOTAL // 2])
+    want = [r for r in range(TOTAL) if r % 50 not in (0, 3) and norms[r] <= limit]
+    reader = ActivationReader(store, HOOK, range(TOTAL), 5, buffer_chunks=2, drop_last=False,
+                              exclude_token_ids=[0, 3], max_norm=limit, prefetch=prefetch)
+    got = row_ids(reader.iter_epoch(1))
+    assert sorted(got.tolist()) == want and len(want) < TOTAL // 2
+    with pytest.raises(ValueError, match="max_norm=0"):
+        ActivationReader(store, HOOK, range(TOTAL), 5, max_norm=0)
+
+
 def test_drop_last_and_new_order_each_epoch(store):
     reader = ActivationReader(store, HOOK, range(16, TOTAL - 3), 32, buffer_chunks=2)
     e0, e1 = list(reader.iter_epoch(0)), list(reader.iter_epoch(1))
@@ -241,7 +254,8 @@ def test_resume_reads_only_from_the_saved_buffer_on(store, monkeypatch):
 
 
 @pytest.mark.parametrize("field,value", [("seed", 3), ("rows", range(0, 256)), ("world_size", 2),
-                                         ("batch_size", 8), ("exclude_token_ids", [1])])
+                                         ("batch_size", 8), ("exclude_token_ids", [1]),
+                                         ("max_norm", 1e4)])
 def test_state_of_another_config_is_refused(store, field, value):
     state = ActivationReader(store, HOOK, range(TOTAL), 7, exclude_token_ids=[0]).state_dict()
     kw = dict(store=store, hook=HOOK, rows=range(TOTAL), batch_size=7, exclude_token_ids=[0])

@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 
 from distributed_sae.config import DataConfig, EvalConfig, HarvestConfig, RunConfig, SAEConfig, StoreConfig, TrainConfig
 from distributed_sae.eval import evaluate
-from distributed_sae.train import BankTrainer, train
+from distributed_sae.train import BankTrainer, input_norm, input_scale, train
 from distributed_sae.train.checkpoint import latest_checkpoint
 
 HOOK = "blocks.0.hook_resid_post"
@@ -58,6 +58,32 @@ def test_every_kind_learns_from_the_store(store_path, tmp_path, kind):
     for name, m in results.items():
         assert m["fvu"] < 0.5, (name, m["fvu"])  # the mean predictor scores 1.0
         assert 0 < m["l0"] < 40, (name, m["l0"])
+
+
+def test_outlier_rows_are_dropped_from_training_and_eval(tmp_path, monkeypatch):
+    store = write_sparse_store(tmp_path / "store", n_units=4, outlier_every=64)
+    cfg = make_cfg(str(store.path), tmp_path / "run", tokens=128 * 150, outlier_norm_ratio=5)
+    x = store.read(HOOK, 0, store.n_tokens)  # (rows, d)
+    norms = x.norm(dim=1)
+    big = torch.zeros(len(x), dtype=torch.bool)
+    big[1::64] = True
+    train_rows = range(0, 3 * 512)  # holdout 0.25 of 4 units
+    norm = input_norm(cfg, store, train_rows)
+    assert norms[~big].max() < norm.max_norm < norms[big].min()
+    kept = x[:len(train_rows)][~big[:len(train_rows)]]
+    want_scale = (x.shape[1] / kept.pow(2).sum(1).mean()) ** 0.5
+    assert norm.scale == pytest.approx(float(want_scale), rel=0.02)  # from a sample of chunks
+    assert norm.scale > 5 * input_scale(store, HOOK)[0]  # the outliers dominate the statistics
+    seen = []
+    real_step = BankTrainer.step
+    monkeypatch.setattr(BankTrainer, "step", lambda self, b, **kw: (
+        seen.append(float(b.norm(dim=1).max())), real_step(self, b, **kw))[1])
+    train(cfg)
+    assert len(seen) == 150 and max(seen) <= norm.max_norm * norm.scale * (1 + 1e-5)
+    saved = json.loads((tmp_path / "run" / "train" / "topk_w96_k4_s0" / "cfg.json").read_text())
+    assert saved["metadata"]["outlier_max_norm"] == pytest.approx(norm.max_norm)
+    for m in evaluate(cfg).values():
+        assert m["outlier_max_norm"] == pytest.approx(norm.max_norm) and m["fvu"] < 0.5
 
 
 def _weights(out_dir: Path) -> dict[str, torch.Tensor]:

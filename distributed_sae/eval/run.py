@@ -41,6 +41,19 @@ def _held_out(cfg: RunConfig, store: ActivationStore) -> range:
     return held_out
 
 
+def _outlier_max_norm(group: list[tuple[Path, SparseAutoencoder, dict[str, Any]]]
+                      ) -> float | None:
+    """The norm above which the members' training dropped rows (train.outlier_norm_ratio), so
+    that reconstruction is measured on the rows they were trained for; None if they kept all
+    rows or disagree (then every row is measured, and a warning says so)."""
+    found = {g[2]["metadata"].get("outlier_max_norm") for g in group}
+    if len(found) > 1:
+        log.warning("members of one hook were trained with different outlier thresholds %s: "
+                    "evaluating them on every held-out row", sorted(map(str, found)))
+        return None
+    return found.pop()
+
+
 def evaluate(cfg: RunConfig) -> dict[str, dict[str, Any]]:
     """Evaluate every member; writes the files of the module docstring and returns the metrics."""
     store = ActivationStore.open(cfg.store.path)
@@ -55,14 +68,16 @@ def evaluate(cfg: RunConfig) -> dict[str, dict[str, Any]]:
     splits: dict[str, Any] = {}
     universal: dict[str, Any] = {}
     for hook, group in by_hook.items():  # one read of the held-out rows per hook, for the bank
+        max_norm = _outlier_max_norm(group)
         reader = ActivationReader(store, hook, held_out, cfg.eval.batch_size, shuffle=False,
-                                  drop_last=False,
+                                  drop_last=False, max_norm=max_norm,
                                   exclude_token_ids=store.metadata["exclude_token_ids"])
         saes = [g[1] for g in group]
         spliced = _spliced(cfg, store, model, saes, hook, held_out)
         for i, ((folder, sae, sae_cfg), metrics) in enumerate(zip(group, evaluate_saes(saes, reader))):
             metrics.update(member=folder.name, hook=hook, d_sae=sae.d_sae,
                            training_tokens=sae_cfg["metadata"].get("training_tokens"),
+                           outlier_max_norm=max_norm,
                            **(spliced[i] if spliced else {}))
             out = eval_dir / folder.name
             out.mkdir(parents=True, exist_ok=True)

@@ -148,8 +148,9 @@ class _Position:
 class ActivationReader:
     """Batches of (batch_size, d) float32 rows of one hook over rows [start, stop).
 
-    Rows whose token is in `exclude_token_ids` (BOS/EOS/padding) are dropped; `scale` multiplies
-    every row (input normalisation). Rank r of `world_size` reads chunks r, r+W, r+2W, ... of the
+    Rows whose token is in `exclude_token_ids` (BOS/EOS/padding) are dropped, and so are rows
+    whose norm (before scaling) exceeds `max_norm` (outliers; None: keep all); `scale` multiplies
+    every row (input normalisation). mmap: map uncompressed chunks rather than read them. Rank r of `world_size` reads chunks r, r+W, r+2W, ... of the
     (shuffled) chunk order, so ranks never overlap and together cover every chunk, and their
     chunk counts differ by at most one.
 
@@ -176,6 +177,7 @@ class ActivationReader:
     buffer_chunks: int = 16
     scale: float = 1.0
     exclude_token_ids: Sequence[int] = field(default_factory=tuple)
+    max_norm: float | None = None
     drop_last: bool = True
     rank: int = 0
     world_size: int = 1
@@ -184,6 +186,7 @@ class ActivationReader:
     follow_timeout: float | None = None
     poll_interval: float = 0.5
     window_units: int | None = None
+    mmap: bool = True
     _pos: _Position = field(default_factory=_Position, init=False, repr=False)
     _armed: bool = field(default=False, init=False, repr=False)
 
@@ -200,6 +203,8 @@ class ActivationReader:
             raise ValueError(f"rank={self.rank} must be in 0..world_size-1={self.world_size - 1}")
         if self.seed < 0 or self.prefetch < 0 or (self.window_units or 0) < 0:
             raise ValueError("seed, prefetch and window_units must be >= 0")
+        if self.max_norm is not None and not self.max_norm > 0:
+            raise ValueError(f"max_norm={self.max_norm} must be positive (None: keep all rows)")
         self.store.d(self.hook)  # KeyError naming the store's hooks if `hook` is not one
         self._exclude = np.unique(np.asarray(list(self.exclude_token_ids), dtype=np.int64))
         self._source: RowSource | None = None
@@ -246,6 +251,7 @@ class ActivationReader:
                 "batch_size": self.batch_size, "buffer_chunks": self.buffer_chunks,
                 "shuffle": self.shuffle, "drop_last": self.drop_last,
                 "exclude_token_ids": [int(t) for t in self._exclude], "rank": self.rank,
+                "max_norm": self.max_norm,
                 "world_size": self.world_size, "window_units": self.window,
                 "chunk_rows": self.store.chunk_rows}
 
@@ -349,8 +355,8 @@ class ActivationReader:
             self._pool = BlockPool(self.batch_size, self._source.d,
                                    (self.prefetch + 3) * per_buffer + 2)
         spec = BufferSpec(self.store.chunk_rows, self.rows.stop, self.batch_size, self.seed,
-                          epoch, self.shuffle, self.scale, self._exclude)
-        filler = BufferFiller(self._source, spec, self._pool)
+                          epoch, self.shuffle, self.scale, self._exclude, self.max_norm)
+        filler = BufferFiller(self._source, spec, self._pool, self.mmap)
         if self.prefetch == 0:
             gen = cuts(filler, loads(filler, buffers, start.buffer, self._ready,
                                      threading.Event()), start.buffer, start.offset)

@@ -3,6 +3,6 @@ schedules and neuron resampling."""
 
 from distributed_sae.train.bank_trainer import BankTrainer, Member, lr_at, train_step
 from distributed_sae.train.resampling import resample_dead
-from distributed_sae.train.trainer import input_scale, train
+from distributed_sae.train.trainer import input_norm, input_scale, train
 
-__all__ = ["BankTrainer", "Member", "input_scale", "lr_at", "resample_dead", "train", "train_step"]
+__all__ = ["BankTrainer", "Member", "input_norm", "input_scale", "lr_at", "resample_dead", "train", "train_step"]

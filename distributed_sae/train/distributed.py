@@ -46,7 +46,7 @@ from distributed_sae.train.checkpoint import (
     begin_checkpoint, finish_checkpoint, staging, write_part,
 )
 from distributed_sae.train.metrics_log import MetricsLog, member_records
-from distributed_sae.train.trainer import _save_members, input_scale, resume
+from distributed_sae.train.trainer import _save_members, input_norm, resume
 
 log = logging.getLogger(__name__)
 
@@ -116,21 +116,21 @@ def train_rank(cfg: RunConfig, strategy: str = "ddp") -> list[Path] | None:
     torch.manual_seed(cfg.train.seed)
     store = ActivationStore.open(cfg.store.path)
     train_rows, _ = split_rows(store, cfg.train.holdout_fraction)
-    scale, mean = input_scale(store, cfg.sae_hook)
+    norm = input_norm(cfg, store, train_rows)
     placed = cfg.train.placement == "cost"
     # Cost placement: every rank reads the whole global batch and slices what its members need.
     reader = ActivationReader(store, cfg.sae_hook, train_rows,
                               cfg.train.batch_size if placed else local_batch(cfg.train.batch_size, world),
-                              seed=cfg.train.seed, scale=scale,
+                              seed=cfg.train.seed, scale=norm.scale, max_norm=norm.max_norm,
                               exclude_token_ids=store.metadata["exclude_token_ids"],
                               rank=0 if placed else rank, world_size=1 if placed else world)
     total = max(1, (cfg.train.tokens or len(train_rows)) // cfg.train.batch_size)
     d_in = store.d(cfg.sae_hook)
     plan = None
     if placed:
-        bank, plan = build_placed_bank(cfg, d_in, mean, total, strategy)
+        bank, plan = build_placed_bank(cfg, d_in, norm.mean, total, strategy)
     else:
-        bank = build_bank(cfg, d_in, mean, total, strategy)
+        bank = build_bank(cfg, d_in, norm.mean, total, strategy)
     if any(m.sae.uses_resampling for m in bank.members) and cfg.train.resample_steps:
         raise ValueError("neuron resampling is not supported with data-parallel training yet")
     if rank == 0:
@@ -143,9 +143,9 @@ def train_rank(cfg: RunConfig, strategy: str = "ddp") -> list[Path] | None:
             log.info("resumed from %s (step %d)", latest, bank.step_count)
     _loop(cfg, bank, reader, total, plan)
     if plan is None:
-        return _save_members(cfg, store, bank, scale) if rank == 0 else None
+        return _save_members(cfg, store, bank, norm) if rank == 0 else None
     specs = expand_bank(cfg.sae, cfg.sae_hook)
-    folders = _save_members(cfg, store, bank, scale, members=_led_members(bank, plan, specs, rank),
+    folders = _save_members(cfg, store, bank, norm, members=_led_members(bank, plan, specs, rank),
                             bank_ids=[s.member_id for s in specs] if rank == 0 else [])
     dist.barrier()
     return folders

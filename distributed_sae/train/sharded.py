@@ -54,7 +54,7 @@ from distributed_sae.train.checkpoint import (
 )
 from distributed_sae.train.distributed import _inject_fault  # (it imports this module lazily)
 from distributed_sae.train.metrics_log import MetricsLog, member_records
-from distributed_sae.train.trainer import _save_members, input_scale
+from distributed_sae.train.trainer import InputNorm, _save_members, input_norm
 
 log = logging.getLogger(__name__)
 
@@ -102,14 +102,15 @@ def train_sharded(cfg: RunConfig) -> list[Path] | None:
     torch.manual_seed(cfg.train.seed)
     store = ActivationStore.open(cfg.store.path)
     train_rows, _ = split_rows(store, cfg.train.holdout_fraction)
-    scale, mean = input_scale(store, cfg.sae_hook)
+    norm = input_norm(cfg, store, train_rows)
     # The shards of a replica read the same rows: the reader's rank is the replica's.
     reader = ActivationReader(store, cfg.sae_hook, train_rows,
                               layout.check_batch(cfg.train.batch_size), seed=cfg.train.seed,
-                              scale=scale, exclude_token_ids=store.metadata["exclude_token_ids"],
+                              scale=norm.scale, max_norm=norm.max_norm,
+                              exclude_token_ids=store.metadata["exclude_token_ids"],
                               rank=groups.dp_rank, world_size=layout.dp)
     total = max(1, (cfg.train.tokens or len(train_rows)) // cfg.train.batch_size)
-    bank = build_sharded_bank(cfg, store.d(cfg.sae_hook), mean, total, groups)
+    bank = build_sharded_bank(cfg, store.d(cfg.sae_hook), norm.mean, total, groups)
     if groups.rank == 0:
         log.info("latent-sharded training: %d workers = dp %d x tp %d (every member split over "
                  "%d shards; train.placement=%s does not apply): %d steps of %d tokens",
@@ -117,7 +118,7 @@ def train_sharded(cfg: RunConfig) -> list[Path] | None:
                  cfg.train.batch_size)
     _maybe_resume(cfg, bank, reader, groups)
     _loop(cfg, bank, reader, total, groups)
-    return _save(cfg, store, bank, scale, groups)
+    return _save(cfg, store, bank, norm, groups)
 
 
 def _loop(cfg: RunConfig, bank: BankTrainer, reader: ActivationReader, total: int,
@@ -165,7 +166,7 @@ def sharded_records(bank: BankTrainer, rate: float, cfg: RunConfig,
     return member_records(bank, rate, cfg, whole) if groups.rank == 0 else []
 
 
-def _save(cfg: RunConfig, store: ActivationStore, bank: BankTrainer, scale: float,
+def _save(cfg: RunConfig, store: ActivationStore, bank: BankTrainer, norm: InputNorm,
           groups: LayoutGroups) -> list[Path] | None:
     """Replica 0's shards gather every member onto rank 0, which saves ordinary member folders."""
     whole: list[Member] = []
@@ -174,7 +175,7 @@ def _save(cfg: RunConfig, store: ActivationStore, bank: BankTrainer, scale: floa
             full = gather_full(m.sae)  # collective over the replica's shards
             if full is not None:
                 whole.append(dataclasses.replace(m, sae=full, sync=None))
-    folders = _save_members(cfg, store, bank, scale, members=whole) if groups.rank == 0 else None
+    folders = _save_members(cfg, store, bank, norm, members=whole) if groups.rank == 0 else None
     dist.barrier()  # the folders are written before any rank reports success
     return folders
 

@@ -12,9 +12,11 @@ import json
 import logging
 import math
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from tqdm.auto import tqdm
 
@@ -29,23 +31,69 @@ log = logging.getLogger(__name__)
 
 
 def input_scale(store: ActivationStore, hook: str) -> tuple[float, torch.Tensor]:
-    """Scale that brings the mean squared norm to d_in, and the scaled mean (b_dec's start)."""
+    """Scale that brings the mean squared norm to d_in, and the scaled mean (b_dec's start), from
+    the store's statistics (every row but special tokens)."""
     stats = store.stats(hook)
     scale = math.sqrt(store.d(hook) / stats["mean_sq_norm"])
     return scale, torch.as_tensor(stats["mean"], dtype=torch.float32) * scale
 
 
-def _reader(cfg: RunConfig, store: ActivationStore, rows: range, scale: float,
+SAMPLE_CHUNKS = 64  # chunks read, evenly spaced, to set the outlier threshold and the scale
+
+
+@dataclass(frozen=True)
+class InputNorm:
+    """How training rows are prepared: rows whose raw norm exceeds max_norm are dropped (None:
+    none), the rest are multiplied by scale; mean is the scaled mean of the rows (b_dec's start)."""
+
+    scale: float
+    mean: torch.Tensor  # (d_in,)
+    max_norm: float | None = None
+
+
+def input_norm(cfg: RunConfig, store: ActivationStore, rows: range) -> InputNorm:
+    """The scale that brings the mean squared norm of training rows to d_in.
+
+    Without an outlier threshold it comes from the store's statistics (every row). With
+    train.outlier_norm_ratio, from SAMPLE_CHUNKS chunks spread over `rows` (special tokens
+    dropped): the threshold is that ratio times their median norm, and the scale and mean are
+    those of the rows under it. A pure function of the store and the config, so a resumed job
+    gets the same numbers.
+    """
+    hook, ratio = cfg.sae_hook, cfg.train.outlier_norm_ratio
+    if not ratio:
+        return InputNorm(*input_scale(store, hook))
+    starts = list(range(rows.start, rows.stop, store.chunk_rows))
+    picks = np.unique(np.linspace(0, len(starts) - 1, min(SAMPLE_CHUNKS, len(starts))).astype(int))
+    exclude = store.metadata["exclude_token_ids"]
+    parts = []
+    for s in (starts[i] for i in picks):
+        e = min(s + store.chunk_rows, rows.stop)
+        keep = ~np.isin(np.asarray(store.tokens(s, e)), exclude)
+        parts.append(store.read(hook, s, e)[torch.from_numpy(keep)])
+    x = torch.cat(parts)  # (sampled rows, d_in) float32, raw
+    norms = x.norm(dim=1)  # (sampled rows,)
+    max_norm = ratio * float(norms.median())
+    kept = x[norms <= max_norm]
+    scale = math.sqrt(store.d(hook) / float(kept.pow(2).sum(1).mean()))
+    log.info("outliers: rows with norm > %.4g (%.3g x the median) dropped: %.3f%% of %d sampled "
+             "rows; input scale %.4g (store statistics, every row: %.4g)", max_norm, ratio,
+             100 * (1 - len(kept) / len(x)), len(x), scale, input_scale(store, hook)[0])
+    return InputNorm(scale, kept.mean(0) * scale, max_norm)
+
+
+def _reader(cfg: RunConfig, store: ActivationStore, rows: range, norm: InputNorm,
             seed: int) -> ActivationReader:
     return ActivationReader(store, cfg.sae_hook, rows, cfg.train.batch_size, seed=seed,
-                            scale=scale, exclude_token_ids=store.metadata["exclude_token_ids"])
+                            scale=norm.scale, max_norm=norm.max_norm,
+                            exclude_token_ids=store.metadata["exclude_token_ids"])
 
 
-def _resample_inputs(cfg: RunConfig, store: ActivationStore, rows: range, scale: float,
+def _resample_inputs(cfg: RunConfig, store: ActivationStore, rows: range, norm: InputNorm,
                      step: int) -> torch.Tensor:
     """A fresh random sample of training inputs for resampling (at most train.resample_inputs)."""
     parts, n = [], 0
-    for x in _reader(cfg, store, rows, scale, seed=cfg.train.seed + 1 + step).iter_epoch(0):
+    for x in _reader(cfg, store, rows, norm, seed=cfg.train.seed + 1 + step).iter_epoch(0):
         parts.append(x)
         n += x.shape[0]
         if n >= cfg.train.resample_inputs:
@@ -65,10 +113,11 @@ def train(cfg: RunConfig) -> list[Path]:
     torch.manual_seed(cfg.train.seed)
     store = ActivationStore.open(cfg.store.path)
     train_rows, _ = split_rows(store, cfg.train.holdout_fraction)
-    scale, mean = input_scale(store, cfg.sae_hook)
-    reader = _reader(cfg, store, train_rows, scale, cfg.train.seed)
+    norm = input_norm(cfg, store, train_rows)
+    reader = _reader(cfg, store, train_rows, norm, cfg.train.seed)
     total = max(1, (cfg.train.tokens or len(train_rows)) // cfg.train.batch_size)
-    bank = BankTrainer(cfg, expand_bank(cfg.sae, cfg.sae_hook), store.d(cfg.sae_hook), mean, total)
+    bank = BankTrainer(cfg, expand_bank(cfg.sae, cfg.sae_hook), store.d(cfg.sae_hook), norm.mean,
+                       total)
     ckpt_dir = Path(cfg.out_dir) / "train" / "checkpoints"
     if (latest := resume(cfg, bank, reader, ckpt_dir)) is not None:
         log.info("resumed from %s (step %d)", latest, bank.step_count)
@@ -83,7 +132,7 @@ def train(cfg: RunConfig) -> list[Path]:
         bank.step(next(batches).to(cfg.train.device), record=bank.logs_next())
         bar.update(1)
         if bank.resample_due():
-            bank.resample(lambda: _resample_inputs(cfg, store, train_rows, scale, bank.step_count))
+            bank.resample(lambda: _resample_inputs(cfg, store, train_rows, norm, bank.step_count))
         if bank.step_count % cfg.train.log_every == 0 or bank.step_count == total:
             rate = (bank.tokens_seen - start_tokens) / (time.perf_counter() - start)
             metrics.write(bank, rate)
@@ -92,7 +141,7 @@ def train(cfg: RunConfig) -> list[Path]:
             _checkpoint(cfg, bank, reader, ckpt_dir)
     bar.close()
     metrics.close()
-    return _save_members(cfg, store, bank, scale)
+    return _save_members(cfg, store, bank, norm)
 
 
 def _checkpoint(cfg: RunConfig, bank: BankTrainer, reader: ActivationReader, folder: Path) -> None:
@@ -120,7 +169,7 @@ def resume(cfg: RunConfig, bank: BankTrainer, reader: ActivationReader, folder: 
     return latest
 
 
-def _save_members(cfg: RunConfig, store: ActivationStore, bank: BankTrainer, scale: float,
+def _save_members(cfg: RunConfig, store: ActivationStore, bank: BankTrainer, norm: InputNorm,
                   members: list[Member] | None = None,
                   bank_ids: list[str] | None = None) -> list[Path]:
     """Save `members` (default: the whole bank) with the input scale folded in; `bank_ids` (default:
@@ -130,8 +179,9 @@ def _save_members(cfg: RunConfig, store: ActivationStore, bank: BankTrainer, sca
     members = bank.members if members is None else members
     for m in members:
         m.sae.eval()
-        m.sae.fold_input_scale(scale)
-        extra = {"training_tokens": bank.tokens_seen, "input_scale": scale,
+        m.sae.fold_input_scale(norm.scale)
+        extra = {"training_tokens": bank.tokens_seen, "input_scale": norm.scale,
+                 "outlier_max_norm": norm.max_norm,
                  "member_id": m.spec.member_id, "seed": m.spec.seed}
         folders.append(save_sae(m.sae, Path(cfg.out_dir) / "train" / m.spec.member_id,
                                 metadata={**meta, **extra}))
