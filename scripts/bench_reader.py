@@ -52,7 +52,6 @@ from distributed_sae.store import ActivationReader, ActivationStore, commit_unit
 
 HOOK = "blocks.15.hook_resid_post"
 READER = "reader"
-PREAD = "reader, chunks read with pread (mmap=False)"
 
 
 def build(root: Path, a: argparse.Namespace) -> tuple[ActivationStore, np.memmap]:
@@ -136,17 +135,14 @@ def bench_io(store: ActivationStore, mm: np.memmap, a: argparse.Namespace, root:
     rows = range(0, int(store.metadata["total_rows"]))
     reader = ActivationReader(store, HOOK, rows, a.batch, buffer_chunks=a.buffer_chunks,
                               prefetch=a.prefetch)
-    pread = ActivationReader(store, HOOK, rows, a.batch, buffer_chunks=a.buffer_chunks,
-                             prefetch=a.prefetch, mmap=False)
     row_bytes = mm.shape[1] * mm.itemsize
 
     def fresh() -> np.memmap:  # cold: a new mapping, so no page stays mapped between passes
         return np.memmap(mm.filename, dtype=mm.dtype, mode="c", shape=mm.shape) if a.cold else mm
 
-    epoch, epoch_p = iter(range(1 + a.repeats)), iter(range(1 + a.repeats))
+    epoch = iter(range(1 + a.repeats))
     passes: dict[str, Callable[[], int]] = {
         READER: lambda: reader_pass(reader, next(epoch), row_bytes),
-        PREAD: lambda: reader_pass(pread, next(epoch_p), row_bytes),
         f"float32, {torch.get_num_threads()} torch threads":
             lambda: memmap_float32(fresh(), a.batch, torch.get_num_threads()),
         "float32, 1 torch thread": lambda: memmap_float32(fresh(), a.batch, 1),
@@ -236,8 +232,6 @@ def main() -> None:
         print(f"(a) reader, shuffled float32 batches, prefetch={a.prefetch}, batch {a.batch}: "
               f"{r_bps:.1f} batches/s, {r_gbs:.2f} GB/s, {r_cpu:.2f} GB per CPU-s "
               f"(medians of {a.repeats})")
-        p_gbs, p_cpu = med.pop(PREAD)
-        print(f"(a') {PREAD}: {p_gbs:.2f} GB/s, {p_cpu:.2f} GB per CPU-s")
         for name, (gbs, cpu) in med.items():
             print(f"(b) memmap, sequential {a.batch}-row slices, {name}: {gbs:.2f} GB/s, "
                   f"{cpu:.2f} GB per CPU-s")

@@ -30,7 +30,6 @@ from zarr.core.buffer.cpu import NDBuffer
 
 from distributed_sae.store.activation_store import ActivationStore
 from distributed_sae.store.block_pool import BlockPool
-from distributed_sae.store.mapped import MappedRange
 from distributed_sae.store.shard_files import ShardFiles
 
 __all__ = ["BlockPool", "BufferFiller", "BufferSpec", "Filled", "Loaded", "RowSource",
@@ -71,18 +70,6 @@ class RowSource:
     def read(self, spans: Sequence[tuple[int, int]], out: np.ndarray) -> None:
         """Rows of every [start, stop) span, one after another, into out (rows, d)."""
         _read_spans(self._acts_files, self._acts, spans, out)
-
-    def map(self, spans: Sequence[tuple[int, int]], dest: MappedRange) -> np.ndarray | None:
-        """Rows of every span, one after another, mapped into dest (no copy): a (rows, d)
-        array of the storage dtype, or None where the store's layout cannot be mapped."""
-        if self._acts_files is None:
-            return None
-        at = 0
-        for start, stop in spans:
-            if not self._acts_files.map_into(start, stop, dest, at):
-                return None
-            at += (stop - start) * self._acts_files.row_bytes
-        return dest.array(at, self._acts.dtype, (self.d,))
 
     def advise(self, spans: Sequence[tuple[int, int]], with_tokens: bool) -> None:
         """Start reading these spans from the disk in the background (uncompressed stores; a
@@ -179,12 +166,9 @@ class BufferFiller:
     SLOTS = 3
     TILE = 1024  # rows gathered per step: 1.2 MB of float16 at d 576, about one core's L2
 
-    def __init__(self, source: RowSource, spec: BufferSpec, pool: BlockPool,
-                 mmap: bool = True) -> None:
+    def __init__(self, source: RowSource, spec: BufferSpec, pool: BlockPool) -> None:
         self.source, self.spec, self.pool = source, spec, pool
         self._raws: list[np.ndarray | None] = [None] * self.SLOTS  # (rows, d) storage dtype
-        self._ranges: list[MappedRange | None] = [None] * self.SLOTS  # the same, mapped
-        self._map = mmap  # map uncompressed chunks rather than read them (mapped.py)
         self._tile = source.empty(self.TILE)  # (TILE, d) storage dtype, gather target
         self._tile_t = source.as_torch(self._tile)  # the same memory as a torch tensor
 
@@ -197,12 +181,10 @@ class BufferFiller:
         spans = spans_of(starts, self.spec)
         rows = sum(e - s for s, e in spans)
         slot = index % self.SLOTS
-        raw = self._mapped(slot, spans, rows)
-        if raw is None:
-            if self._raws[slot] is None or len(self._raws[slot]) < rows:
-                self._raws[slot] = self.source.empty(rows)
-            raw = self._raws[slot][:rows]
-            self.source.read(spans, raw)
+        if self._raws[slot] is None or len(self._raws[slot]) < rows:
+            self._raws[slot] = self.source.empty(rows)
+        raw = self._raws[slot][:rows]
+        self.source.read(spans, raw)
         keep = None
         if len(self.spec.exclude):
             keep = ~np.isin(self.source.tokens(spans), self.spec.exclude)
@@ -219,25 +201,6 @@ class BufferFiller:
             hi = lo + self.TILE
             torch.linalg.vector_norm(raw_t[lo:hi].float(), dim=1, out=out[lo:hi])
         return out.numpy()
-
-    def _mapped(self, slot: int, spans: Sequence[tuple[int, int]], rows: int
-                ) -> np.ndarray | None:
-        """The buffer's rows mapped from the shard files into slot's range, or None (then it
-        is read): after the first failure (a layout that cannot be mapped, mmap refused) the
-        filler reads every buffer."""
-        if not self._map:
-            return None
-        nbytes = rows * self.source.d * self._tile.itemsize
-        rng = self._ranges[slot]
-        try:
-            if rng is None or rng.nbytes < nbytes:
-                rng = self._ranges[slot] = MappedRange.create(nbytes)
-            raw = self.source.map(spans, rng) if rng is not None else None
-        except OSError as e:
-            log.warning("mapping the store's chunks failed (%s): reading them instead", e)
-            raw = None
-        self._map = raw is not None
-        return raw
 
     def cut(self, loaded: Loaded, skip: int, filled_rows: int) -> Filled:
         """Shuffle, cast and cut one buffer into blocks.

@@ -150,7 +150,7 @@ class ActivationReader:
 
     Rows whose token is in `exclude_token_ids` (BOS/EOS/padding) are dropped, and so are rows
     whose norm (before scaling) exceeds `max_norm` (outliers; None: keep all); `scale` multiplies
-    every row (input normalisation). mmap: map uncompressed chunks rather than read them. Rank r of `world_size` reads chunks r, r+W, r+2W, ... of the
+    every row (input normalisation). Rank r of `world_size` reads chunks r, r+W, r+2W, ... of the
     (shuffled) chunk order, so ranks never overlap and together cover every chunk, and their
     chunk counts differ by at most one.
 
@@ -186,7 +186,6 @@ class ActivationReader:
     follow_timeout: float | None = None
     poll_interval: float = 0.5
     window_units: int | None = None
-    mmap: bool = True
     _pos: _Position = field(default_factory=_Position, init=False, repr=False)
     _armed: bool = field(default=False, init=False, repr=False)
 
@@ -356,7 +355,7 @@ class ActivationReader:
                                    (self.prefetch + 3) * per_buffer + 2)
         spec = BufferSpec(self.store.chunk_rows, self.rows.stop, self.batch_size, self.seed,
                           epoch, self.shuffle, self.scale, self._exclude, self.max_norm)
-        filler = BufferFiller(self._source, spec, self._pool, self.mmap)
+        filler = BufferFiller(self._source, spec, self._pool)
         if self.prefetch == 0:
             gen = cuts(filler, loads(filler, buffers, start.buffer, self._ready,
                                      threading.Event()), start.buffer, start.offset)

@@ -11,8 +11,6 @@ from typing import Iterator
 import google_crc32c
 import numpy as np
 
-from distributed_sae.store.mapped import PAGE, MappedRange
-
 _MISSING = 2 ** 64 - 1  # shard index entry of a chunk that was never written
 
 
@@ -84,24 +82,6 @@ class ShardFiles:
         for fd, lo, hi, offset in self._pieces(start, stop):
             if fd is not None and offset is not None:
                 os.posix_fadvise(fd, offset, (hi - lo) * self.row_bytes, os.POSIX_FADV_WILLNEED)
-
-    def map_into(self, start: int, stop: int, dest: "MappedRange", at: int) -> bool:
-        """Map rows [start, stop) at byte `at` of dest, page by page from the shard files
-        (zeros where never written; fill values other than 0 are not mapped).
-
-        False, with part of them perhaps mapped, if some piece does not start on a page in both
-        the file and dest (chunks whose byte size is not a multiple of the page size): then the
-        caller reads the rows instead.
-        """
-        for fd, lo, hi, offset in self._pieces(start, stop):
-            where, length = at + lo * self.row_bytes, (hi - lo) * self.row_bytes
-            if where % PAGE or (offset or 0) % PAGE or (offset is None and self.fill != 0):
-                return False
-            if fd is None or offset is None:
-                dest.map_zeros(where, length)
-            else:
-                dest.map_file(where, length, fd, offset)
-        return True
 
     def _pieces(self, start: int, stop: int
                 ) -> Iterator[tuple[int | None, int, int, int | None]]:
