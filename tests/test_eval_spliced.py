@@ -139,6 +139,20 @@ def test_spliced_ignores_tokens(models) -> None:
     assert res["ce_zero"] != pytest.approx(everything["ce_zero"])
 
 
+def test_spliced_keeps_positions_above_max_norm_clean(models, ids) -> None:
+    loaded, hook = models["llama"], "blocks.0.hook_resid_post"
+    norms = run_with_hooks(loaded, ids, [hook])[hook].float().norm(dim=-1)  # (batch, seq)
+    everywhere = spliced_loss(loaded, [zero_sae(32)], hook, ids)[0]
+    nowhere = spliced_loss(loaded, [zero_sae(32)], hook, ids, max_norm=float(norms.min()) / 2)[0]
+    assert nowhere["ce_zero"] == pytest.approx(nowhere["ce_clean"], abs=1e-6)
+    assert nowhere["kl_div"] == pytest.approx(0, abs=1e-7) and nowhere["n_tokens"] == 3 * 11
+    some = spliced_loss(loaded, [zero_sae(32)], hook, ids, max_norm=float(norms.median()))[0]
+    assert everywhere["ce_zero"] != pytest.approx(some["ce_zero"])
+    assert some["ce_zero"] != pytest.approx(some["ce_clean"])  # the other half is ablated
+    huge = spliced_loss(loaded, [zero_sae(32)], hook, ids, max_norm=float(norms.max()) * 2)[0]
+    assert huge["ce_zero"] == pytest.approx(everywhere["ce_zero"], abs=1e-6)
+
+
 def test_spliced_errors(models, ids) -> None:
     with pytest.raises(ValueError, match="causal LM"):
         spliced_loss(models["bert"], [zero_sae(32)], "blocks.0.hook_resid_post", ids)

@@ -73,7 +73,7 @@ def evaluate(cfg: RunConfig) -> dict[str, dict[str, Any]]:
                                   drop_last=False, max_norm=max_norm,
                                   exclude_token_ids=store.metadata["exclude_token_ids"])
         saes = [g[1] for g in group]
-        spliced = _spliced(cfg, store, model, saes, hook, held_out)
+        spliced = _spliced(cfg, store, model, saes, hook, held_out, max_norm)
         for i, ((folder, sae, sae_cfg), metrics) in enumerate(zip(group, evaluate_saes(saes, reader))):
             metrics.update(member=folder.name, hook=hook, d_sae=sae.d_sae,
                            training_tokens=sae_cfg["metadata"].get("training_tokens"),
@@ -118,7 +118,8 @@ def _load_model(cfg: RunConfig, store: ActivationStore) -> tuple[Any, Any]:
 
 
 def _spliced(cfg: RunConfig, store: ActivationStore, model: tuple[Any, Any] | None,
-             saes: list[SparseAutoencoder], hook: str, rows: range) -> list[dict[str, Any]] | None:
+             saes: list[SparseAutoencoder], hook: str, rows: range, max_norm: float | None = None
+             ) -> list[dict[str, Any]] | None:
     """The spliced-loss metrics of each SAE on the first eval.spliced_tokens held-out tokens."""
     if not cfg.eval.spliced or model is None:
         return None
@@ -131,7 +132,7 @@ def _spliced(cfg: RunConfig, store: ActivationStore, model: tuple[Any, Any] | No
         return None
     contexts = contexts_from_rows(store, rows, max(1, cfg.eval.spliced_tokens // store.context_size))
     return spliced_loss(loaded, saes, hook, contexts, cfg.eval.spliced_batch_size,
-                        ignore_token_ids=store.metadata["exclude_token_ids"])
+                        ignore_token_ids=store.metadata["exclude_token_ids"], max_norm=max_norm)
 
 
 def _features(cfg: RunConfig, store: ActivationStore, model: tuple[Any, Any] | None,

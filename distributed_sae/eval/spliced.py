@@ -14,7 +14,8 @@ pass per SAE; the clean log-probabilities are reused for every SAE's KL, so noth
 
 Positions holding an ignored token (BOS, EOS, padding: tokens the SAE never trained on) keep
 their clean activation in the zero and spliced passes, and a prediction counts only when both the
-input token and the predicted token are not ignored. The SAEs act on RAW activations (input
+input token and the predicted token are not ignored. So do positions whose activation norm
+exceeds `max_norm` (the outliers dropped from training), whose predictions count. The SAEs act on RAW activations (input
 scaling folded in, as save_sae writes them).
 """
 
@@ -58,19 +59,24 @@ def contexts_from_rows(store: ActivationStore, rows: range,
     return torch.from_numpy(ids).view(end - first, cs)
 
 
-def _splice_fn(sae: SparseAutoencoder | None, keep: Tensor) -> Callable[[Tensor], Tensor]:
+def _splice_fn(sae: SparseAutoencoder | None, keep: Tensor, max_norm: float | None = None
+               ) -> Callable[[Tensor], Tensor]:
     """fn for patch_hook: x_hat (or 0 when sae is None) where keep is False, x where it is True.
 
-    keep (batch, seq) bool marks ignored-token positions, which keep their clean activation.
+    keep (batch, seq) bool marks ignored-token positions, which keep their clean activation, as
+    do positions whose activation norm exceeds max_norm (rows the SAEs were not trained on).
     """
     def fn(x: Tensor) -> Tensor:  # (batch, seq, d)
+        clean = keep.to(x.device)  # (batch, seq)
+        if max_norm is not None:
+            clean = clean | (x.float().norm(dim=-1) > max_norm)
         if sae is None:
             new = torch.zeros_like(x)
         else:
             w = sae.W_dec
             flat = x.reshape(-1, x.shape[-1]).to(device=w.device, dtype=w.dtype)  # (b*seq, d)
             new = sae(flat).view(x.shape).to(device=x.device, dtype=x.dtype)
-        return torch.where(keep.to(x.device)[..., None], x, new)
+        return torch.where(clean[..., None], x, new)
 
     return fn
 
@@ -101,8 +107,13 @@ def _batch_terms(logp: Tensor, logp_clean: Tensor, ids: Tensor, counted: Tensor
 @torch.no_grad()
 def spliced_loss(loaded: LoadedModel, saes: Sequence[SparseAutoencoder], hook: str,
                  contexts: Tensor, batch_size: int = 8,
-                 ignore_token_ids: Sequence[int] = ()) -> list[dict[str, float | int]]:
+                 ignore_token_ids: Sequence[int] = (), max_norm: float | None = None
+                 ) -> list[dict[str, float | int]]:
     """Clean / zero-ablated / spliced CE, loss recovered and KL for each SAE of `saes` at `hook`.
+
+    max_norm: positions whose activation norm exceeds it keep their clean activation in the zero
+    and spliced passes (the members' outlier threshold, train.outlier_norm_ratio); their
+    predictions still count.
 
     contexts: (n_ctx, seq) token ids. Returns one dict per SAE, in order, with keys ce_clean,
     ce_spliced, ce_zero, ce_delta (= spliced - clean), loss_recovered, kl_div, n_tokens.
@@ -127,10 +138,10 @@ def spliced_loss(loaded: LoadedModel, saes: Sequence[SparseAutoencoder], hook: s
         n += int(counted.sum())
         clean = _logprobs(loaded, ids)
         ce[0] += _batch_terms(clean, clean, ids, counted)[0]
-        with patch_hook(loaded, hook, _splice_fn(None, keep)):
+        with patch_hook(loaded, hook, _splice_fn(None, keep, max_norm)):
             ce[1] += _batch_terms(_logprobs(loaded, ids), clean, ids, counted)[0]
         for i, sae in enumerate(saes):
-            with patch_hook(loaded, hook, _splice_fn(sae, keep)):
+            with patch_hook(loaded, hook, _splice_fn(sae, keep, max_norm)):
                 c, k = _batch_terms(_logprobs(loaded, ids), clean, ids, counted)
             ce[i + 2] += c
             kl[i] += k
