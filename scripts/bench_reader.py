@@ -127,6 +127,43 @@ def memmap_raw(mm: np.memmap, batch: int) -> int:
     return mm.nbytes
 
 
+def gather_ceiling(a: argparse.Namespace, repeats: int = 20) -> tuple[float, float, float]:
+    """GB per CPU-second (one torch thread) of the reader's shuffled gather + cast alone, on a
+    16-chunk buffer already in memory: (np.take of 1024-row tiles + cast, np.take alone, cast
+    alone). No reading, no threads, no consumer: a ceiling for any reader that shuffles rows."""
+    rows = a.buffer_chunks * a.chunk_rows
+    np_dtype = np.float32 if a.dtype == "float32" else np.float16
+    raw = np.random.default_rng(0).standard_normal((rows, a.d), dtype=np.float32).astype(np_dtype)
+    raw_t, tile = torch.from_numpy(raw), np.empty((1024, a.d), dtype=np_dtype)
+    tile_t, out = torch.from_numpy(tile), torch.empty(a.batch, a.d)
+    perm = np.random.default_rng(1).permutation(rows)
+
+    def take(i: np.ndarray, lo: int) -> None:
+        np.take(raw, i, axis=0, out=tile[:len(i)], mode="wrap")
+
+    def cast(i: np.ndarray, lo: int) -> None:
+        out[lo:lo + len(i)].copy_(tile_t[:len(i)])
+
+    def both(i: np.ndarray, lo: int) -> None:
+        take(i, lo), cast(i, lo)
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        rates = []
+        for step in (both, take, cast):
+            c0 = time.process_time()
+            for _ in range(repeats):
+                for b in range(0, rows - a.batch + 1, a.batch):
+                    for lo in range(0, a.batch, 1024):
+                        step(perm[b + lo:b + min(lo + 1024, a.batch)], lo)
+            rates.append(repeats * (rows // a.batch) * a.batch * raw.itemsize * a.d
+                         / (time.process_time() - c0) / 1e9)
+        return rates[0], rates[1], rates[2]
+    finally:
+        torch.set_num_threads(before)
+
+
 def bench_io(store: ActivationStore, mm: np.memmap, a: argparse.Namespace, root: Path
              ) -> dict[str, list[tuple[float, float]]]:
     """(GB/s, GB per CPU-second) of reader epochs and memmap passes, interleaved so that all see
@@ -245,6 +282,10 @@ def main() -> None:
               f"{r_cpu / base[1]:.0%} of GB per CPU-s (target >= 50% of GB/s)")
         print(f"reader / memmap raw copy: {r_gbs / raw[0]:.0%} of GB/s, "
               f"{r_cpu / raw[1]:.0%} of GB per CPU-s")
+        both, take, cast = gather_ceiling(a)
+        print(f"(e) ceiling: the shuffled gather + cast alone, buffer in memory, one thread: "
+              f"{both:.2f} GB per CPU-s (np.take {take:.2f}, cast {cast:.2f}); the target needs "
+              f"{0.5 * base[0] / both:.2f} cores of it")
         print(f"load average at the end: {os.getloadavg()[0]:.2f} (other processes skew timings)")
     finally:
         shutil.rmtree(root, ignore_errors=True)

@@ -16,8 +16,10 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import re
 import time
 from pathlib import Path
+from typing import Any
 
 from distributed_sae.config import (EvalConfig, HarvestConfig, RunConfig, SAEConfig, StoreConfig,
                                     TrainConfig)
@@ -35,8 +37,8 @@ def config(a: argparse.Namespace, store: ActivationStore, out: Path, resample: b
         harvest=HarvestConfig(hooks=[hook], contexts_per_unit=store.unit_rows // store.context_size),
         store=StoreConfig(path=str(store.path), chunk_tokens=store.chunk_rows),
         sae=SAEConfig(kind="relu", recipe="towards_monosemanticity", widths=[a.width],
-                      l1_coefficient=a.l1, seed=0),
-        train=TrainConfig(tokens=steps * a.batch, batch_size=a.batch, lr=a.lr,
+                      l1_coefficient=a.l1, seed=a.seed),
+        train=TrainConfig(tokens=steps * a.batch, batch_size=a.batch, lr=a.lr, seed=a.seed,
                           holdout_fraction=a.holdout, log_every=50, resample_steps=every,
                           resample_window=a.window, resample_inputs=a.resample_inputs,
                           outlier_norm_ratio=a.outlier_ratio,
@@ -47,16 +49,33 @@ def config(a: argparse.Namespace, store: ActivationStore, out: Path, resample: b
     return cfg
 
 
-def run(cfg: RunConfig) -> dict[str, float]:
+class Resampled(logging.Handler):
+    """Collects the counts of the trainer's "resampled N dead features" lines."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.INFO)
+        self.counts: list[int] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if (m := re.search(r"resampled (\d+) dead", record.getMessage())):
+            self.counts.append(int(m.group(1)))
+
+
+def run(cfg: RunConfig) -> dict[str, Any]:
+    counter = Resampled()
+    logging.getLogger("distributed_sae").addHandler(counter)
     start = time.perf_counter()
-    train(cfg)
+    try:
+        train(cfg)
+    finally:
+        logging.getLogger("distributed_sae").removeHandler(counter)
     seconds = time.perf_counter() - start
     (_, metrics), = evaluate(cfg).items()
     last = [json.loads(x) for x in
             (Path(cfg.out_dir) / "train" / "metrics.jsonl").read_text().splitlines()][-1]
     return {"fvu": metrics["fvu"], "l0": metrics["l0"], "dead_heldout": metrics["dead_fraction"],
             "dead_train_log": last["dead_fraction"], "seconds": seconds,
-            "resample_steps": len(cfg.train.resample_steps)}
+            "resample_steps": len(cfg.train.resample_steps), "resampled": counter.counts}
 
 
 def main() -> None:
@@ -77,6 +96,7 @@ def main() -> None:
                          "step 100k, is also followed by more training)")
     ap.add_argument("--resample-inputs", type=int, default=65536)
     ap.add_argument("--holdout", type=float, default=0.1)
+    ap.add_argument("--seed", type=int, default=0, help="sae.seed and train.seed (both runs)")
     ap.add_argument("--dead-report-tokens", type=int, default=10_000_000,
                     help="train.dead_report_tokens: the training log's dead window (the issue: "
                          "10M tokens, or all tokens seen when fewer)")
@@ -91,11 +111,13 @@ def main() -> None:
     for name, resample in (("with resampling", True), ("without", False)):
         results[name] = run(config(a, store, Path(a.out) / name.split()[0], resample))
     print(f"relu towards_monosemanticity, width {a.width}, l1 {a.l1}, batch {a.batch}, "
-          f"{a.epochs} epochs, resampling every {a.every} steps (window {a.window} steps)")
-    print("| run | FVU | L0 | dead (held-out) | dead (train log) | s |")
+          f"{a.epochs} epochs, lr {a.lr}, seed {a.seed}, outlier ratio {a.outlier_ratio}, "
+          f"resampling every {a.every} steps (window {a.window} steps); dead (train log) = not "
+          f"fired in the last {a.dead_report_tokens} tokens")
+    print("| run | features resampled | FVU | L0 | dead (held-out) | dead (train log) | s |")
     for name, r in results.items():
-        print(f"| {name} | {r['fvu']:.3f} | {r['l0']:.1f} | {r['dead_heldout']:.4f} | "
-              f"{r['dead_train_log']:.4f} | {r['seconds']:.0f} |")
+        print(f"| {name} | {r['resampled'] or '-'} | {r['fvu']:.3f} | {r['l0']:.1f} | "
+              f"{r['dead_heldout']:.4f} | {r['dead_train_log']:.4f} | {r['seconds']:.0f} |")
     if a.json:
         Path(a.json).write_text(json.dumps({"args": vars(a), "results": results}, indent=1))
 

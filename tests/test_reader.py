@@ -405,3 +405,18 @@ def test_kept_batches_survive_later_epochs_and_threads_keep_torch_threads(store)
             x.fill_(-1)  # a consumer may change its batches in place
     assert all(torch.equal(x, y) for x, y in zip(e0, kept, strict=True))
     assert torch.get_num_threads() == threads  # reader threads went one-thread only themselves
+
+
+def test_bench_reader_script_runs(tmp_path):
+    """scripts/bench_reader.py end to end on a tiny store (a smoke test: timings are its output,
+    never asserted)."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "scripts" / "bench_reader.py"
+    out = subprocess.run([sys.executable, str(script), "--tokens", "8192", "--d", "64",
+                          "--batch", "512", "--no-training", "--repeats", "1", "--dir",
+                          str(tmp_path)], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "reader / memmap float32" in out.stdout and "(e) ceiling" in out.stdout
