@@ -14,9 +14,10 @@ pass per SAE; the clean log-probabilities are reused for every SAE's KL, so noth
 
 Positions holding an ignored token (BOS, EOS, padding: tokens the SAE never trained on) keep
 their clean activation in the zero and spliced passes, and a prediction counts only when both the
-input token and the predicted token are not ignored. So do positions whose activation norm
-exceeds `max_norm` (the outliers dropped from training), whose predictions count. The SAEs act on RAW activations (input
-scaling folded in, as save_sae writes them).
+input token and the predicted token are not ignored. Positions whose activation norm exceeds
+`max_norm` (the outliers dropped from training) also keep their clean activation; their
+predictions count. The SAEs act on RAW activations (input scaling folded in, as save_sae writes
+them).
 """
 
 from __future__ import annotations

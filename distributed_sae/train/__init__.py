@@ -5,4 +5,5 @@ from distributed_sae.train.bank_trainer import BankTrainer, Member, lr_at, train
 from distributed_sae.train.resampling import resample_dead
 from distributed_sae.train.trainer import input_norm, input_scale, train
 
-__all__ = ["BankTrainer", "Member", "input_norm", "input_scale", "lr_at", "resample_dead", "train", "train_step"]
+__all__ = ["BankTrainer", "Member", "input_norm", "input_scale", "lr_at", "resample_dead", "train",
+           "train_step"]
