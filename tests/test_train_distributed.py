@@ -157,18 +157,23 @@ def test_batchtopk_threshold_stays_identical_across_ranks(tmp_path):
 def test_ray_train_on_a_store(ray_local, tmp_path):
     """The production path: `train` with train.workers=2 runs Ray Train's TorchTrainer, 2 CPU
     workers each reading its own chunks of a store; rank 0 saves members that evaluate like
-    single-process ones."""
+    single-process ones. The store has massive-activation rows, which every rank drops at the
+    threshold a single process computes."""
     from conftest import write_sparse_store
 
     from distributed_sae.eval import evaluate
-    from distributed_sae.train import train
+    from distributed_sae.store import split_rows
+    from distributed_sae.train import input_norm, train
 
-    write_sparse_store(tmp_path / "store")
+    store = write_sparse_store(tmp_path / "store", outlier_every=64)
     cfg = make_cfg("topk", 4096, widths=(96, 192), store_path=str(tmp_path / "store"),
                    out_dir=str(tmp_path / "out"), tokens=BATCH * 100)
     cfg.train.workers = 2
+    cfg.train.outlier_norm_ratio = 5
+    want = input_norm(cfg, store, split_rows(store, cfg.train.holdout_fraction)[0]).max_norm
     folders = train(cfg)
     assert [f.name for f in folders] == ["topk_w96_k4_s0", "topk_w192_k4_s1"]
     assert all((f / "sae_weights.safetensors").exists() for f in folders)
     for name, m in evaluate(cfg).items():
         assert m["fvu"] < 0.5 and m["training_tokens"] == BATCH * 100, (name, m)
+        assert m["outlier_max_norm"] == pytest.approx(want), (name, m)
