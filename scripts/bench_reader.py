@@ -134,8 +134,8 @@ def gather_ceiling(a: argparse.Namespace, repeats: int = 20) -> tuple[float, flo
     rows = a.buffer_chunks * a.chunk_rows
     np_dtype = np.float32 if a.dtype == "float32" else np.float16
     raw = np.random.default_rng(0).standard_normal((rows, a.d), dtype=np.float32).astype(np_dtype)
-    raw_t, tile = torch.from_numpy(raw), np.empty((1024, a.d), dtype=np_dtype)
-    tile_t, out = torch.from_numpy(tile), torch.empty(a.batch, a.d)
+    tile = np.empty((1024, a.d), dtype=np_dtype)  # (1024, d) gather target
+    tile_t, out = torch.from_numpy(tile), torch.empty(a.batch, a.d)  # out: (batch, d) float32
     perm = np.random.default_rng(1).permutation(rows)
 
     def take(i: np.ndarray, lo: int) -> None:

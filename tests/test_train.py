@@ -12,6 +12,7 @@ from safetensors.torch import load_file
 
 from distributed_sae.config import DataConfig, EvalConfig, HarvestConfig, RunConfig, SAEConfig, StoreConfig, TrainConfig
 from distributed_sae.eval import evaluate
+from distributed_sae.store import split_rows
 from distributed_sae.train import BankTrainer, input_norm, input_scale, train
 from distributed_sae.train.checkpoint import latest_checkpoint
 
@@ -67,7 +68,7 @@ def test_outlier_rows_are_dropped_from_training_and_eval(tmp_path, monkeypatch):
     norms = x.norm(dim=1)
     big = torch.zeros(len(x), dtype=torch.bool)
     big[1::64] = True
-    train_rows = range(0, 3 * 512)  # holdout 0.25 of 4 units
+    train_rows, _ = split_rows(store, cfg.train.holdout_fraction)
     norm = input_norm(cfg, store, train_rows)
     assert norms[~big].max() < norm.max_norm < norms[big].min()
     kept = x[:len(train_rows)][~big[:len(train_rows)]]
