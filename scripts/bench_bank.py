@@ -20,7 +20,7 @@ import torch
 from plain_topk import plain_dense_step, plain_params  # the baseline loop
 
 from distributed_sae.config import HarvestConfig, RunConfig, SAEConfig, StoreConfig, TrainConfig
-from distributed_sae.sae import MemberSpec
+from distributed_sae.sae import MemberSpec, sae_member
 from distributed_sae.store import ActivationReader, ActivationStore, split_rows
 from distributed_sae.train import BankTrainer, input_scale
 
@@ -74,7 +74,7 @@ def main() -> None:
     cfg.data.context_size = store.context_size
     scale, mean = input_scale(store, hook)
     d = store.d(hook)
-    specs = [MemberSpec(hook, "topk", w, args.k, seed=i) for i, w in enumerate(args.widths)]
+    specs = [sae_member(hook, "topk", w, seed=i, k=args.k) for i, w in enumerate(args.widths)]
     print(f"torch threads {torch.get_num_threads()}, store {args.store}, hook {hook}, "
           f"batch {args.batch}, {args.steps} steps, widths {args.widths}, k {args.k}")
     run_bank(cfg, specs, store, 3, d, mean, scale)  # warm-up: allocator, thread pools, page cache
@@ -89,7 +89,7 @@ def main() -> None:
           f"ratio {bank_s / seq_s:.3f}   identical weights per member: {same}")
     data = batches(cfg, store, scale, args.steps)
     plain_s = plain_topk_loop(data, args.plain_width, args.k, 1e-3)
-    spec = MemberSpec(hook, "topk", args.plain_width, args.k, seed=0)
+    spec = sae_member(hook, "topk", args.plain_width, seed=0, k=args.k)
     ours = BankTrainer(cfg, [spec], d, mean, args.steps)
     start = time.perf_counter()
     for x in data:

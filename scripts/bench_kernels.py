@@ -27,7 +27,7 @@ import torch
 from plain_topk import plain_dense_step  # scripts/plain_topk.py: the baseline loop
 
 from distributed_sae.kernels import sparse_decode, use_backend
-from distributed_sae.sae import MemberSpec, TopKSAE
+from distributed_sae.sae import TopKSAE, sae_member
 from distributed_sae.train.bank_trainer import Member, train_step
 
 
@@ -91,7 +91,7 @@ def cpu_step(batch: int, width: int, d: int, k: int, repeats: int) -> dict[str, 
     sae = TopKSAE(d, width, k=k, seed=0)
     # The trainer's optimiser (bank_trainer builds Adam(fused=True) outside ZeRO-2).
     opt = torch.optim.Adam(sae.parameters(), lr=1e-4, betas=(0.9, 0.999), fused=True)
-    member = Member(MemberSpec("h", "topk", width, k, 0), sae, opt,
+    member = Member(sae_member("h", "topk", width, seed=0, k=k), sae, opt,
                     torch.zeros(width, dtype=torch.long))
     plain = [torch.nn.Parameter(p.detach().clone()) for p in
              (sae.W_enc, sae.b_enc, sae.W_dec, sae.b_dec)]

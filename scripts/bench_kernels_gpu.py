@@ -25,7 +25,7 @@ from typing import Any, Callable
 import torch
 
 from distributed_sae.kernels import sparse_decode, use_backend
-from distributed_sae.sae import MemberSpec, TopKSAE
+from distributed_sae.sae import TopKSAE, sae_member
 from distributed_sae.train.bank_trainer import Member, train_step
 
 # A dry run (--dry-run: CPU tensors under TRITON_INTERPRET=1, fp32, tiny shapes; the test suite
@@ -241,7 +241,7 @@ def step_point(n: int, d: int, k: int) -> dict[str, Any]:
 
     sae = sae_on_gpu(d, n, k)
     opt = torch.optim.Adam(sae.parameters(), lr=1e-4, fused=True)  # as bank_trainer builds it
-    member = Member(MemberSpec("h", "topk", n, k, 0), sae, opt,
+    member = Member(sae_member("h", "topk", n, seed=0, k=k), sae, opt,
                     torch.zeros(n, dtype=torch.long, device=DEV))
     x = torch.randn(BATCH, d, device=DEV, dtype=BF16)
     out: dict[str, Any] = {}

@@ -27,7 +27,7 @@ from distributed_sae.config import HarvestConfig, ModelConfig, RunConfig, SAECon
 from distributed_sae.eval import evaluate_saes
 from distributed_sae.eval.spliced import contexts_from_rows, spliced_loss
 from distributed_sae.models import load_model
-from distributed_sae.sae import MemberSpec, TopKSAE
+from distributed_sae.sae import TopKSAE, sae_member
 from distributed_sae.store import ActivationReader, ActivationStore, split_rows
 from distributed_sae.train import BankTrainer, input_scale
 
@@ -45,7 +45,7 @@ def run_ours(data: list[torch.Tensor], width: int, k: int, lr: float, mean: torc
     cfg = RunConfig(harvest=HarvestConfig(hooks=[HOOK]), store=StoreConfig(path=store_path),
                     sae=SAEConfig(widths=[width], k=k),
                     train=TrainConfig(batch_size=data[0].shape[0], lr=lr), out_dir="unused")
-    bank = BankTrainer(cfg, [MemberSpec(HOOK, "topk", width, k, 0)], data[0].shape[1], mean,
+    bank = BankTrainer(cfg, [sae_member(HOOK, "topk", width, seed=0, k=k)], data[0].shape[1], mean,
                        len(data))
     start = time.perf_counter()
     for x in data:

@@ -39,7 +39,7 @@ from bench_kernels import time_all  # scripts/: the interleaved timer
 from plain_topk import plain_dense_step
 
 from distributed_sae.kernels import use_backend
-from distributed_sae.sae import MemberSpec, TopKSAE
+from distributed_sae.sae import TopKSAE, sae_member
 from distributed_sae.train.bank_trainer import Member, train_step
 
 
@@ -148,7 +148,7 @@ def main() -> None:
     x = torch.randn(a.batch, a.d, generator=torch.Generator().manual_seed(1))
     sae = TopKSAE(a.d, a.width, k=a.k, seed=0)
     opt = torch.optim.Adam(sae.parameters(), lr=1e-4, fused=True)
-    member = Member(MemberSpec("h", "topk", a.width, a.k, 0), sae, opt,
+    member = Member(sae_member("h", "topk", a.width, seed=0, k=a.k), sae, opt,
                     torch.zeros(a.width, dtype=torch.long))
     plain = [torch.nn.Parameter(p.detach().clone()) for p in
              (sae.W_enc, sae.b_enc, sae.W_dec, sae.b_dec)]

@@ -29,7 +29,7 @@ from bench_kernels_gpu import bench, inputs, rel_err, sae_on_gpu  # noqa: E402
 
 from distributed_sae.kernels import select, use_backend  # noqa: E402
 from distributed_sae.kernels import triton_sparse as ts  # noqa: E402
-from distributed_sae.sae import MemberSpec  # noqa: E402
+from distributed_sae.sae import sae_member  # noqa: E402
 from distributed_sae.train.bank_trainer import Member, train_step  # noqa: E402
 
 TILES = [dict(BLOCK_L=bl, BLOCK_D=bd, num_warps=nw) for bl, bd, nw in bk.TILE_SWEEP]
@@ -108,7 +108,7 @@ def topk_variants(k: int) -> list[dict[str, Any]]:
 def profile_step(n: int, d: int, k: int) -> str:
     sae = sae_on_gpu(d, n, k)
     opt = torch.optim.Adam(sae.parameters(), lr=1e-4, fused=True)
-    member = Member(MemberSpec("h", "topk", n, k, 0), sae, opt,
+    member = Member(sae_member("h", "topk", n, seed=0, k=k), sae, opt,
                     torch.zeros(n, dtype=torch.long, device=bk.DEV))
     x = torch.randn(bk.BATCH, d, device=bk.DEV, dtype=bk.BF16)
     cuda = bk.DEV == "cuda"

@@ -47,12 +47,14 @@ def test_memory_limit_is_named():
 def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
     torch.set_num_threads(1)
     from distributed_sae.parallel import destroy_group, init_group
-    from distributed_sae.train.distributed import build_placed_bank
+    from distributed_sae.parallel.placed import PlacedPlan
 
     init_group(rank, world, "127.0.0.1", port, backend="gloo")
     try:
         cfg = make_cfg("topk", 2 * BATCH, (96, 96, 768))
-        bank, plan = build_placed_bank(cfg, D, torch.zeros(D), STEPS, "ddp")
+        placed = PlacedPlan(cfg, cfg.bank())
+        bank = placed.build_bank(D, torch.zeros(D), STEPS)
+        plan = placed.placement
         losses = []
         for x in global_batches():
             bank.step(x)  # the global batch: each member slices its share

@@ -10,7 +10,7 @@ from safetensors.torch import load_file, save_file
 
 from distributed_sae.config import RunConfig, SAEConfig, TrainConfig
 from distributed_sae.eval import evaluate_sae
-from distributed_sae.sae import MemberSpec, TopKSAE, expand_bank, load_sae, save_sae
+from distributed_sae.sae import TopKSAE, sae_member, expand_bank, load_sae, save_sae
 from distributed_sae.train import BankTrainer
 
 
@@ -123,4 +123,4 @@ def test_load_refuses_mismatched_shapes(tmp_path):
 
 
 def test_member_ids_are_stable():
-    assert MemberSpec("h", "topk", 2304, 32, 0).member_id == "topk_w2304_k32_s0"
+    assert sae_member("h", "topk", 2304, seed=0, k=32).member_id == "topk_w2304_k32_s0"

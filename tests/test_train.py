@@ -158,11 +158,13 @@ def test_eval_reports_universality_of_members_that_differ_by_seed(store_path, tm
     assert not (tmp_path / "eval" / "splitting.json").exists()
 
 
-def test_single_process_resume_refuses_a_latent_sharded_checkpoint(store_path, tmp_path):
+def test_resume_refuses_a_checkpoint_of_the_old_format(store_path, tmp_path):
+    """Checkpoints written before the one engine (per-layout formats) are refused by name; every
+    layout now writes one format that any other resumes (tests/test_engine.py)."""
     from distributed_sae.train.checkpoint import save_checkpoint
 
     cfg = make_cfg(store_path, tmp_path, tokens=128 * 20, checkpoint_every=10)
     save_checkpoint(tmp_path / "train" / "checkpoints", 10, {"x": torch.zeros(1)},
                     {"latent_shards": 2, "members": [], "dp": 1})
-    with pytest.raises(ValueError, match="holds latent-sharded members .*latent_shards=2"):
+    with pytest.raises(ValueError, match="older format .*train.resume=false"):
         train(cfg)

@@ -81,13 +81,13 @@ def _worker(rank: int, world: int, port: int, strategy: str, kind: str, dead_tok
             widths: tuple, out_dir: str) -> None:
     torch.set_num_threads(1)
     from distributed_sae.parallel import destroy_group, init_group
-    from distributed_sae.train.distributed import build_bank
+    from distributed_sae.parallel.placed import ReplicatedPlan
 
     init_group(rank, world, "127.0.0.1", port, backend="gloo")
     try:
         batches = global_batches()
-        cfg = make_cfg(kind, dead_tokens, widths)
-        bank = build_bank(cfg, D, torch.zeros(D), len(batches), strategy)
+        cfg = make_cfg(kind, dead_tokens, widths, data_parallel=strategy)
+        bank = ReplicatedPlan(cfg, cfg.bank()).build_bank(D, torch.zeros(D), len(batches))
         t0 = time.perf_counter()
         result = run_bank(bank, batches, rank, world)
         result["seconds"] = time.perf_counter() - t0

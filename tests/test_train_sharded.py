@@ -49,7 +49,7 @@ def make_cfg(kind: str, workers: int = 1, shards: int = 1, widths=WIDTHS, store_
 
 def reference(kind: str, tp: int, batches: list[torch.Tensor]) -> dict:
     """One process, unsharded members initialised as the tp shards' slices put together."""
-    from distributed_sae.train.sharded import sharded_member_builder
+    from distributed_sae.parallel.sharded_plan import sharded_member_builder
 
     cfg = make_cfg(kind)
 
@@ -58,8 +58,8 @@ def reference(kind: str, tp: int, batches: list[torch.Tensor]) -> dict:
         for r in range(tp):  # a stand-in comm: building a shard runs no collective
             comm = ShardComm.single()
             comm.size, comm.rank = tp, r
-            shards.append(sharded_member_builder(cfg, comm)(spec, d_in).local.state_dict())
-        full = build_sae(spec, d_in, cfg.sae, cfg.train)
+            shards.append(sharded_member_builder(comm)(spec, d_in).local.state_dict())
+        full = build_sae(spec, d_in)
         full.load_state_dict({
             name: t if latent_axis(name, t, spec.width) is None else
             torch.cat([s[name] for s in shards], dim=latent_axis(name, shards[0][name],
@@ -71,15 +71,18 @@ def reference(kind: str, tp: int, batches: list[torch.Tensor]) -> dict:
     return run_bank(bank, batches)
 
 
-def _bank_runs(groups) -> dict:
+def _bank_runs(world: int, tp: int) -> dict:
     """Every kind's sharded bank on this rank's replica share of the global batches."""
-    from distributed_sae.train.sharded import build_sharded_bank
+    from distributed_sae.parallel.sharded_plan import LatentShardedPlan
 
-    world, tp = groups.layout.world_size, groups.layout.tp
-    result = {"coords": (groups.dp_rank, groups.tp_rank)}
+    result = {}
     for kind in KINDS:
         batches = global_batches(STEPS)
-        bank = build_sharded_bank(make_cfg(kind, world, tp), D, B_DEC, len(batches), groups)
+        cfg = make_cfg(kind, world, tp)
+        plan = LatentShardedPlan(cfg, cfg.bank())
+        groups = plan.groups
+        result["coords"] = (groups.dp_rank, groups.tp_rank)
+        bank = plan.build_bank(D, B_DEC, len(batches))
         result[kind] = run_bank(bank, batches, groups.dp_rank, groups.layout.dp)
         result[kind]["tokens_seen"] = bank.tokens_seen
     return result
@@ -89,7 +92,11 @@ def _resume_runs(world: int, store: str, out_a: str, out_b: str) -> None:
     """Job A trains 10 steps with a checkpoint at step 5; job B resumes from that checkpoint."""
     import torch.distributed as dist
 
-    from distributed_sae.train.distributed import train_rank
+    from distributed_sae.parallel.plan import make_plan
+    from distributed_sae.train.trainer import run
+
+    def train_rank(cfg):
+        return run(cfg, make_plan(cfg))
 
     kw = {"store_path": store, "tokens": BATCH * 10, "checkpoint_every": 5}
     train_rank(make_cfg("topk", world, world, out_dir=out_a, **kw))
@@ -103,11 +110,10 @@ def _resume_runs(world: int, store: str, out_a: str, out_b: str) -> None:
 def _worker(rank: int, world: int, port: int, tp: int, out_dir: str, store: str | None) -> None:
     torch.set_num_threads(1)
     from distributed_sae.parallel import destroy_group, init_group
-    from distributed_sae.parallel.layout import ParallelLayout
 
     init_group(rank, world, "127.0.0.1", port, backend="gloo")
     try:
-        result = _bank_runs(ParallelLayout.for_world(world, tp).build())
+        result = _bank_runs(world, tp)
         torch.save(result, os.path.join(out_dir, f"rank{rank}.pt"))
         if store is not None:
             _resume_runs(world, store, os.path.join(out_dir, "a"), os.path.join(out_dir, "b"))
@@ -172,7 +178,7 @@ def test_checkpoint_resume_and_global_metrics(two_ranks):
     _, out = two_ranks
     a, b = out / "a", out / "b"
     ckpt = a / "train" / "checkpoints" / f"step_{5:09d}"
-    assert (ckpt / "topk_w512_k4_s1" / f"step_{5:09d}" / "shard_001_of_002.safetensors").exists()
+    assert (ckpt / "topk_w512_k4_s1" / "shard_001_of_002.safetensors").exists()
     for member in ("topk_w96_k4_s0", "topk_w512_k4_s1"):
         sae_a, _ = load_sae(a / "train" / member)
         sae_b, _ = load_sae(b / "train" / member)

@@ -12,7 +12,6 @@ HOOK_KINDS = ("hook_resid_pre", "hook_resid_post", "hook_mlp_out", "hook_attn_ou
 _HOOK_RE = re.compile(r"^blocks\.(\d+)\.(" + "|".join(re.escape(k) for k in HOOK_KINDS) + r")$")
 
 DTYPES = ("float32", "float16", "bfloat16")
-SAE_KINDS = ("topk", "batchtopk", "relu", "jumprelu", "matryoshka")
 RELU_RECIPES = ("towards_monosemanticity", "april_2024")
 DATA_PARALLEL = ("ddp", "zero2")
 PLACEMENTS = ("cost", "replicate")
@@ -43,3 +42,19 @@ def positive(owner: str, **values: float) -> None:
 def choice(owner: str, key: str, value: str, choices: tuple[str, ...]) -> None:
     if value not in choices:
         raise ConfigError(f"{owner}.{key}={value!r} is not one of {', '.join(choices)}")
+
+
+def sweep(owner: str, key: str, value: object, kind: type) -> object:
+    """A scalar or a list of values to sweep (each positive, no repeats), cast to `kind`; a
+    one-element list is returned as its scalar."""
+    values = list(value) if isinstance(value, (list, tuple)) else [value]
+    try:
+        values = [kind(v) for v in values]
+    except (TypeError, ValueError):
+        raise ConfigError(f"{owner}.{key}={value!r} must be a number or a list of numbers") from None
+    if not isinstance(value, (list, tuple)):
+        positive(owner, **{key: values[0]})
+    elif not values or any(v <= 0 for v in values) or len(set(values)) != len(values):
+        raise ConfigError(f"{owner}.{key}={list(value)} must be a non-empty list of positive "
+                          f"values without repeats")
+    return values[0] if len(values) == 1 else values

@@ -14,14 +14,15 @@ live in `eval_schema.py`, the shared names and checks in `checks.py`; all are im
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import List, Optional
+from typing import Any, Dict, List, Optional
 
 from distributed_sae.config.checks import (  # noqa: F401  (re-exported: callers import them here)
     COMPRESSIONS, DATA_PARALLEL, DEVICE_MAPS, DTYPES, HOOK_KINDS, PLACEMENTS, RELU_RECIPES,
-    SAE_KINDS, SHARDINGS, parse_hook,
+    SHARDINGS, parse_hook,
 )
 from distributed_sae.config.checks import choice as _choice
 from distributed_sae.config.checks import positive as _positive
+from distributed_sae.config.checks import sweep as _sweep
 from distributed_sae.config.errors import ConfigError
 from distributed_sae.config.eval_schema import EvalConfig, ExportConfig, SteerConfig  # noqa: F401
 
@@ -152,29 +153,38 @@ class StoreConfig:
 
 @dataclass
 class SAEConfig:
-    """The bank of sparse autoencoders: one member per width."""
+    """The bank of sparse autoencoders: a cross product of hooks, kinds, widths and the kinds'
+    swept parameters, or an explicit list of members (sae/bank.py has the grammar)."""
 
     # SAE kind: topk (Gao et al. 2024), batchtopk (Bussmann et al. 2024), relu (Towards
-    # Monosemanticity, or its April 2024 update), jumprelu (Gemma Scope), matryoshka.
+    # Monosemanticity, or its April 2024 update), jumprelu (Gemma Scope), matryoshka, gated
+    # (Rajamanoharan et al. 2024). The one-kind shorthand of `kinds`.
     kind: str = "topk"
-    # Dictionary sizes; each width is one member of the bank, all trained on one pass.
+    # Kinds of the bank, e.g. [topk,batchtopk]: every kind gets every hook and width. None = [kind].
+    kinds: Optional[List[str]] = None
+    # Dictionary sizes; each width is one member per hook, kind and swept parameter (a width
+    # listed twice gives two seeds of one dictionary).
     widths: List[int] = field(default_factory=lambda: [2304, 4608])
-    # Active latents per token for topk, batchtopk (on average) and matryoshka.
-    k: int = 32
-    # Hook point the bank reads; None = the first of harvest.hooks.
+    # Active latents per token for topk, batchtopk (on average) and matryoshka; a list sweeps
+    # it (sae.k=[16,64]: one member per value). Other kinds ignore it.
+    k: Any = 32
+    # Hook point the bank reads: the one-hook shorthand of `hooks`.
     hook: Optional[str] = None
-    # Seed of the weight initialisation (member i uses seed + i).
+    # Hook points the bank reads, each a harvested hook; None = [hook], or every harvested hook
+    # when hook is unset too.
+    hooks: Optional[List[str]] = None
+    # Seed of the weight initialisation (the members of width i use seed + i).
     seed: int = 0
-    # relu: coefficient lambda of the L1 sparsity penalty. Inputs are scaled to E||x||^2 = d and
-    # the MSE is a mean over elements, so lambda is ~d times smaller than the paper's 5 (a summed
-    # error). Measured on SmolLM2 layer 15 (100 steps of 1024, width 2304): 0.003 -> L0 102,
-    # 0.01 -> L0 25 (FVU 0.50), 0.03 -> L0 11.
-    l1_coefficient: float = 0.01
+    # relu and gated: coefficient lambda of the L1 sparsity penalty (a list sweeps it). Inputs are scaled
+    # to E||x||^2 = d and the MSE is a mean over elements, so lambda is ~d times smaller than the
+    # paper's 5 (a summed error). Measured on SmolLM2 layer 15 (100 steps of 1024, width 2304):
+    # 0.003 -> L0 102, 0.01 -> L0 25 (FVU 0.50), 0.03 -> L0 11.
+    l1_coefficient: Any = 0.01
     # relu: 'towards_monosemanticity' (unit-norm decoder, neuron resampling) or 'april_2024'
     # (L1 weighted by decoder norms, no norm constraint, no resampling, lambda warm-up).
     recipe: str = "towards_monosemanticity"
-    # jumprelu: coefficient of the L0 penalty.
-    l0_coefficient: float = 0.01
+    # jumprelu: coefficient of the L0 penalty (a list sweeps it).
+    l0_coefficient: Any = 0.01
     # jumprelu: initial per-feature threshold and the straight-through estimator's bandwidth, in
     # units of the scaled inputs (E||x||^2 = d, so pre-activations are ~sqrt(d) larger than with
     # Gemma Scope's unit-norm inputs). Measured as above: threshold 0.1 -> L0 456, 0.5 -> L0 83,
@@ -183,12 +193,27 @@ class SAEConfig:
     jumprelu_bandwidth: float = 0.1
     # matryoshka: nested prefixes of the dictionary as fractions of the width (ascending, last 1.0).
     matryoshka_fractions: List[float] = field(default_factory=lambda: [0.0625, 0.25, 1.0])
+    # An explicit bank instead of the product above: a list of {kind, width, hook (or inputs),
+    # seed, lr, name, and the kind's parameters, e.g. k}; missing keys come from the scalars
+    # above (seed: sae.seed + the entry's index).
+    members: List[Dict[str, Any]] = field(default_factory=list)
+
+    @property
+    def kind_list(self) -> list[str]:
+        """The bank's kinds: `kinds`, or [kind]."""
+        return list(self.kinds) if self.kinds else [self.kind]
 
     def __post_init__(self) -> None:
-        _choice("sae", "kind", self.kind, SAE_KINDS)
+        from distributed_sae.sae.registry import k_kinds, kinds  # the registry names the kinds
+
+        for kind in [self.kind, *(self.kinds or [])]:
+            _choice("sae", "kind" if kind == self.kind else "kinds", kind, kinds())
+        if self.kinds is not None and (not self.kinds or len(set(self.kinds)) != len(self.kinds)):
+            raise ConfigError(f"sae.kinds={list(self.kinds)} must be non-empty without repeats")
         _choice("sae", "recipe", self.recipe, RELU_RECIPES)
-        _positive("sae", l1_coefficient=self.l1_coefficient, l0_coefficient=self.l0_coefficient,
-                  jumprelu_threshold=self.jumprelu_threshold,
+        for key in ("k", "l1_coefficient", "l0_coefficient"):
+            setattr(self, key, _sweep("sae", key, getattr(self, key), int if key == "k" else float))
+        _positive("sae", jumprelu_threshold=self.jumprelu_threshold,
                   jumprelu_bandwidth=self.jumprelu_bandwidth)
         fr = list(self.matryoshka_fractions)
         if not fr or fr != sorted(fr) or fr[-1] != 1.0 or fr[0] <= 0:
@@ -198,15 +223,17 @@ class SAEConfig:
         for width in self.widths:
             if width <= 0:
                 raise ConfigError(f"sae.widths has {width}: every width must be positive")
-        _positive("sae", k=self.k)
-        k_kinds = ("topk", "batchtopk", "matryoshka")
-        too_small = [w for w in self.widths if w < self.k]
-        if too_small and self.kind in k_kinds:
+        top_k = max(self.k) if isinstance(self.k, list) else self.k
+        too_small = [w for w in self.widths if w < top_k]
+        if too_small and set(self.kind_list) & set(k_kinds()):
             raise ConfigError(
                 f"sae.k={self.k} is larger than width(s) {too_small}: lower sae.k or raise the width"
             )
-        if self.hook is not None:
-            parse_hook(self.hook)
+        for hook in ([self.hook] if self.hook else []) + list(self.hooks or []):
+            parse_hook(hook)
+        if self.hook and self.hooks and self.hook not in self.hooks:
+            raise ConfigError(f"sae.hook={self.hook!r} is not in sae.hooks={list(self.hooks)}: "
+                              f"set one of them")
 
 
 @dataclass
@@ -218,8 +245,8 @@ class TrainConfig:
     # Activations per optimiser step.
     batch_size: int = 4096
     # Adam's peak learning rate of every member; None = each kind's default (sae kinds'
-    # default_lr: 1e-3, relu 2e-4).
-    lr: Optional[float] = None
+    # default_lr: 1e-3, relu 2e-4); a list sweeps it (one member per value).
+    lr: Any = None
     # Linear warm-up steps of the learning rate.
     warmup_steps: int = 10
     # Coefficient of the AuxK loss for dead latents.
@@ -286,7 +313,7 @@ class TrainConfig:
         if self.tokens < 0:
             raise ConfigError(f"train.tokens must be >= 0 (0 = one pass), got {self.tokens}")
         if self.lr is not None:
-            _positive("train", lr=self.lr)
+            self.lr = _sweep("train", "lr", self.lr, float)
         _positive("train", batch_size=self.batch_size, log_every=self.log_every,
                   dead_tokens=self.dead_tokens, dead_report_tokens=self.dead_report_tokens)
         _positive("train", workers=self.workers, latent_shards=self.latent_shards)
@@ -363,26 +390,36 @@ class RunConfig:
     log_level: str = "INFO"
 
     def __post_init__(self) -> None:
-        hook = self.sae_hook
-        if hook not in self.harvest.hooks:
-            raise ConfigError(
-                f"sae.hook={hook!r} is not harvested: add it to harvest.hooks={list(self.harvest.hooks)}"
-            )
-        resampling = self.sae.kind == "relu" and self.sae.recipe == "towards_monosemanticity"
+        from distributed_sae.sae.registry import sae_class
+
+        missing = [h for h in self.sae_hooks if h not in self.harvest.hooks]
+        if missing:
+            key = (f"sae.hooks names {missing}, which are" if self.sae.hooks else
+                   f"sae.hook={missing[0]!r} is")
+            raise ConfigError(f"{key} not harvested: add it to "
+                              f"harvest.hooks={list(self.harvest.hooks)}")
+        specs = self.bank()  # every member's parameters are validated here, at start-up
+        resampling = any(sae_class(s.kind).resamples(s.params) for s in specs)
         if self.train.workers > 1 and resampling and self.train.resample_steps:
             raise ConfigError("neuron resampling is not supported with train.workers > 1 yet: set "
                               "train.resample_steps=[] or train.workers=1")
         shards = self.train.latent_shards
-        uneven = [w for w in self.sae.widths if w % shards]
+        uneven = sorted({s.width for s in specs if s.width % shards})
         if uneven:
             raise ConfigError(
                 f"sae.widths {uneven} are not multiples of train.latent_shards={shards}: every "
                 f"shard holds width / latent_shards latents; use e.g. "
                 f"{[w - w % shards + shards for w in uneven]}")
-        if shards > 1 and self.sae.kind == "matryoshka":
-            raise ConfigError(f"sae.kind=matryoshka cannot be latent-sharded (its nested prefixes "
-                              f"cut across shards): set train.latent_shards=1 (got {shards}) or "
-                              f"use another sae.kind")
+        unshardable = sorted({s.kind for s in specs if not sae_class(s.kind).shardable})
+        if shards > 1 and unshardable:
+            raise ConfigError(f"sae.kind={unshardable[0]} cannot be latent-sharded (its nested "
+                              f"prefixes cut across shards): set train.latent_shards=1 (got "
+                              f"{shards}) or use another sae.kind")
+        if len(self.sae_hooks) > 1 and self.train.outlier_norm_ratio:
+            raise ConfigError(f"train.outlier_norm_ratio={self.train.outlier_norm_ratio} with a "
+                              f"bank over {len(self.sae_hooks)} hooks is not supported yet (each "
+                              f"hook would drop other rows): set train.outlier_norm_ratio=0 or "
+                              f"train one hook per job")
         if self.harvest.sharding == "device_map" and self.model.device_map is None:
             raise ConfigError("harvest.sharding=device_map needs model.device_map (e.g. auto)")
         unit_rows = self.harvest.contexts_per_unit * self.data.context_size
@@ -393,6 +430,23 @@ class RunConfig:
             )
 
     @property
+    def sae_hooks(self) -> list[str]:
+        """The hook points the bank reads: sae.hooks, [sae.hook], or every harvested hook."""
+        if self.sae.hooks:
+            return list(self.sae.hooks)
+        return [self.sae.hook] if self.sae.hook is not None else list(self.harvest.hooks)
+
+    @property
     def sae_hook(self) -> str:
-        """The hook point the bank trains on."""
-        return self.sae.hook if self.sae.hook is not None else self.harvest.hooks[0]
+        """The one hook of a single-hook bank (the code paths that train one hook only)."""
+        hooks = self.sae_hooks
+        if len(hooks) != 1:
+            raise ConfigError(f"this stage trains one hook, but the bank reads {hooks}: set "
+                              f"sae.hook to one of them")
+        return hooks[0]
+
+    def bank(self) -> list[Any]:
+        """The bank's member specs (sae/bank.py's MemberSpec), in order."""
+        from distributed_sae.sae.bank import expand_bank
+
+        return expand_bank(self.sae, self.sae_hooks, self.train)

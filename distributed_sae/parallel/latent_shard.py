@@ -37,13 +37,9 @@ from distributed_sae.parallel.collectives import (
     ShardComm, reduce_grad_over_shards, select_global_topk, sum_over_shards,
 )
 from distributed_sae.sae import SAEOutput, SparseAutoencoder
-from distributed_sae.sae.registry import sae_class
+from distributed_sae.sae.registry import latent_axes, sae_class, shardable_kinds
 
 log = logging.getLogger(__name__)
-
-SHARDABLE_KINDS = ("topk", "batchtopk", "jumprelu", "relu")
-# Which axis of each per-latent tensor runs over the latents; other tensors are replicated.
-LATENT_AXIS = {"W_enc": 1, "b_enc": 0, "W_dec": 0, "log_threshold": 0}
 
 
 def shard_seed(seed: int, shard: int) -> int:
@@ -64,11 +60,12 @@ def shard_range(n: int, shards: int, shard: int) -> tuple[int, int]:
 
 def latent_axis(name: str, t: torch.Tensor, n_local: int) -> int | None:
     """Latent axis of local tensor `name` (None: replicated); unknown per-latent tensors raise."""
-    if name in LATENT_AXIS:
-        return LATENT_AXIS[name]
+    axes = latent_axes()  # from the kinds (SparseAutoencoder.latent_axes)
+    if name in axes:
+        return axes[name]
     if t.dim() > 0 and n_local in t.shape:
         raise ValueError(f"tensor {name!r} of shape {tuple(t.shape)} may be per-latent: add its "
-                         f"latent axis to LATENT_AXIS in {__name__}")
+                         f"latent axis to its kind's latent_axes")
     return None
 
 
@@ -87,9 +84,9 @@ class LatentShardedSAE(nn.Module):
     def __init__(self, local: SparseAutoencoder, d_sae: int, comm: ShardComm,
                  k: int | None = None) -> None:
         super().__init__()
-        if local.kind not in SHARDABLE_KINDS:
+        if local.kind not in shardable_kinds():
             raise ValueError(f"sae.kind={local.kind!r} cannot be latent-sharded: use one of "
-                             f"{SHARDABLE_KINDS} or train it unsharded (latent_shards=1)")
+                             f"{shardable_kinds()} or train it unsharded (latent_shards=1)")
         self.local, self.comm, self.d_sae, self.d_in = local, comm, d_sae, local.d_in
         self.start, self.stop = shard_range(d_sae, comm.size, comm.rank)
         if local.d_sae != self.stop - self.start:

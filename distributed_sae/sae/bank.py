@@ -1,55 +1,215 @@
-"""A bank: the list of SAE specs one job trains together from one pass over the store.
+"""A bank: the members one job trains together from one pass over the store, and its grammar.
 
-`sae.widths=[2304,4608]` expands to one member per width; every batch feeds every member.
+A member is data: the hook(s) it reads, the hook(s) it reconstructs, its kind, width, the kind's
+own parameters (sae/params.py), learning rate and seed. The config describes a bank either as a
+cross product
+
+    sae.hooks x sae.kinds x sae.widths x (each kind's swept parameters: sae.k, sae.l1_coefficient,
+    sae.l0_coefficient) x train.lr
+
+(a list-valued key is swept, a scalar is shared; a parameter only multiplies the kinds that have
+it: sae.k=[16,64] gives two topk members per width but one relu member), or as an explicit list
+`sae.members=[{kind: topk, width: 2304, k: 16, hook: ...}, ...]` for banks that are not a product
+(missing keys come from the sae config's scalars).
+
+Member ids are folder names: `<kind>_w<width>[_k<k>][_<tag><value>...]_s<seed>`, where a tag
+appears when that parameter takes more than one value among the bank's members of the kind (so
+a plain width sweep keeps `topk_w2304_k32_s0`), prefixed by the hook (`l15_mlp_out.`) when the
+bank spans several hooks. The same config always gives the same ids; a collision is refused.
+Seeds: sae.seed + the width's index in sae.widths, so members that differ only in k or kind
+start from the same weights (the comparison a sweep is for), and a member keeps its seed when
+other hooks, kinds or parameters are added to the bank.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Optional
+import itertools
+import re
+from dataclasses import dataclass, replace
+from typing import Any, Mapping, Optional, Sequence
 
 import torch
 
-from distributed_sae.config import SAEConfig, TrainConfig
+from distributed_sae.config import ConfigError, SAEConfig, TrainConfig
 from distributed_sae.sae.base import SparseAutoencoder
-from distributed_sae.sae.registry import sae_class
+from distributed_sae.sae.params import SWEEPABLE, KindParams, config_values
+from distributed_sae.sae.registry import k_kinds, sae_class
 
-K_KINDS = ("topk", "batchtopk", "matryoshka")  # kinds whose sparsity is set by k
+
+def hook_tag(hook: str) -> str:
+    """'blocks.15.hook_resid_post' -> 'l15_resid_post', 'blocks.15.mlp.hook_post' -> 'l15_mlp_post'."""
+    m = re.match(r"^blocks\.(\d+)\.(.+)$", hook)
+    if m is None:
+        return re.sub(r"[^A-Za-z0-9_]+", "_", hook)
+    rest = m.group(2).replace("hook_", "").replace(".", "_")
+    return f"l{m.group(1)}_{rest}"
 
 
 @dataclass(frozen=True)
 class MemberSpec:
-    """One bank member: what to build and how to name it."""
+    """One member of a bank: what to build, what it reads and reconstructs, how to name it."""
 
-    hook: str
     kind: str
     width: int
-    k: int
-    seed: int
-    # Adam's learning rate; None = train.lr, or the kind's default_lr when that is unset too.
+    params: KindParams  # the kind's own parameters (k, l1_coefficient, ...)
+    inputs: tuple[str, ...]  # hook(s) the encoder reads
+    # Hook(s) the decoder reconstructs; () = the inputs (an SAE). The type allows transcoders
+    # and crosscoders (targets differ from inputs, several inputs); today's kinds need ().
+    targets: tuple[str, ...] = ()
+    seed: int = 0
+    # Adam's peak learning rate; None = train.lr, or the kind's default_lr when that is unset.
     lr: Optional[float] = None
+    name: str = ""  # folder name within the bank; "" = base_name()
+
+    @property
+    def hook(self) -> str:
+        """The one hook an SAE reads and reconstructs."""
+        if len(self.inputs) != 1 or self.targets not in ((), self.inputs):
+            raise ValueError(f"{self.member_id} reads {self.inputs} and writes {self.targets}: "
+                             f"not a single-hook member")
+        return self.inputs[0]
+
+    @property
+    def hooks(self) -> tuple[str, ...]:
+        """Every hook the member needs, inputs first, each once."""
+        return tuple(dict.fromkeys(self.inputs + self.targets))
+
+    @property
+    def k(self) -> int | None:
+        return getattr(self.params, "k", None)
+
+    def base_name(self, tags: Sequence[str] = ()) -> str:
+        """`<kind>_w<width>[_k<k>]<tags>_s<seed>`."""
+        k = f"_k{self.k}" if self.kind in k_kinds() else ""
+        return f"{self.kind}_w{self.width}{k}{''.join(tags)}_s{self.seed}"
 
     @property
     def member_id(self) -> str:
         """Folder name of the member, unique within a bank: e.g. 'topk_w2304_k32_s0'."""
-        k = f"_k{self.k}" if self.kind in K_KINDS else ""
-        return f"{self.kind}_w{self.width}{k}_s{self.seed}"
+        return self.name or self.base_name()
 
 
-def expand_bank(sae: SAEConfig, hook: str) -> list[MemberSpec]:
-    """One spec per width; member i gets seed sae.seed + i so members start differently."""
-    return [MemberSpec(hook=hook, kind=sae.kind, width=w, k=sae.k, seed=sae.seed + i)
-            for i, w in enumerate(sae.widths)]
+def sae_member(hook: str, kind: str, width: int, seed: int = 0, lr: float | None = None,
+               **params: Any) -> MemberSpec:
+    """A single-hook SAE member with the kind's parameters from keywords (defaults otherwise)."""
+    cls = sae_class(kind)
+    return MemberSpec(kind, width, cls.Params.build({}, params), (hook,), seed=seed, lr=lr)
+
+
+def _as_list(value: Any) -> list[Any]:
+    return list(value) if isinstance(value, (list, tuple)) else [value]
+
+
+def _lrs(train: TrainConfig) -> list[float | None]:
+    return _as_list(train.lr)
+
+
+def _product(sae: SAEConfig, hooks: Sequence[str], train: TrainConfig) -> list[MemberSpec]:
+    values = config_values(sae=sae, train=train)
+    specs = []
+    for hook in hooks:
+        for kind in sae.kind_list:
+            cls = sae_class(kind)
+            swept = [(name, _as_list(getattr(sae, name))) for name in SWEEPABLE
+                     if cls.Params.has(name)]
+            for i, width in enumerate(sae.widths):
+                for combo in itertools.product(*(v for _, v in swept)):
+                    over = dict(zip((n for n, _ in swept), combo))
+                    params = cls.Params.build(values, over)
+                    for lr in _lrs(train):
+                        specs.append(MemberSpec(kind, width, params, (hook,), seed=sae.seed + i,
+                                                lr=lr))
+    return specs
+
+
+MEMBER_KEYS = ("kind", "width", "hook", "inputs", "targets", "seed", "lr", "name")
+
+
+def _explicit(sae: SAEConfig, train: TrainConfig, hooks: Sequence[str],
+              entry: Mapping[str, Any], index: int) -> MemberSpec:
+    """One entry of sae.members: {kind, width, hook | inputs, [seed, lr, name, params...]}."""
+    where = f"sae.members[{index}]"
+    entry = dict(entry)
+    if "width" not in entry:
+        raise ConfigError(f"{where}={entry} has no width: give e.g. width: 2304")
+    kind = entry.get("kind", sae.kind)
+    cls = sae_class(kind)
+    inputs = tuple(_as_list(entry.get("inputs", entry.get("hook", hooks[0]))))
+    targets = tuple(_as_list(entry.get("targets", ())))
+    if targets not in ((), inputs):
+        raise ConfigError(f"{where} reconstructs {list(targets)} from {list(inputs)}: members "
+                          f"whose targets differ from their inputs (transcoders) are not "
+                          f"available yet; drop `targets`")
+    own = {k: v for k, v in entry.items() if k not in MEMBER_KEYS}
+    values = config_values(sae=sae, train=train)
+    for name in SWEEPABLE:
+        if cls.Params.has(name) and name not in own and isinstance(getattr(sae, name), list):
+            raise ConfigError(f"{where} has no {name} and sae.{name}={getattr(sae, name)} is a "
+                              f"sweep: give the member its own {name}")
+    try:
+        params = cls.Params.build(values, own)
+    except TypeError as err:
+        raise ConfigError(f"{where}={entry}: {err}") from None
+    lr = entry.get("lr", None if isinstance(train.lr, list) else train.lr)
+    return MemberSpec(kind, int(entry["width"]), params, inputs, targets,
+                      seed=int(entry.get("seed", sae.seed + index)), lr=lr,
+                      name=str(entry.get("name", "")))
+
+
+def _named(specs: list[MemberSpec]) -> list[MemberSpec]:
+    """Give every member without an explicit name its id (see the module docstring)."""
+    tagged: dict[str, list[str]] = {}  # kind -> the swept parameters that name its members
+    for kind in dict.fromkeys(s.kind for s in specs):
+        same = [s for s in specs if s.kind == kind]
+        tagged[kind] = [n for n in SWEEPABLE if n != "k" and same[0].params.has(n)
+                        and len({getattr(s.params, n) for s in same}) > 1]
+    lr_tag = len({s.lr for s in specs}) > 1
+    multi_hook = len({s.inputs for s in specs}) > 1
+    out = []
+    for s in specs:
+        if s.name:
+            out.append(s)
+            continue
+        tags = [f"_{SWEEPABLE[n]}{getattr(s.params, n):g}" for n in tagged[s.kind]]
+        if lr_tag:
+            tags.append(f"_lr{s.lr:g}" if s.lr is not None else "_lrdefault")
+        name = s.base_name(tags)
+        if multi_hook:
+            name = "+".join(hook_tag(h) for h in s.inputs) + "." + name
+        out.append(replace(s, name=name))
+    return out
+
+
+def expand_bank(sae: SAEConfig, hooks: str | Sequence[str],
+                train: TrainConfig | None = None) -> list[MemberSpec]:
+    """The bank's members, in order: hook, kind, width, swept parameters, lr (or the order of
+    sae.members). `hooks`: the hooks the bank reads (RunConfig.sae_hooks)."""
+    hooks = [hooks] if isinstance(hooks, str) else list(hooks)
+    train = train if train is not None else TrainConfig()
+    if sae.members:
+        specs = [_explicit(sae, train, hooks, e, i) for i, e in enumerate(sae.members)]
+    else:
+        specs = _product(sae, hooks, train)
+    specs = _named(specs)
+    seen: dict[str, int] = {}
+    for i, s in enumerate(specs):
+        if s.member_id in seen:
+            raise ConfigError(f"members {seen[s.member_id]} and {i} of the bank are both named "
+                              f"{s.member_id!r}: give them different seeds or names")
+        seen[s.member_id] = i
+    return specs
 
 
 def member_lr(spec: MemberSpec, train: TrainConfig) -> float:
     """The member's peak learning rate: its spec's, else train.lr, else its kind's default."""
     if spec.lr is not None:
         return spec.lr
-    return train.lr if train.lr is not None else sae_class(spec.kind).default_lr
+    if train.lr is not None and not isinstance(train.lr, list):
+        return float(train.lr)
+    return sae_class(spec.kind).default_lr
 
 
-def build_sae(spec: MemberSpec, d_in: int, sae: SAEConfig, train: TrainConfig) -> SparseAutoencoder:
-    """Instantiate the member's SAE (fp32 master weights) with the kind's hyperparameters."""
-    return sae_class(spec.kind).from_config(d_in, spec.width, sae, train, seed=spec.seed,
+def build_sae(spec: MemberSpec, d_in: int) -> SparseAutoencoder:
+    """Instantiate the member's SAE (fp32 master weights) from its spec's parameters."""
+    return sae_class(spec.kind).from_params(d_in, spec.width, spec.params, seed=spec.seed,
                                             dtype=torch.float32)

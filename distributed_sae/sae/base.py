@@ -9,13 +9,14 @@ SAE code is single-device: it never imports torch.distributed (parallelism lives
 
 from __future__ import annotations
 
-import inspect
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 from torch import nn
+
+from distributed_sae.sae.params import KindParams, config_values
 
 if TYPE_CHECKING:  # only for annotations: SAE code stays usable without the config package
     from distributed_sae.config import SAEConfig, TrainConfig
@@ -52,6 +53,13 @@ class SparseAutoencoder(nn.Module):
     uses_resampling: bool = False
     # Adam's learning rate for this kind when neither train.lr nor the member's spec sets one.
     default_lr: ClassVar[float] = 1e-3
+    # The kind's parameters (sae/params.py): the constructor's keywords after (d_in, d_sae).
+    Params: ClassVar[type[KindParams]] = KindParams
+    # Whether parallel/latent_shard.py can split it by latents.
+    shardable: ClassVar[bool] = True
+    # The latent axis of each per-latent tensor of the state dict (latent shards and checkpoints
+    # slice them there); every other tensor is replicated. Kinds with more add theirs.
+    latent_axes: ClassVar[dict[str, int]] = {"W_enc": 1, "b_enc": 0, "W_dec": 0}
 
     def __init__(self, d_in: int, d_sae: int, *, seed: int = 0,
                  dtype: torch.dtype = torch.float32) -> None:
@@ -160,20 +168,30 @@ class SparseAutoencoder(nn.Module):
                             f"{cls.__name__}: load it with SAE.load")
         return sae
 
-    # ---- construction from the run config ----------------------------------------------------
+    # ---- construction from parameters or the run config -------------------------------------
+    @property
+    def params(self) -> KindParams:
+        """This SAE's parameters as its kind's dataclass."""
+        return self.Params.build({}, self.extra_state())
+
+    @classmethod
+    def resamples(cls, params: KindParams) -> bool:
+        """Whether a member of this kind with `params` uses neuron resampling (uses_resampling)."""
+        return cls.uses_resampling
+
+    @classmethod
+    def from_params(cls, d_in: int, d_sae: int, params: KindParams, *, seed: int = 0,
+                    dtype: torch.dtype = torch.float32) -> SparseAutoencoder:
+        """Build this kind from its parameter dataclass."""
+        if not isinstance(params, cls.Params):
+            raise TypeError(f"{cls.kind} needs {cls.Params.__name__}, got {type(params).__name__}")
+        return cls(d_in, d_sae, **params.kwargs(), seed=seed, dtype=dtype)
+
     @classmethod
     def from_config(cls, d_in: int, d_sae: int, sae: SAEConfig, train: TrainConfig, *,
                     seed: int = 0, dtype: torch.dtype = torch.float32,
                     **overrides: Any) -> SparseAutoencoder:
-        """Build this kind from the run config: each keyword of the constructor that names a
-        config value below is filled from it, `overrides` win (e.g. a member's own k)."""
-        from_cfg = {
-            "k": sae.k, "auxk_coefficient": train.auxk_coefficient,
-            "l1_coefficient": sae.l1_coefficient, "recipe": sae.recipe,
-            "l0_coefficient": sae.l0_coefficient, "init_threshold": sae.jumprelu_threshold,
-            "bandwidth": sae.jumprelu_bandwidth, "fractions": list(sae.matryoshka_fractions),
-        }
-        accepted = inspect.signature(cls.__init__).parameters
-        kwargs = {name: value for name, value in from_cfg.items() if name in accepted}
-        kwargs.update(overrides)
-        return cls(d_in, d_sae, **kwargs, seed=seed, dtype=dtype)
+        """Build this kind from the run config: each field of its Params is read from the config
+        key it names (sae/params.py), `overrides` win (e.g. a member's own k)."""
+        params = cls.Params.build(config_values(sae=sae, train=train), overrides)
+        return cls.from_params(d_in, d_sae, params, seed=seed, dtype=dtype)

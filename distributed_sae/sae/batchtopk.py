@@ -14,13 +14,28 @@ which is SAELens's 'jumprelu' with θ broadcast to every latent. Dead latents ge
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 
 from distributed_sae.sae.base import SAEOutput
-from distributed_sae.sae.topk import TopKSAE
+from distributed_sae.sae.topk import TopKParams, TopKSAE
+
+
+@dataclass(frozen=True)
+class BatchTopKParams(TopKParams):
+    """BatchTopK: k active latents per token on average over the batch; the inference
+    threshold's EMA momentum."""
+
+    kind = "batchtopk"
+    threshold_momentum: float = 0.99
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self._require(0.0 <= self.threshold_momentum < 1.0, "threshold_momentum",
+                      "must be in [0, 1)")
 
 # (x_hat (batch, d_in), scalar reconstruction loss, scalar terms by name)
 Reconstruction = tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]
@@ -29,6 +44,7 @@ Reconstruction = tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]
 class BatchTopKSAE(TopKSAE):
     kind = "batchtopk"
     architecture = "jumprelu"
+    Params = BatchTopKParams
 
     def __init__(self, d_in: int, d_sae: int, k: int, *, auxk_coefficient: float = 1 / 32,
                  threshold_momentum: float = 0.99, seed: int = 0,

@@ -19,12 +19,28 @@ scales inputs to E‖x‖² = d_in, which makes pre-activations ~sqrt(d_in) time
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 
 from distributed_sae.sae.base import SAEOutput, SparseAutoencoder
+from distributed_sae.sae.params import KindParams, from_key, non_negative, positive
+
+
+@dataclass(frozen=True)
+class JumpReLUParams(KindParams):
+    """JumpReLU: the L0 penalty's coefficient, the thresholds' start and the STE's bandwidth."""
+
+    kind = "jumprelu"
+    l0_coefficient: float = from_key("sae.l0_coefficient", 1.0)
+    init_threshold: float = from_key("sae.jumprelu_threshold", 0.001)
+    bandwidth: float = from_key("sae.jumprelu_bandwidth", 0.001)
+
+    def __post_init__(self) -> None:
+        non_negative(self, "l0_coefficient")
+        positive(self, "init_threshold", "bandwidth")
 
 
 def _rectangle(u: torch.Tensor) -> torch.Tensor:
@@ -70,6 +86,8 @@ class _Step(torch.autograd.Function):
 class JumpReLUSAE(SparseAutoencoder):
     kind = "jumprelu"
     architecture = "jumprelu"
+    Params = JumpReLUParams
+    latent_axes = {**SparseAutoencoder.latent_axes, "log_threshold": 0}
     # Decoder rows stay at unit norm (as the base trainer does for every kind): L0 cannot be
     # gamed by rescaling, but fixing the scale split between encoder and decoder keeps the
     # thresholds, which live in pre-activation units, meaningful across training.

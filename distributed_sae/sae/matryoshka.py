@@ -13,12 +13,14 @@ inference, so the export is SAELens 'jumprelu' exactly like BatchTopKSAE.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any, Sequence
 
 import torch
 import torch.nn.functional as F
 
-from distributed_sae.sae.batchtopk import BatchTopKSAE, Reconstruction
+from distributed_sae.sae.batchtopk import BatchTopKParams, BatchTopKSAE, Reconstruction
+from distributed_sae.sae.params import from_key
 
 
 def prefix_sizes(d_sae: int, fractions: Sequence[float]) -> list[int]:
@@ -29,9 +31,26 @@ def prefix_sizes(d_sae: int, fractions: Sequence[float]) -> list[int]:
     return sorted({min(d_sae, max(1, round(v * d_sae))) for v in fr})
 
 
+@dataclass(frozen=True)
+class MatryoshkaParams(BatchTopKParams):
+    """Matryoshka: BatchTopK's parameters and the nested prefixes as fractions of the width."""
+
+    kind = "matryoshka"
+    fractions: tuple[float, ...] = from_key("sae.matryoshka_fractions", (0.0625, 0.25, 1.0))
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        fr = [float(v) for v in self.fractions]
+        self._require(bool(fr) and fr == sorted(fr) and fr[0] > 0 and fr[-1] == 1.0,
+                      "fractions", "must be ascending in (0, 1] and end at 1.0")
+
+
 class MatryoshkaSAE(BatchTopKSAE):
     kind = "matryoshka"
     architecture = "jumprelu"
+    Params = MatryoshkaParams
+    # Its nested prefixes of latents cut across latent shards.
+    shardable = False
 
     def __init__(self, d_in: int, d_sae: int, k: int, *,
                  fractions: Sequence[float] = (0.0625, 0.25, 1.0),

@@ -16,12 +16,14 @@ Either way the inference function is SAELens's 'standard' SAE.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 
 from distributed_sae.sae.base import SAEOutput, SparseAutoencoder
+from distributed_sae.sae.params import KindParams, from_key, non_negative
 
 RECIPES = ("towards_monosemanticity", "april_2024")
 # Decoder row norm at init for april_2024. The update reports norms between 0.05 and 1 working
@@ -33,9 +35,23 @@ APRIL_SPARSITY_WARMUP = 0.05  # fraction of the run over which λ ramps from 0
 APRIL_GRAD_CLIP = 1.0
 
 
+@dataclass(frozen=True)
+class ReLUParams(KindParams):
+    """ReLU + L1: the penalty's coefficient and Anthropic's recipe."""
+
+    kind = "relu"
+    l1_coefficient: float = from_key("sae.l1_coefficient", 5.0)
+    recipe: str = from_key("sae.recipe", "towards_monosemanticity")
+
+    def __post_init__(self) -> None:
+        non_negative(self, "l1_coefficient")
+        self._require(self.recipe in RECIPES, "recipe", f"is not one of {RECIPES}")
+
+
 class ReLUSAE(SparseAutoencoder):
     kind = "relu"
     architecture = "standard"
+    Params = ReLUParams
     # The L1 recipes need a 5-10x smaller step than the k-sparse kinds: on SmolLM2 layer 15
     # (width 4608, batch 1024, ~400 steps, 2-core build machine) lr 2e-3 left the batch FVU
     # oscillating between 0.5 and 1.0, lr 2e-4 settled at FVU 0.31, L0 120.
@@ -62,6 +78,10 @@ class ReLUSAE(SparseAutoencoder):
             with torch.no_grad():  # base init: unit rows, W_enc = W_dec^T; shrink both alike
                 self.W_dec.mul_(APRIL_DECODER_INIT_NORM)
                 self.W_enc.mul_(APRIL_DECODER_INIT_NORM)
+
+    @classmethod
+    def resamples(cls, params: ReLUParams) -> bool:  # type: ignore[override]
+        return params.recipe != "april_2024"
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         return self.pre_acts(x).relu()  # (batch, d_sae)

@@ -47,7 +47,8 @@ def save_sae(sae: SparseAutoencoder, folder: str | Path, metadata: dict[str, Any
 
 # SAELens inference architectures -> the kind that computes the same function, for folders
 # written by other tools (no `dsae_kind` in their metadata).
-ARCHITECTURE_KINDS = {"standard": "relu", "topk": "topk", "jumprelu": "jumprelu"}
+ARCHITECTURE_KINDS = {"standard": "relu", "topk": "topk", "jumprelu": "jumprelu",
+                      "gated": "gated"}
 REQUIRED_CFG_KEYS = ("architecture", "d_in", "d_sae")
 
 
@@ -100,7 +101,7 @@ def _kind_and_params(cfg: dict[str, Any], path: Path) -> tuple[str, dict[str, An
 
 
 def load_sae(folder: str | Path) -> tuple[SparseAutoencoder, dict[str, Any]]:
-    """Rebuild an SAE saved by `save_sae` (or any SAELens standard/topk/jumprelu folder);
+    """Rebuild an SAE saved by `save_sae` (or any SAELens standard/topk/jumprelu/gated folder);
     returns (sae, cfg). Refuses files whose cfg.json and tensors disagree, naming the mismatch."""
     folder = Path(folder)
     cfg = _read_cfg(folder)

@@ -15,6 +15,7 @@ the dense path back.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -22,11 +23,26 @@ import torch.nn.functional as F
 
 from distributed_sae.kernels import sparse_decode, topk_encode
 from distributed_sae.sae.base import SAEOutput, SparseAutoencoder
+from distributed_sae.sae.params import KindParams, from_key, positive
+
+
+@dataclass(frozen=True)
+class TopKParams(KindParams):
+    """TopK: k latents per token; AuxK's weight (Gao et al. use 1/32)."""
+
+    kind = "topk"
+    k: int = from_key("sae.k", 32)
+    auxk_coefficient: float = from_key("train.auxk_coefficient", 1 / 32)
+
+    def __post_init__(self) -> None:
+        positive(self, "k")
+        self._require(self.auxk_coefficient >= 0, "auxk_coefficient", "must be >= 0")
 
 
 class TopKSAE(SparseAutoencoder):
     kind = "topk"
     architecture = "topk"
+    Params = TopKParams
 
     def __init__(self, d_in: int, d_sae: int, k: int, *, auxk_coefficient: float = 1 / 32,
                  seed: int = 0, dtype: torch.dtype = torch.float32) -> None:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, Mapping
 
 import torch
 from torch import nn
@@ -71,6 +71,11 @@ class Member:
 
     def param_names(self) -> dict[int, str]:
         return {id(p): n for n, p in self.sae.named_parameters()}
+
+
+def of_hook(value: Any, hook: str) -> Any:
+    """value[hook] for a per-hook mapping, else the value itself (shared by every hook)."""
+    return value[hook] if isinstance(value, Mapping) else value
 
 
 def lr_at(step: int, total: int, cfg: RunConfig, base: float) -> float:
@@ -170,8 +175,9 @@ class BankTrainer:
     the module's local width (its b_enc's length).
     """
 
-    def __init__(self, cfg: RunConfig, specs: list[MemberSpec], d_in: int,
-                 b_dec_init: torch.Tensor, total_steps: int, sync: Any = None,
+    def __init__(self, cfg: RunConfig, specs: list[MemberSpec], d_in: int | Mapping[str, int],
+                 b_dec_init: torch.Tensor | Mapping[str, torch.Tensor], total_steps: int,
+                 sync: Any = None,
                  placed: dict[str, tuple[Any, slice]] | None = None,
                  build_member: Callable[[MemberSpec, int], nn.Module] | None = None) -> None:
         self.cfg, self.total_steps = cfg, total_steps
@@ -184,7 +190,9 @@ class BankTrainer:
         # so its members keep the plain kernel.
         factories = [sync] + [f for f, _ in (placed or {}).values()]
         self.fused_adam = not any(getattr(f, "strategy", None) == "zero2" for f in factories)
-        self.members = [self._build(spec, d_in, b_dec_init) for spec in specs]
+        self.hooks = list(dict.fromkeys(h for spec in specs for h in spec.hooks))
+        self.members = [self._build(spec, of_hook(d_in, spec.hook), of_hook(b_dec_init, spec.hook))
+                        for spec in specs]
         for m in self.members:
             factory = sync
             if placed is not None:
@@ -196,7 +204,7 @@ class BankTrainer:
         if self.build_member is not None:
             sae = self.build_member(spec, d_in)
         else:
-            sae = build_sae(spec, d_in, self.cfg.sae, self.cfg.train)
+            sae = build_sae(spec, d_in)
         sae = sae.to(self.cfg.train.device)
         with torch.no_grad():
             sae.b_dec.copy_(b_dec_init)
@@ -206,20 +214,31 @@ class BankTrainer:
         width = sae.b_enc.shape[0]  # the latents this rank holds: spec.width unless sharded
         return Member(spec, sae, opt, torch.zeros(width, dtype=torch.long), peak_lr=peak)
 
-    def step(self, x: torch.Tensor, record: bool = True) -> None:
-        """Feed batch x (batch, d_in) to every member; `record` computes their metrics."""
-        var = batch_variance(x) if record else None
+    def by_hook(self, batch: torch.Tensor | Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """A batch as {hook: (batch, d_hook)}; a bare tensor is the batch of a one-hook bank."""
+        if isinstance(batch, torch.Tensor):
+            if len(self.hooks) > 1:
+                raise ValueError(f"this bank reads hooks {self.hooks}: pass a batch per hook")
+            return {h: batch for h in self.hooks}
+        return dict(batch)
+
+    def step(self, batch: torch.Tensor | Mapping[str, torch.Tensor], record: bool = True) -> None:
+        """Feed one batch ({hook: (batch, d_hook)}, the same rows in every hook, or one tensor
+        for a one-hook bank) to every member; `record` computes their metrics."""
+        batch = self.by_hook(batch)
+        var = {h: batch_variance(x) for h, x in batch.items()} if record else {}
         for m in self.members:
             lr = lr_at(self.step_count, self.total_steps, self.cfg, m.peak_lr)
             scale = m.sae.sparsity_scale_at(self.step_count, self.total_steps)
+            x = batch[m.spec.hook]
             if m.share is None:
-                train_step(m, x, lr, scale, self.cfg.train.dead_tokens, var)
+                train_step(m, x, lr, scale, self.cfg.train.dead_tokens, var.get(m.spec.hook))
             else:
                 xm = x[m.share]
                 train_step(m, xm, lr, scale, self.cfg.train.dead_tokens,
                            batch_variance(xm) if record else None)
         self.step_count += 1
-        self.tokens_seen += x.shape[0] * self.world_size
+        self.tokens_seen += next(iter(batch.values())).shape[0] * self.world_size
 
     def logs_next(self) -> bool:
         """Whether the coming step is one the trainers log (every log_every steps and the last)."""
@@ -231,15 +250,19 @@ class BankTrainer:
         return (self.step_count in self.cfg.train.resample_steps
                 and any(m.sae.uses_resampling for m in self.members))
 
-    def resample(self, sample_inputs: Callable[[], torch.Tensor]) -> None:
-        """Towards Monosemanticity's resampling for the members that use it."""
-        inputs = sample_inputs().to(self.cfg.train.device)  # (n, d_in), training units
+    def resample(self, sample_inputs: Callable[[str], torch.Tensor]) -> None:
+        """Towards Monosemanticity's resampling for the members that use it; sample_inputs(hook)
+        -> (n, d_hook) training inputs of that hook."""
         window = self.cfg.train.resample_window * self.cfg.train.batch_size
         gen = torch.Generator().manual_seed(self.cfg.train.seed * 7919 + self.step_count)
+        inputs: dict[str, torch.Tensor] = {}
         for m in self.members:
             if m.sae.uses_resampling:
+                hook = m.spec.hook
+                if hook not in inputs:  # (n, d_in) training rows, drawn once per hook
+                    inputs[hook] = sample_inputs(hook).to(self.cfg.train.device)
                 dead = m.dead(window)
-                n = resample_dead(m.sae, m.opt, inputs, dead, gen)
+                n = resample_dead(m.sae, m.opt, inputs[hook], dead, gen)
                 m.since_fired[dead] = 0
                 log.info("step %d %s: resampled %d dead features", self.step_count,
                          m.spec.member_id, n)

@@ -16,10 +16,12 @@ import json
 import logging
 import os
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 log = logging.getLogger(__name__)
@@ -119,3 +121,132 @@ def load_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str
     for part in sorted(path.glob("*.safetensors")):
         tensors.update(load_file(str(part)))
     return tensors, json.loads((path / STATE).read_text())
+
+
+# ---- members: one format for whole and latent-sharded members ---------------------------------
+# A member's part of checkpoint step_<N>/ is the folder step_<N>/<member_id>/ with
+#     shard_<r:03d>_of_<R:03d>.safetensors   latents [r·n/R, (r+1)·n/R) of every per-latent tensor
+#                                           (param.*, opt.<param>.<key>, since_fired, fire_counts)
+#                                           and, in shard 0, the replicated ones (b_dec, Adam's step)
+#     member.json                           kind, d_in, d_sae, shards, each tensor's latent axis
+# A whole member is shard 0 of 1. Loading takes the latents a process holds, [start, stop), from
+# whichever shards overlap them (safetensors reads slices), so any layout resumes any other:
+# one process, members placed whole on workers, any number of latent shards.
+MEMBER_META = "member.json"
+
+
+def shard_file(shard: int, shards: int) -> str:
+    return f"shard_{shard:03d}_of_{shards:03d}.safetensors"
+
+
+@dataclass
+class LatentSlice:
+    """The latents [start, stop) of a d_sae-wide member that this process holds in `local` (an
+    SAE of width stop - start: the member itself, or a latent shard's local SAE)."""
+
+    local: Any
+    start: int
+    stop: int
+    d_sae: int
+
+
+def latent_slice(sae: Any) -> LatentSlice:
+    """A member's module as a LatentSlice: a latent-sharded member (parallel/latent_shard.py)
+    has `local`, `start`, `stop`; a whole SAE holds all its latents."""
+    if hasattr(sae, "local"):
+        return LatentSlice(sae.local, sae.start, sae.stop, sae.d_sae)
+    return LatentSlice(sae, 0, sae.d_sae, sae.d_sae)
+
+
+def member_tensors(sae: Any, opt: torch.optim.Optimizer | None,
+                   counters: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor],
+                                                                dict[str, int | None]]:
+    """(this process's tensors of a member by name, each name's latent axis or None)."""
+    from distributed_sae.parallel.latent_shard import latent_axis
+
+    sl = latent_slice(sae)
+    n_local = sl.stop - sl.start
+    tensors: dict[str, torch.Tensor] = {}
+    axes: dict[str, int | None] = {}
+    params = dict(sl.local.named_parameters())
+    for name, t in sl.local.state_dict().items():
+        tensors[f"param.{name}"] = t.detach().cpu().contiguous()
+        axes[f"param.{name}"] = latent_axis(name, t, n_local)
+    names = {id(p): n for n, p in params.items()}
+    for group in (opt.param_groups if opt is not None else []):
+        for p in group["params"]:
+            for key, value in opt.state.get(p, {}).items():
+                t = value if torch.is_tensor(value) else torch.tensor(value)
+                name = f"opt.{names[id(p)]}.{key}"
+                tensors[name] = t.detach().cpu().contiguous()
+                # Moments have the parameter's shape, hence its latent axis; step is a scalar.
+                axes[name] = latent_axis(names[id(p)], p, n_local) if t.shape == p.shape else None
+    for name, t in counters.items():  # (n_local,) per-latent counters
+        tensors[name], axes[name] = t.detach().cpu().contiguous(), 0
+    return tensors, axes
+
+
+def write_member(folder: Path, sae: Any, opt: torch.optim.Optimizer | None,
+                 counters: dict[str, torch.Tensor], shard: int = 0, shards: int = 1,
+                 extra: dict[str, Any] | None = None) -> None:
+    """Write this process's shard of a member into `folder` (created); shard 0 adds
+    member.json (with `extra`). Every shard must be written for the checkpoint to load."""
+    tensors, axes = member_tensors(sae, opt, counters)
+    folder.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(folder / shard_file(shard, shards)))
+    if shard == 0:
+        sl = latent_slice(sae)
+        meta = {"kind": sl.local.kind, "d_in": sl.local.d_in, "d_sae": sl.d_sae,
+                "shards": shards, "hparams": sae.extra_state(), "latent_axis": axes,
+                "threshold_updates": getattr(sl.local, "threshold_updates", None),
+                **(extra or {})}
+        (folder / MEMBER_META).write_text(json.dumps(meta, indent=1))
+
+
+def read_latents(folder: Path, meta: dict[str, Any], name: str, start: int,
+                 stop: int) -> torch.Tensor:
+    """Latents [start, stop) of tensor `name` assembled from the member's shard files."""
+    from distributed_sae.parallel.latent_shard import shard_range
+
+    axis, old = meta["latent_axis"][name], int(meta["shards"])
+    if axis is None:
+        with safe_open(str(folder / shard_file(0, old)), framework="pt") as f:
+            return f.get_tensor(name)
+    pieces = []
+    for r in range(old):
+        lo, hi = shard_range(int(meta["d_sae"]), old, r)
+        a, b = max(lo, start), min(hi, stop)
+        if a < b:
+            with safe_open(str(folder / shard_file(r, old)), framework="pt") as f:
+                sl = f.get_slice(name)
+                pieces.append(sl[a - lo:b - lo] if axis == 0 else sl[:, a - lo:b - lo])
+    return torch.cat(pieces, dim=axis)
+
+
+def read_member(folder: Path, sae: Any, opt: torch.optim.Optimizer | None,
+                counters: dict[str, torch.Tensor]) -> dict[str, Any]:
+    """Load the latents this process holds of a member written with any shard count (weights,
+    Adam state, the counters present in the checkpoint, in place); returns member.json."""
+    meta = json.loads((folder / MEMBER_META).read_text())
+    sl = latent_slice(sae)
+    got = (meta["kind"], int(meta["d_in"]), int(meta["d_sae"]))
+    want = (sl.local.kind, sl.local.d_in, sl.d_sae)
+    if got != want:
+        raise ValueError(f"checkpoint {folder} holds (kind, d_in, d_sae) = {got}, this member is "
+                         f"{want}: resume with the same sae config, or use another out_dir")
+    start, stop = sl.start, sl.stop
+    with torch.no_grad():
+        sl.local.load_state_dict({name: read_latents(folder, meta, f"param.{name}", start, stop)
+                                  for name in sl.local.state_dict()})
+    if meta.get("threshold_updates") is not None and hasattr(sl.local, "threshold_updates"):
+        sl.local.threshold_updates = int(meta["threshold_updates"])
+    for name, p in sl.local.named_parameters() if opt is not None else []:
+        head = f"opt.{name}."
+        keys = [k for k in meta["latent_axis"] if k.startswith(head)]
+        if keys:
+            opt.state[p] = {k[len(head):]: read_latents(folder, meta, k, start, stop).to(p.device)
+                            for k in keys}
+    for name, t in counters.items():
+        if name in meta["latent_axis"]:
+            t.copy_(read_latents(folder, meta, name, start, stop))
+    return meta

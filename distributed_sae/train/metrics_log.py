@@ -77,7 +77,7 @@ class MetricsLog:
         """Log records built by `member_records` (on any rank) to every sink."""
         for r in records:
             terms = " ".join(f"{k} {v:.4g}" for k, v in r.items()
-                             if k in ("loss", "fvu", "mse", "auxk", "l1", "l0"))
+                             if k in ("loss", "fvu", "mse", "auxk", "l1", "l0", "aux_mse"))
             log.info("step %d %s %s dead %.3f (%.0f tok/s)", step, r["member"], terms,
                      r["dead_fraction"], r["tokens_per_s"])
         with open(self.path, "a") as fh:
@@ -118,6 +118,6 @@ def _start_wandb(cfg: RunConfig) -> Any:
     return wandb.init(project=cfg.train.wandb_project, entity=cfg.train.wandb_entity,
                       name=cfg.train.wandb_run_name, dir=str(run_dir),
                       config={"sae": vars(cfg.sae), "train": vars(cfg.train),
-                              "model": cfg.model.name, "hook": cfg.sae_hook},
+                              "model": cfg.model.name, "hooks": cfg.sae_hooks},
                       resume="allow")
 
