@@ -62,10 +62,15 @@ def sparse_batches(steps: int, batch: int, d: int, n_dirs: int, seed: int = 0) -
     return out
 
 
+SECOND_HOOK = "blocks.1.hook_resid_post"
+
+
 def write_sparse_store(path, n_units: int = 8, unit_rows: int = 512, d: int = 32, seed: int = 0,
-                       outlier_every: int = 0):
+                       outlier_every: int = 0, second_hook: int = 0):
     """A committed store of synthetic activations: sums of 3 of 96 random directions + noise;
-    with outlier_every, every such row from row 1 on is 100x larger (a "massive activation")."""
+    with outlier_every, every such row from row 1 on is 100x larger (a "massive activation").
+    second_hook=d2 > 0 adds SECOND_HOOK, a fixed random linear map of the same rows to d2
+    dimensions (a second layer that sees the same tokens)."""
     import numpy as np
     import torch
 
@@ -73,23 +78,26 @@ def write_sparse_store(path, n_units: int = 8, unit_rows: int = 512, d: int = 32
     from distributed_sae.store import ActivationStore, commit_unit
 
     hook = "blocks.0.hook_resid_post"
+    dims = {hook: d, **({SECOND_HOOK: second_hook} if second_hook else {})}
     store = ActivationStore.create(
-        path, hook_dims={hook: d}, n_units=n_units, unit_rows=unit_rows, chunk_rows=128,
+        path, hook_dims=dims, n_units=n_units, unit_rows=unit_rows, chunk_rows=128,
         dtype="float32", compression="none",
         metadata={"context_size": 64, "exclude_token_ids": [], "model_name": "synthetic",
                   "corpus": {"name": "synthetic", "prepend_bos": False}})
     g = torch.Generator().manual_seed(seed)
     dirs = torch.randn(96, d, generator=g)
     dirs /= dirs.norm(dim=1, keepdim=True)
+    mix = torch.randn(d, max(second_hook, 1), generator=torch.Generator().manual_seed(seed + 1))
     for u in range(n_units):
         idx = torch.randint(0, 96, (unit_rows, 3), generator=g)
         x = ((torch.rand(unit_rows, 3, generator=g) + 0.5)[..., None] * dirs[idx]).sum(1) * 4 + 1
         x += 0.01 * torch.randn(unit_rows, d, generator=g)
         if outlier_every:
             x[1::outlier_every] *= 100
-        store.write_unit(u, {hook: x}, np.arange(unit_rows) % 1000)
+        acts = {hook: x, **({SECOND_HOOK: x @ mix / d ** 0.5} if second_hook else {})}
+        store.write_unit(u, acts, np.arange(unit_rows) % 1000)
         keep = torch.ones(unit_rows, dtype=torch.bool)
-        commit_unit(store.path, u, {"stats": {hook: unit_stats(x, keep)}})
+        commit_unit(store.path, u, {"stats": {h: unit_stats(a, keep) for h, a in acts.items()}})
     return ActivationStore.open(path)
 
 

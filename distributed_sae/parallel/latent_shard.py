@@ -37,7 +37,9 @@ from distributed_sae.parallel.collectives import (
     ShardComm, reduce_grad_over_shards, select_global_topk, sum_over_shards,
 )
 from distributed_sae.sae import SAEOutput, SparseAutoencoder
-from distributed_sae.sae.registry import latent_axes, sae_class, shardable_kinds
+from distributed_sae.sae.registry import (
+    latent_axes, replicated_tensors, sae_class, shardable_kinds,
+)
 
 log = logging.getLogger(__name__)
 
@@ -63,6 +65,8 @@ def latent_axis(name: str, t: torch.Tensor, n_local: int) -> int | None:
     axes = latent_axes()  # from the kinds (SparseAutoencoder.latent_axes)
     if name in axes:
         return axes[name]
+    if name in replicated_tensors():
+        return None
     if t.dim() > 0 and n_local in t.shape:
         raise ValueError(f"tensor {name!r} of shape {tuple(t.shape)} may be per-latent: add its "
                          f"latent axis to its kind's latent_axes")

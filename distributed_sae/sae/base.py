@@ -60,6 +60,8 @@ class SparseAutoencoder(nn.Module):
     # The latent axis of each per-latent tensor of the state dict (latent shards and checkpoints
     # slice them there); every other tensor is replicated. Kinds with more add theirs.
     latent_axes: ClassVar[dict[str, int]] = {"W_enc": 1, "b_enc": 0, "W_dec": 0}
+    # Tensors known to be replicated (not per-latent) whatever their shape.
+    replicated: ClassVar[tuple[str, ...]] = ("b_dec",)
 
     def __init__(self, d_in: int, d_sae: int, *, seed: int = 0,
                  dtype: torch.dtype = torch.float32) -> None:

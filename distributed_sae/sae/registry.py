@@ -46,3 +46,8 @@ def shardable_kinds() -> tuple[str, ...]:
 def latent_axes() -> dict[str, int]:
     """Every kind's per-latent tensors by state-dict name -> latent axis."""
     return {name: axis for cls in KIND_CLASSES for name, axis in cls.latent_axes.items()}
+
+
+def replicated_tensors() -> set[str]:
+    """Every kind's state-dict names that are replicated over latent shards."""
+    return {name for cls in KIND_CLASSES for name in cls.replicated}
