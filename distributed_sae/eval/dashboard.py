@@ -168,7 +168,7 @@ def write_bank_index(out_dir: str | Path, members: Mapping[str, Mapping[str, Any
     """Write out_dir/index.html: the bank's metrics, one row per member linking to
     <member>/dashboard.html where that exists, and the frontier plot if given."""
     out_dir = Path(out_dir)
-    cols = ("d_sae", "l0", "fvu", "loss_recovered", "kl_div", "dead_fraction")
+    cols = ("hook", "kind", "d_sae", "l0", "fvu", "loss_recovered", "kl_div", "dead_fraction")
     head = "<tr><th>member</th>" + "".join(f"<th>{c}</th>" for c in cols) + "</tr>"
     rows = []
     for name, m in members.items():

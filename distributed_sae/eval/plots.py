@@ -53,26 +53,47 @@ def _finite(value: Any) -> bool:
     return isinstance(value, (int, float)) and math.isfinite(value)
 
 
-def _scatter(ax: Any, points: list[tuple[str, float, float]], ylabel: str) -> None:
-    """One labelled point per member, joined in L0 order so the frontier reads as a curve."""
-    points = sorted(points, key=lambda p: p[1])
-    xs, ys = [p[1] for p in points], [p[2] for p in points]
-    ax.plot(xs, ys, color="0.75", zorder=1)
-    ax.scatter(xs, ys, color="tab:blue", zorder=2)
-    for name, x, y in points:
-        ax.annotate(name, (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7)
+def _scatter(ax: Any, series: dict[str, list[tuple[str, float, float]]], ylabel: str) -> None:
+    """One labelled point per member, one colour per series (a kind), each series joined in L0
+    order so its frontier reads as a curve."""
+    xs_all = []
+    for i, (label, points) in enumerate(series.items()):
+        points = sorted(points, key=lambda p: p[1])
+        xs, ys = [p[1] for p in points], [p[2] for p in points]
+        color = f"C{i % 10}"
+        ax.plot(xs, ys, color=color, alpha=0.4, zorder=1)
+        ax.scatter(xs, ys, color=color, zorder=2, label=label)
+        for name, x, y in points:
+            ax.annotate(name.split(".")[-1], (x, y), textcoords="offset points", xytext=(4, 4),
+                        fontsize=6)
+        xs_all += xs
     ax.set_xlabel("L0 (mean active latents per token)")
     ax.set_ylabel(ylabel)
-    if xs and min(xs) > 0 and max(xs) / min(xs) > 20:  # widths/k sweeps span decades
+    if xs_all and min(xs_all) > 0 and max(xs_all) / min(xs_all) > 20:  # k sweeps span decades
         ax.set_xscale("log")
+    if len(series) > 1:
+        ax.legend(fontsize=7)
     ax.grid(True, alpha=0.3)
     ax.margins(x=0.12, y=0.1)  # room for the labels of the end points
+
+
+def _series(members: list[tuple[str, Mapping[str, Any]]], key: str
+            ) -> dict[str, dict[str, list[tuple[str, float, float]]]]:
+    """hook -> kind -> (member, l0, metric) of the members with a finite `key`."""
+    out: dict[str, dict[str, list[tuple[str, float, float]]]] = {}
+    for name, m in members:
+        if _finite(m.get(key)):
+            hook, kind = str(m.get("hook", "")), str(m.get("kind", "members"))
+            out.setdefault(hook, {}).setdefault(kind, []).append(
+                (name, float(m["l0"]), float(m[key])))
+    return out
 
 
 def plot_frontier(results: Mapping[str, Mapping[str, Any]] | Sequence[Mapping[str, Any]],
                   out: str | Path) -> Path:
     """The bank's sparsity-fidelity frontier: L0 vs FVU, and L0 vs fraction of loss recovered
-    when any member has `loss_recovered`. Writes a PNG to `out` and returns its path."""
+    when any member has `loss_recovered`; one row of plots per hook, one series per kind.
+    Writes a PNG to `out` and returns its path."""
     members = _members(results)
     if not members:
         raise ValueError("plot_frontier got no members: pass the eval stage's metrics dicts")
@@ -80,16 +101,17 @@ def plot_frontier(results: Mapping[str, Mapping[str, Any]] | Sequence[Mapping[st
         if not _finite(m.get("l0")) or not _finite(m.get("fvu")):
             raise ValueError(f"member {name!r} has no finite l0/fvu (got l0={m.get('l0')!r}, "
                              f"fvu={m.get('fvu')!r}): pass the metrics.json the eval stage wrote")
-    fvu = [(name, float(m["l0"]), float(m["fvu"])) for name, m in members]
-    recovered = [(name, float(m["l0"]), float(m["loss_recovered"])) for name, m in members
-                 if _finite(m.get("loss_recovered"))]
-    fig = _figure(10.0 if recovered else 5.5, 4.0)
-    axes = fig.subplots(1, 2 if recovered else 1, squeeze=False)[0]
-    _scatter(axes[0], fvu, "FVU (fraction of variance unexplained)")
-    axes[0].set_title("reconstruction vs sparsity")
-    if recovered:
-        _scatter(axes[1], recovered, "fraction of CE loss recovered")
-        axes[1].set_title("downstream loss vs sparsity")
+    fvu, recovered = _series(members, "fvu"), _series(members, "loss_recovered")
+    cols = 2 if recovered else 1
+    fig = _figure(5.0 * cols + 0.5, 4.0 * len(fvu))
+    axes = fig.subplots(len(fvu), cols, squeeze=False)
+    for row, (hook, series) in enumerate(fvu.items()):
+        where = f" ({hook})" if hook else ""
+        _scatter(axes[row][0], series, "FVU (fraction of variance unexplained)")
+        axes[row][0].set_title("reconstruction vs sparsity" + where, fontsize=9)
+        if recovered:
+            _scatter(axes[row][1], recovered.get(hook, {}), "fraction of CE loss recovered")
+            axes[row][1].set_title("downstream loss vs sparsity" + where, fontsize=9)
     fig.tight_layout()
     return _save(fig, out)
 

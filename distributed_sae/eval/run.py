@@ -75,7 +75,7 @@ def evaluate(cfg: RunConfig) -> dict[str, dict[str, Any]]:
         saes = [g[1] for g in group]
         spliced = _spliced(cfg, store, model, saes, hook, held_out, max_norm)
         for i, ((folder, sae, sae_cfg), metrics) in enumerate(zip(group, evaluate_saes(saes, reader))):
-            metrics.update(member=folder.name, hook=hook, d_sae=sae.d_sae,
+            metrics.update(member=folder.name, hook=hook, kind=sae.kind, d_sae=sae.d_sae,
                            training_tokens=sae_cfg["metadata"].get("training_tokens"),
                            outlier_max_norm=max_norm,
                            **(spliced[i] if spliced else {}))
@@ -153,12 +153,19 @@ def _features(cfg: RunConfig, store: ActivationStore, model: tuple[Any, Any] | N
 
 
 def _splitting(cfg: RunConfig, members: list[tuple[str, SparseAutoencoder]]) -> dict[str, Any]:
-    """Feature splitting between consecutive widths of one hook's bank (splitting.json)."""
+    """Feature splitting between consecutive widths of one hook's bank (splitting.json), within
+    members of one kind and k (a k sweep's members differ by more than their width)."""
     from distributed_sae.eval.matching import feature_splitting
 
-    ordered = sorted(members, key=lambda m: m[1].d_sae)
+    groups: dict[tuple[str, Any], list[tuple[str, SparseAutoencoder]]] = {}
+    for name, sae in members:
+        groups.setdefault((sae.kind, getattr(sae, "k", None)), []).append((name, sae))
+    pairs = []
+    for group in groups.values():
+        ordered = sorted(group, key=lambda m: m[1].d_sae)
+        pairs += list(zip(ordered, ordered[1:]))
     found = {}
-    for (name_a, a), (name_b, b) in zip(ordered, ordered[1:]):
+    for (name_a, a), (name_b, b) in pairs:
         if a.d_sae == b.d_sae:
             continue
         split = feature_splitting(a, b, threshold=cfg.eval.split_threshold)

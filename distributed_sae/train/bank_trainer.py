@@ -8,6 +8,7 @@ job killed at any step resumes to the same weights as an uninterrupted one.
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping
 
@@ -183,6 +184,9 @@ class BankTrainer:
         self.cfg, self.total_steps = cfg, total_steps
         self.build_member = build_member
         self.step_count, self.tokens_seen = 0, 0
+        # Seconds each member's steps took, by member id, when set to a dict (benchmarks;
+        # scripts/bench_bank_members.py): the step of one member inside the bank vs alone.
+        self.member_seconds: dict[str, float] | None = None
         self.world_size = 1 if sync is None else int(sync.world_size)
         # Adam's fused (foreach over one flat loop) kernel: on the 2-core build machine it took
         # the TopK step (width 4608, batch 4096) from 2.06x to 1.69x its encoder matmul
@@ -228,6 +232,7 @@ class BankTrainer:
         batch = self.by_hook(batch)
         var = {h: batch_variance(x) for h, x in batch.items()} if record else {}
         for m in self.members:
+            start = time.perf_counter()
             lr = lr_at(self.step_count, self.total_steps, self.cfg, m.peak_lr)
             scale = m.sae.sparsity_scale_at(self.step_count, self.total_steps)
             x = batch[m.spec.hook]
@@ -237,6 +242,10 @@ class BankTrainer:
                 xm = x[m.share]
                 train_step(m, xm, lr, scale, self.cfg.train.dead_tokens,
                            batch_variance(xm) if record else None)
+            if self.member_seconds is not None:
+                mid = m.spec.member_id
+                self.member_seconds[mid] = self.member_seconds.get(mid, 0.0) + (
+                    time.perf_counter() - start)
         self.step_count += 1
         self.tokens_seen += next(iter(batch.values())).shape[0] * self.world_size
 
