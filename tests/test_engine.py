@@ -98,6 +98,7 @@ def test_a_two_hook_bank_trains_evaluates_and_exports_every_member(store, tmp_pa
     for name, m in results.items():
         assert m["hook"] == (HOOK if name.startswith("l0") else SECOND_HOOK)
         assert m["fvu"] < 0.6, (name, m["fvu"])
+    cfg.export.path = str(tmp_path / "export")
     exported = export(cfg)
     assert len(exported) == len(folders)
 

@@ -8,6 +8,7 @@ than equality as a multiset.
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -24,7 +25,8 @@ from distributed_sae.config import (
 )
 from distributed_sae.data import load_contexts
 from distributed_sae.harvest import HarvestWorker, NonFiniteActivationError, harvest
-from distributed_sae.store import ActivationStore, StoreLockedError, WriterLock
+from distributed_sae.store import ActivationStore, StoreDamagedError, StoreLockedError, WriterLock
+from distributed_sae.store.commits import record_path
 
 HOOKS = ["blocks.1.hook_resid_post", "blocks.2.mlp.hook_post"]
 
@@ -129,6 +131,41 @@ def test_killed_and_restarted_job_resumes_to_the_same_store(tiny_llama_dir, tmp_
     assert np.array_equal(store.tokens(0, store.n_tokens), expected_tokens(cfg, smollm2_tokenizer))
 
 
+def test_harvest_on_a_damaged_store_re_harvests_exactly_the_damaged_units(
+        ray_local, tiny_llama_dir, tmp_path, caplog):
+    """A missing, a truncated and a bit-flipped shard file and a corrupt commit record: the next
+    harvest finds them (verify), un-commits and re-harvests those 4 units, and the repaired store
+    equals a clean one byte for byte."""
+    cfg = tiny_cfg(tiny_llama_dir, tmp_path / "store", n_units=6, num_actors=2)
+    store = harvest(cfg)
+    clean = tmp_path / "clean"
+    shutil.copytree(store.path, clean)
+    store.unit_files(1)[f"acts/{HOOKS[0]}"].unlink()
+    tokens = store.unit_files(2)["token_ids"]
+    tokens.write_bytes(tokens.read_bytes()[:-3])
+    acts = store.unit_files(3)[f"acts/{HOOKS[1]}"]
+    data = bytearray(acts.read_bytes())
+    data[len(data) // 3] ^= 0x04
+    acts.write_bytes(bytes(data))
+    record_path(store.path, 4).write_text('{"unit": 4, "stats": {"blo')
+    kept = {u: record_path(store.path, u).stat().st_mtime_ns for u in (0, 5)}
+    with pytest.raises(StoreDamagedError, match=r"unit 1: .* is missing .* run dsae-harvest"):
+        ActivationStore.open(store.path).read(HOOKS[0], 128, 256)
+    caplog.set_level("INFO")
+    repaired = harvest(cfg)
+    assert "un-committed damaged unit(s) [1, 2, 3, 4]" in caplog.text
+    assert "harvesting 4 of 6 units" in caplog.text
+    assert {u: record_path(store.path, u).stat().st_mtime_ns for u in (0, 5)} == kept
+    assert repaired.is_complete and repaired.verify() == []
+    want = ActivationStore.open(clean)
+    n = want.n_tokens
+    for hook in HOOKS:
+        assert torch.equal(repaired.read(hook, 0, n), want.read(hook, 0, n))
+    assert np.array_equal(repaired.tokens(0, n), want.tokens(0, n))
+    for u in range(6):  # the very same bytes: the records' checksums match the clean store's
+        assert repaired.commits[u] == want.commits[u]
+
+
 def test_second_writer_is_refused(ray_local, tiny_llama_dir, tmp_path):
     cfg = tiny_cfg(tiny_llama_dir, tmp_path / "store")
     with WriterLock(cfg.store.path):  # as if another live job were writing
@@ -165,3 +202,26 @@ def test_deepspeed_sharded_harvest_equals_the_plain_one(ray_local, tiny_llama_di
     plain = worker.forward_unit(ctx)
     for hook in HOOKS:
         assert torch.allclose(store.read(hook, 0, store.n_tokens), plain[hook], atol=1e-5)
+
+
+def test_an_actor_that_dies_while_loading_is_started_again(ray_local, tmp_path, caplog):
+    """A worker whose actor dies before its `ready` returns (here: the first one built exits in
+    its constructor, as a SIGKILL while loading the model would) is replaced, not fatal."""
+    import ray
+
+    from distributed_sae.harvest.pool import start_workers
+
+    @ray.remote(num_cpus=0)
+    class Flaky:
+        def __init__(self, die: bool) -> None:
+            if die:
+                os._exit(1)  # dies while "loading"
+
+        def ready(self) -> bool:
+            return True
+
+    caplog.set_level("WARNING")
+    dies = iter([True, False, False])  # the first actor built dies, its replacement lives
+    workers = start_workers(lambda: [Flaky.remote(next(dies))], 2)
+    assert len(workers) == 2 and all(ray.get(w[0].ready.remote()) for w in workers)
+    assert "died while loading the model" in caplog.text

@@ -412,9 +412,9 @@ class RunConfig:
                 f"{[w - w % shards + shards for w in uneven]}")
         unshardable = sorted({s.kind for s in specs if not sae_class(s.kind).shardable})
         if shards > 1 and unshardable:
-            raise ConfigError(f"sae.kind={unshardable[0]} cannot be latent-sharded (its nested "
-                              f"prefixes cut across shards): set train.latent_shards=1 (got "
-                              f"{shards}) or use another sae.kind")
+            why = sae_class(unshardable[0]).unshardable_reason
+            raise ConfigError(f"sae.kind={unshardable[0]} cannot be latent-sharded ({why}): set "
+                              f"train.latent_shards=1 (got {shards}) or use another sae.kind")
         if len(self.sae_hooks) > 1 and self.train.outlier_norm_ratio:
             raise ConfigError(f"train.outlier_norm_ratio={self.train.outlier_norm_ratio} with a "
                               f"bank over {len(self.sae_hooks)} hooks is not supported yet (each "

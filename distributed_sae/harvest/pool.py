@@ -89,9 +89,39 @@ class _Pool:
             self.retry.appendleft((unit, ctx))
         log.warning("worker %d died (%s); restarting it and re-queueing units %s", w,
                     type(cause).__name__, [u for u, _ in lost if u >= 0])
-        self.workers[w] = self.make_worker()
-        ray.get([a.ready.remote() for a in self.workers[w]])
+        self.workers[w] = start_workers(self.make_worker, 1)[0]
         self.outstanding[w] = 0
+
+
+def start_workers(make_worker: Callable[[], list[Any]], n: int) -> list[list[Any]]:
+    """n workers whose actors have all loaded the model (in parallel). A worker with an actor
+    that dies while it loads (preemption, out of memory, SIGKILL: before its `ready` returns) is
+    killed whole and started again, up to MAX_ATTEMPTS rounds; loading is not harvest time."""
+    import ray
+    from ray.exceptions import RayActorError
+
+    workers = [make_worker() for _ in range(n)]
+    for attempt in range(1, MAX_ATTEMPTS + 1):
+        waits = [[a.ready.remote() for a in w] for w in workers]  # every worker loads at once
+        failed = []
+        for i, refs in enumerate(waits):
+            try:
+                ray.get(refs)
+            except RayActorError as err:
+                failed.append((i, err))
+        if not failed:
+            return workers
+        for i, err in failed:
+            for actor in workers[i]:
+                ray.kill(actor)
+            if attempt == MAX_ATTEMPTS:
+                raise RuntimeError(f"harvest worker {i} died while loading the model "
+                                   f"{MAX_ATTEMPTS} times; last error: {err}") from err
+            log.warning("harvest worker %d died while loading the model (%s); starting it "
+                        "again (round %d of %d)", i, type(err).__name__, attempt + 1,
+                        MAX_ATTEMPTS)
+            workers[i] = make_worker()
+    return workers
 
 
 def run_pool(store: ActivationStore, units: Iterator[Unit], n_todo: int, n_workers: int,
@@ -100,8 +130,7 @@ def run_pool(store: ActivationStore, units: Iterator[Unit], n_todo: int, n_worke
     import ray
     from ray.exceptions import RayActorError, RayTaskError
 
-    workers = [make_worker() for _ in range(n_workers)]
-    ray.get([a.ready.remote() for w in workers for a in w])  # loading is not harvest time
+    workers = start_workers(make_worker, n_workers)
     pool = _Pool(make_worker, workers, units, outstanding=[0] * n_workers)
     idle = deque(range(n_workers))
     bar = tqdm(total=n_todo * store.unit_rows, unit="tok", unit_scale=True, desc="harvest")

@@ -55,8 +55,9 @@ class SparseAutoencoder(nn.Module):
     default_lr: ClassVar[float] = 1e-3
     # The kind's parameters (sae/params.py): the constructor's keywords after (d_in, d_sae).
     Params: ClassVar[type[KindParams]] = KindParams
-    # Whether parallel/latent_shard.py can split it by latents.
+    # Whether parallel/latent_shard.py can split it by latents, and why not (for the message).
     shardable: ClassVar[bool] = True
+    unshardable_reason: ClassVar[str] = ""
     # The latent axis of each per-latent tensor of the state dict (latent shards and checkpoints
     # slice them there); every other tensor is replicated. Kinds with more add theirs.
     latent_axes: ClassVar[dict[str, int]] = {"W_enc": 1, "b_enc": 0, "W_dec": 0}

@@ -53,7 +53,8 @@ class GatedSAE(SparseAutoencoder):
     architecture = "gated"
     Params = GatedParams
     latent_axes = {**SparseAutoencoder.latent_axes, "r_mag": 0, "b_mag": 0}  # b_enc is b_gate
-    shardable = False  # parallel/latent_shard.py has no gated loss (magnitude path, aux term)
+    shardable = False
+    unshardable_reason = "parallel/latent_shard.py has no gated loss (magnitude path, aux term)"
     unit_norm_decoder = False  # the L1 is weighted by decoder norms (module docstring)
     # Same step as relu's (see ReLUSAE.default_lr): the gate is trained by the same
     # norm-weighted L1 on the same scaled inputs as relu april_2024, where lr 2e-3 oscillated

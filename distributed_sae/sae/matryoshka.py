@@ -49,8 +49,8 @@ class MatryoshkaSAE(BatchTopKSAE):
     kind = "matryoshka"
     architecture = "jumprelu"
     Params = MatryoshkaParams
-    # Its nested prefixes of latents cut across latent shards.
     shardable = False
+    unshardable_reason = "its nested prefixes cut across shards"
 
     def __init__(self, d_in: int, d_sae: int, k: int, *,
                  fractions: Sequence[float] = (0.0625, 0.25, 1.0),
