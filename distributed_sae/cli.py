@@ -31,6 +31,16 @@ CONFIG_NAME = "config"
 
 # User errors that get a one-line message and exit status 2 instead of a traceback.
 USER_ERRORS: tuple[type[Exception], ...] = (ConfigError, FileNotFoundError)
+# Also user errors, named here rather than imported: importing distributed_sae.store loads torch
+# and zarr, which `dsae-export --help` should not pay for; a module that raised one is loaded.
+LAZY_USER_ERRORS = (("distributed_sae.store.integrity", "StoreDamagedError"),)
+
+
+def is_user_error(err: BaseException) -> bool:
+    """Whether `err` gets a one-line message (USER_ERRORS and LAZY_USER_ERRORS)."""
+    lazy = tuple(getattr(sys.modules[mod], name) for mod, name in LAZY_USER_ERRORS
+                 if mod in sys.modules)
+    return isinstance(err, USER_ERRORS + lazy)
 
 
 def to_run_config(dcfg: DictConfig) -> RunConfig:
@@ -97,7 +107,9 @@ def _main(dcfg: DictConfig, stages: tuple[str, ...]) -> None:
         cfg = to_run_config(dcfg)
         logging.getLogger("distributed_sae").setLevel(cfg.log_level)
         run_stages(cfg, stages)
-    except USER_ERRORS as err:
+    except Exception as err:
+        if not is_user_error(err):
+            raise
         log.error("%s", err)
         sys.exit(2)
 

@@ -69,8 +69,8 @@ def build(root: Path, a: argparse.Namespace) -> tuple[ActivationStore, np.memmap
     tokens = np.arange(a.unit_rows, dtype=np.int64) % 1000 + 1
     for u in range(n_units):
         x = torch.randn(a.unit_rows, a.d, generator=gen)  # (unit_rows, d)
-        store.write_unit(u, {HOOK: x}, tokens)
-        commit_unit(store.path, u, {"stats": {}})
+        files = store.write_unit(u, {HOOK: x}, tokens)  # the reader checks their sizes
+        commit_unit(store.path, u, {"stats": {}, "files": files})
         mm[u * a.unit_rows:(u + 1) * a.unit_rows] = x.numpy()
     mm.flush()
     # Copy-on-write mapping: writable for torch.from_numpy, the file is never changed.

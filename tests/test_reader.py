@@ -12,7 +12,9 @@ import numpy as np
 import pytest
 import torch
 
-from distributed_sae.store import ActivationReader, ActivationStore, commit_unit, split_rows
+from distributed_sae.store import (
+    ActivationReader, ActivationStore, StoreDamagedError, commit_unit, split_rows,
+)
 from distributed_sae.store.block_pool import BlockPool
 from distributed_sae.store.buffers import RowSource, ShardFiles
 
@@ -36,10 +38,10 @@ def empty_store(path, dtype="float32") -> ActivationStore:
 
 def write_unit(store: ActivationStore, u: int) -> None:
     x, tokens = unit_rows(u)
-    store.write_unit(u, {HOOK: x}, tokens)
+    files = store.write_unit(u, {HOOK: x}, tokens)  # sizes and checksums: reads check them
     commit_unit(store.path, u, {"stats": {HOOK: {"sum": x.sum(0).tolist(),
                                                  "sum_sq_norm": float(x.pow(2).sum()),
-                                                 "count": UNIT_ROWS}}})
+                                                 "count": UNIT_ROWS}}, "files": files})
 
 
 def full_store(path, dtype="float32", units=range(N_UNITS)) -> ActivationStore:
@@ -156,7 +158,7 @@ def test_direct_shard_reads_match_zarr(tmp_path, monkeypatch):
     shard = tmp_path / "plain" / "acts" / HOOK / "c" / "0" / "0"
     good = shard.read_bytes()
     shard.write_bytes(good[:-20] + bytes([good[-20] ^ 1]) + good[-19:])  # one bit of the index
-    with pytest.raises(ValueError, match="corrupt index"):
+    with pytest.raises(StoreDamagedError, match="unit 0: .* has a corrupt index: run dsae-harvest"):
         list(ActivationReader(stores[0], **{**kw, "prefetch": 0}))
     shard.write_bytes(good)
     monkeypatch.setattr(ShardFiles, "open", classmethod(lambda cls, root: None))

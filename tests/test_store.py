@@ -30,11 +30,11 @@ def make_store(path, dtype="float32", n_units=N_UNITS, commit=True, compression=
     for u in range(n_units):
         rows = torch.arange(u * UNIT_ROWS, (u + 1) * UNIT_ROWS, dtype=torch.float32)
         x = rows[:, None].expand(-1, D).contiguous()
-        store.write_unit(u, {HOOK: x}, (rows.numpy() % 50).astype(np.int64))
+        files = store.write_unit(u, {HOOK: x}, (rows.numpy() % 50).astype(np.int64))
         if commit:
             commit_unit(store.path, u, {"stats": {HOOK: {"sum": x.sum(0).tolist(),
                                                          "sum_sq_norm": float(x.pow(2).sum()),
-                                                         "count": UNIT_ROWS}}})
+                                                         "count": UNIT_ROWS}}, "files": files})
     return ActivationStore.open(path)
 
 

@@ -5,6 +5,11 @@ packed corpus, and its rows fill exactly one shard of every store array, so each
 writer. A unit is committed (a record file) only after the actor's write returned, so a job killed
 at any point restarts by re-running exactly the uncommitted units. Contexts are packed as a
 stream, one unit at a time, so the driver never holds the whole token array.
+
+A run on an existing store first verifies its committed units against their commit records
+(ActivationStore.verify: sizes and crc32c of every shard file, and records that cannot be read),
+un-commits the damaged ones with a warning naming them, and re-harvests exactly those: this is the
+repair that StoreDamagedError's message names.
 """
 
 from __future__ import annotations
@@ -12,6 +17,7 @@ from __future__ import annotations
 import logging
 import math
 import shutil
+import time
 from pathlib import Path
 from typing import Any, Callable
 
@@ -71,6 +77,25 @@ def open_or_create(cfg: RunConfig, want: dict[str, Any], exclude: list[int]) -> 
         metadata=dict(want, exclude_token_ids=exclude, n_layers=n_layers))
 
 
+def repair(store: ActivationStore) -> list[int]:
+    """Verify the committed units; un-commit the damaged ones so that this run re-harvests them.
+
+    Reads every committed byte (integrity.py has the measured rate). Returns the units.
+    """
+    start = time.perf_counter()
+    damage = store.verify()
+    log.info("verified the committed units of %s in %.1f s: %d damaged file(s)", store.path,
+             time.perf_counter() - start, len(damage))
+    if not damage:
+        return []
+    for d in damage:
+        log.warning("store %s is damaged: %s", store.path, d)
+    units = store.uncommit(damage)
+    log.warning("un-committed damaged unit(s) %s of %s: they are harvested again", units,
+                store.path)
+    return units
+
+
 def _worker_factory(cfg: RunConfig, exclude: list[int]) -> Callable[[], list[Any]]:
     """A function that starts one worker: a list of Ray actors that run units in lockstep."""
     import ray
@@ -95,6 +120,7 @@ def harvest(cfg: RunConfig) -> ActivationStore:
     Path(cfg.store.path).parent.mkdir(parents=True, exist_ok=True)
     with WriterLock(cfg.store.path):
         store = open_or_create(cfg, want, exclude)
+        repair(store)
         committed = set(store.commits)
         n_todo = want["n_units"] - len(committed)
         if n_todo == 0:

@@ -33,7 +33,8 @@ def unit_stats(x: torch.Tensor, keep: torch.Tensor) -> dict[str, Any]:
 
 def write_unit_checked(store: ActivationStore, unit: int, acts: dict[str, torch.Tensor],
                        contexts: np.ndarray, exclude: np.ndarray, where: str) -> dict[str, Any]:
-    """Refuse non-finite activations, write the unit, return its commit record (stats per hook).
+    """Refuse non-finite activations, write the unit, return its commit record: statistics per
+    hook, and each shard file's size and crc32c, against which reads and verify() check it.
 
     `where` says which model/rank produced the unit, for the error message.
     """
@@ -44,9 +45,9 @@ def write_unit_checked(store: ActivationStore, unit: int, acts: dict[str, torch.
             raise NonFiniteActivationError(
                 f"unit {unit}: {bad} rows of {hook} hold NaN or Inf ({where}); "
                 f"try model.dtype=float32")
-    store.write_unit(unit, acts, token_ids)
+    files = store.write_unit(unit, acts, token_ids)
     keep = torch.from_numpy(~np.isin(token_ids, exclude))
-    return {"stats": {h: unit_stats(x, keep) for h, x in acts.items()}}
+    return {"stats": {h: unit_stats(x, keep) for h, x in acts.items()}, "files": files}
 
 
 class HarvestWorker:

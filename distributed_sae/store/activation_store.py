@@ -4,7 +4,8 @@ Layout under `path/`:
     zarr.json                  group attributes = the store's metadata (model, hooks, corpus, ...)
     acts/<hook>                (rows, d) activations, one array per hook point
     token_ids                  (rows,) int32, the token behind each row
-    _commits/u<unit>.json      one record per committed work unit (see commits.py)
+    _commits/u<unit>.json      one record per committed work unit (see commits.py), with the
+                               size and crc32c of each of its shard files (see integrity.py)
 
 While a harvest job writes, `.<name>.lock` beside the store holds its pid (see commits.py).
 
@@ -16,6 +17,10 @@ in one shard silently lose chunks (measured with zarr 3.1.6: 8 of 256 chunks los
 filling a shard chunk by chunk rewrites the shard each time (0.08 GB/s against 0.5-0.76 GB/s for
 whole shards), so an actor writes its unit in one call per array.
 
+Integrity: read() and tokens() first check that the shard files of the units they read exist
+with their recorded sizes (one stat per file, once per unit); verify() compares checksums, and
+uncommit() makes the next harvest re-harvest what it found damaged (integrity.py).
+
 bfloat16: zarr 3.1 has no bfloat16 dtype, so the bits are stored as uint16 (`storage_dtype`) and
 `metadata["dtype"]` says bfloat16; reading reinterprets them, which is exact.
 """
@@ -24,14 +29,17 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable
 
 import numpy as np
 import torch
 import zarr
 import zarr.codecs as zc
 
-from distributed_sae.store.commits import read_commits
+from distributed_sae.store.commits import (
+    COMMITS_DIR, read_commit, read_commits, record_path, scan_commits, uncommit,
+)
+from distributed_sae.store.integrity import Damage, check_contents, fingerprint, size_problem
 
 log = logging.getLogger(__name__)
 
@@ -69,6 +77,9 @@ class ActivationStore:
         self._group = group
         self.metadata: dict[str, Any] = dict(group.attrs)
         self._commits: dict[int, dict[str, Any]] | None = None
+        self._arrays: dict[str, zarr.Array] = {}
+        self._records: dict[int, dict[str, Any]] = {}  # records read one by one (_record)
+        self._sized: set[tuple[str, int]] = set()  # (array, unit) whose file sizes were checked
 
     # ---- creation and opening -------------------------------------------------------------
     @classmethod
@@ -104,6 +115,13 @@ class ActivationStore:
             raise ValueError(f"{path} is not an activation store of format {FORMAT_VERSION}")
         return cls(path, group)
 
+    def handle(self) -> "ActivationStore":
+        """Another read-only handle on this store, for another thread: it starts with the commit
+        records loaded so far (re-reading ~30k records of a 1B-token store takes seconds)."""
+        other = ActivationStore(self.path, zarr.open_group(str(self.path), mode="r"))
+        other._commits = None if self._commits is None else dict(self._commits)
+        return other
+
     # ---- geometry ------------------------------------------------------------------------
     @property
     def hook_points(self) -> list[str]:
@@ -131,8 +149,15 @@ class ActivationStore:
 
     # ---- commits -------------------------------------------------------------------------
     def refresh(self) -> None:
-        """Re-read the commit records (a harvest job may have committed more units)."""
+        """Re-read the commit records (a harvest job may have committed more units) and check
+        file sizes again on the next reads."""
         self._commits = None
+        self._records.clear()
+        self._sized.clear()
+
+    def recheck(self) -> None:
+        """Check file sizes again on the next reads (a file may go while a reader runs)."""
+        self._sized.clear()
 
     @property
     def commits(self) -> dict[int, dict[str, Any]]:
@@ -168,18 +193,122 @@ class ActivationStore:
         return {"mean": total / count, "mean_sq_norm": sq / count, "count": count}
 
     # ---- reading and writing -------------------------------------------------------------
+    @property
+    def arrays(self) -> list[str]:
+        """The store's array names: acts/<hook> for every hook, then token_ids."""
+        return [f"acts/{h}" for h in self.hook_points] + ["token_ids"]
+
+    def array(self, name: str) -> zarr.Array:
+        """The zarr array `name` (one of `arrays`), opened once per handle."""
+        if name not in self._arrays:
+            self._arrays[name] = self._group[name]
+        return self._arrays[name]
+
     def read(self, hook: str, start: int, stop: int) -> torch.Tensor:
         """Rows [start, stop) of `hook` as float32 (stop - start, d)."""
         self._check_hook(hook)
-        return from_storage(self._group[f"acts/{hook}"][start:stop], self.metadata["dtype"])
+        name = f"acts/{hook}"
+        self.check_units(name, self.units_of(start, stop))
+        return from_storage(self.array(name)[start:stop], self.metadata["dtype"])
 
     def tokens(self, start: int, stop: int) -> np.ndarray:
         """Token ids of rows [start, stop), int32 (stop - start,)."""
-        return self._group["token_ids"][start:stop]
+        self.check_units("token_ids", self.units_of(start, stop))
+        return self.array("token_ids")[start:stop]
 
-    def write_unit(self, unit: int, acts: dict[str, torch.Tensor], token_ids: np.ndarray) -> None:
-        """Write one unit's rows: acts[hook] is (unit_rows, d). Commit is the caller's next step."""
+    def write_unit(self, unit: int, acts: dict[str, torch.Tensor], token_ids: np.ndarray
+                   ) -> dict[str, dict[str, int]]:
+        """Write one unit's rows: acts[hook] is (unit_rows, d). Commit is the caller's next step,
+        with the returned size and crc32c of each shard file written (the record's "files").
+
+        The files are read back for their checksums while they are in the page cache: 0.5-0.9 ms
+        for a 4096-row float16 unit at d 576 (4.7 MB; 2-core build machine), next to ~5.7 s of
+        forward passes for it."""
         lo, hi = unit * self.unit_rows, (unit + 1) * self.unit_rows
         for hook, x in acts.items():
-            self._group[f"acts/{hook}"][lo:hi] = to_storage(x, self.metadata["dtype"])
-        self._group["token_ids"][lo:hi] = token_ids.astype(np.int32)
+            self.array(f"acts/{hook}")[lo:hi] = to_storage(x, self.metadata["dtype"])
+        self.array("token_ids")[lo:hi] = token_ids.astype(np.int32)
+        names = [f"acts/{hook}" for hook in acts] + ["token_ids"]
+        return {name: fingerprint(path) for name, path in self.unit_files(unit, names).items()}
+
+    # ---- integrity -----------------------------------------------------------------------
+    def units_of(self, start: int, stop: int) -> range:
+        """The units that hold rows [start, stop)."""
+        return range(start // self.unit_rows, -(-stop // self.unit_rows))
+
+    def unit_files(self, unit: int, names: Iterable[str] | None = None) -> dict[str, Path]:
+        """array name -> the shard file that holds `unit`'s rows of it, for the arrays `names`
+        (None: every array)."""
+        return {name: Path(self._file(name, unit)) for name in (
+            self.arrays if names is None else names)}
+
+    def _file(self, name: str, unit: int) -> str:
+        # A str: a Path join costs ~3 us, as much as the stat it is made for.
+        arr = self.array(name)
+        key = arr.metadata.encode_chunk_key((unit,) + (0,) * (arr.ndim - 1))
+        return f"{self.path}/{name}/{key}"
+
+    def check_units(self, name: str, units: Iterable[int]) -> None:
+        """StoreDamagedError unless array `name`'s shard file of each committed unit among
+        `units` exists with its recorded size. One stat per file, cached per unit until
+        recheck() or refresh(); uncommitted units and records without sizes are not checked."""
+        for unit in units:
+            if (name, unit) in self._sized:
+                continue
+            rec = self._record(unit)
+            if rec is None:
+                continue  # uncommitted: the reader's commit checks refuse or wait for it
+            entry = rec.get("files", {}).get(name)
+            if entry is not None:
+                path = self._file(name, unit)
+                problem = size_problem(path, entry)
+                if problem:
+                    raise Damage(unit, Path(path), problem).error(self.path)
+            self._sized.add((name, unit))
+
+    def _record(self, unit: int) -> dict[str, Any] | None:
+        """unit's commit record: from the loaded records, else its own file (a reader following
+        a harvest sees new units without re-reading every record)."""
+        rec = self._commits.get(unit) if self._commits is not None else None
+        if rec is None and (rec := self._records.get(unit)) is None:
+            rec = read_commit(self.path, unit)
+            if rec is not None:  # None is not kept: the unit may be committed later
+                self._records[unit] = rec
+        return rec
+
+    def verify(self, units: Iterable[int] | None = None) -> list[Damage]:
+        """Every damaged file of the committed units (all, or those in `units`): shard files
+        missing, of another size or another crc32c than their commit records say, and commit
+        records that cannot be read. Empty: all sound.
+
+        It reads every byte of those files: cost measured in integrity.py. Records without
+        checksums (stores written before they were recorded) are checked by size where they
+        hold one, and not at all where they hold neither.
+        """
+        records, damaged = scan_commits(self.path)
+        want = None if units is None else set(units)
+        arrays = set(self.arrays)
+        checks = []  # (unit, shard file, its record entry)
+        for unit, rec in sorted(records.items()):
+            if want is None or unit in want:
+                recorded = {k: v for k, v in rec.get("files", {}).items() if k in arrays}
+                checks += [(unit, path, recorded[name])
+                           for name, path in self.unit_files(unit, recorded).items()]
+        return [d for d in damaged if want is None or d.unit in want] + check_contents(checks)
+
+    def uncommit(self, damage: Iterable[Damage]) -> list[int]:
+        """Un-commit the damaged units so that the next harvest writes them again: remove their
+        commit records (atomically), then their shard files (all arrays: the rewrite of a shard
+        of fill values writes no file, so a stale one must not stay). Returns the units."""
+        units: set[int] = set()
+        for d in damage:
+            if d.file.parent == self.path / COMMITS_DIR:
+                uncommit(d.file)  # a damaged record, perhaps under a name that gives no unit
+            if d.unit >= 0:
+                uncommit(record_path(self.path, d.unit))
+                units.add(d.unit)
+        for unit in units:
+            for path in self.unit_files(unit).values():
+                path.unlink(missing_ok=True)
+        self.refresh()
+        return sorted(units)

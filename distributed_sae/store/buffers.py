@@ -56,19 +56,36 @@ class RowSource:
     float32 tensor per call: reading into one reused storage-dtype array and converting once per
     block halves the bytes touched and avoids an allocation per chunk. Uncompressed stores are
     read from the shard files directly (ShardFiles), others through zarr.
+
+    Before a unit's rows are first read, its shard file is checked against the size in its commit
+    record (StoreDamagedError if missing or of another size: otherwise a deleted file reads as
+    zeros). One stat per unit and array, again after recheck() (the reader calls it per epoch);
+    a buffer's check costs one set of its units, nothing per chunk.
     """
 
     def __init__(self, store: ActivationStore, hook: str) -> None:
-        group = zarr.open_group(str(store.path), mode="r")
+        # Its own handle: commit records are read in the producer thread, and the caller's
+        # handle is never changed from there (as in UnitWaiter).
+        self._own = store.handle()
         self.d = store.d(hook)
         self.dtype = str(store.metadata["dtype"])
-        self._acts = group[f"acts/{hook}"]
-        self._tokens = group["token_ids"]
+        self._acts_name = f"acts/{hook}"
+        self._acts = self._own.array(self._acts_name)
+        self._tokens = self._own.array("token_ids")
         self._acts_files = ShardFiles.open(Path(store.path) / "acts" / hook)
         self._token_files = ShardFiles.open(Path(store.path) / "token_ids")
 
+    def recheck(self) -> None:
+        """Check file sizes again before the next reads (a file may go while training runs)."""
+        self._own.recheck()
+
+    def _check(self, name: str, spans: Sequence[tuple[int, int]]) -> None:
+        units = {k for start, stop in spans for k in self._own.units_of(start, stop)}
+        self._own.check_units(name, sorted(units))
+
     def read(self, spans: Sequence[tuple[int, int]], out: np.ndarray) -> None:
         """Rows of every [start, stop) span, one after another, into out (rows, d)."""
+        self._check(self._acts_name, spans)
         _read_spans(self._acts_files, self._acts, spans, out)
 
     def advise(self, spans: Sequence[tuple[int, int]], with_tokens: bool) -> None:
@@ -84,6 +101,7 @@ class RowSource:
 
     def tokens(self, spans: Sequence[tuple[int, int]]) -> np.ndarray:
         """Token ids of every span, concatenated: (rows,) int32."""
+        self._check("token_ids", spans)
         out = np.empty(sum(e - s for s, e in spans), dtype=np.int32)
         _read_spans(self._token_files, self._tokens, spans, out)
         return out

@@ -353,6 +353,8 @@ class ActivationReader:
             per_buffer = -(-self.buffer_chunks * self.store.chunk_rows // self.batch_size) + 1
             self._pool = BlockPool(self.batch_size, self._source.d,
                                    (self.prefetch + 3) * per_buffer + 2)
+        else:
+            self._source.recheck()  # file sizes once per epoch (StoreDamagedError if one went)
         spec = BufferSpec(self.store.chunk_rows, self.rows.stop, self.batch_size, self.seed,
                           epoch, self.shuffle, self.scale, self._exclude, self.max_norm)
         filler = BufferFiller(self._source, spec, self._pool)

@@ -11,6 +11,8 @@ from typing import Iterator
 import google_crc32c
 import numpy as np
 
+from distributed_sae.store.integrity import Damage
+
 _MISSING = 2 ** 64 - 1  # shard index entry of a chunk that was never written
 
 
@@ -22,10 +24,17 @@ class ShardFiles:
     The layout is the zarr v3 sharding spec: a shard file holds raw inner chunks and ends with an
     index of (offset, nbytes) uint64 pairs and its crc32c (checked, as zarr does). `open` returns
     None for any other layout (compression, big-endian, ...) and the caller keeps using zarr.
+
+    A missing shard file reads as fill values, as in zarr: that is how a shard of fill values
+    only is stored. Whether a file should exist is the commit record's to say (the reader checks
+    sizes before reading, integrity.py).
     """
 
     def __init__(self, root: Path, meta: dict, shard_rows: int, chunk_rows: int) -> None:
         self.root, self.shard_rows, self.chunk_rows = root, shard_rows, chunk_rows
+        # The store holding the array, for error messages: <store>/acts/<hook> or <store>/<name>
+        # (hook names have no "/").
+        self.store = root.parent.parent if root.parent.name == "acts" else root.parent
         self.dtype = np.dtype(meta["data_type"])
         self.row_shape = tuple(meta["shape"][1:])
         self.row_bytes = self.dtype.itemsize * int(np.prod(self.row_shape, dtype=np.int64))
@@ -100,7 +109,7 @@ class ShardFiles:
                 row = end
                 continue
             try:
-                index = self._index(fd, self.root / key)
+                index = self._index(fd, self.root / key, shard)
                 while row < end:
                     inner, in_chunk = divmod(row - shard * self.shard_rows, self.chunk_rows)
                     stop_c = min(end, row - in_chunk + self.chunk_rows)
@@ -111,7 +120,7 @@ class ShardFiles:
             finally:
                 os.close(fd)
 
-    def _index(self, fd: int, path: Path) -> np.ndarray:
+    def _index(self, fd: int, path: Path, shard: int) -> np.ndarray:
         """The shard's (n_inner, 2) uint64 (offset, nbytes) index, checked against the file."""
         size = os.fstat(fd).st_size
         raw = os.pread(fd, self.index_bytes, max(0, size - self.index_bytes))
@@ -124,7 +133,7 @@ class ShardFiles:
             ok = bool(np.all(index[written, 1] == self.chunk_rows * self.row_bytes)) and bool(
                 np.all(index[written, 0] + index[written, 1] <= size - self.index_bytes))
         if not ok:
-            raise ValueError(f"shard {path} has a corrupt index: re-harvest its unit")
+            raise Damage(shard, path, "has a corrupt index").error(self.store)
         return index
 
 
