@@ -7,7 +7,8 @@
 * Resume across layouts, through the one checkpoint format: a one-process checkpoint continues
   under 2 latent shards, a 2-shard one and a placed one continue in one process; all end within
   the fp32-summation-order tolerance of tests/test_train_distributed.py (atol 5e-5) of the
-  uninterrupted run. Under the same layout (dp 2 x tp 2, 4 ranks) a resumed job is bit-identical.
+  uninterrupted run. Under the same layout (2 shards; placed over 2 workers; dp 2 x tp 2 on 4
+  ranks) a resumed job is bit-identical.
 """
 
 from __future__ import annotations
@@ -140,14 +141,15 @@ def _worker(rank: int, world: int, port: int, store: str, out: str) -> None:
     init_group(rank, world, "127.0.0.1", port, backend="gloo")
     out_p, kw = Path(out), {"tokens": BATCH * STEPS, "checkpoint_every": CKPT}
     try:
-        jobs = [("sharded", dict(shards=world)), ("resumed_single", dict(shards=world)),
-                ("placed", {})] if world == 2 else [("dp2tp2", dict(shards=2)),
-                                                     ("dp2tp2_resumed", dict(shards=2))]
-        for name, layout in jobs:
-            if rank == 0 and name.startswith("resumed"):
-                _resume_copy(out_p / "single", out_p / name)
-            if rank == 0 and name == "dp2tp2_resumed":
-                _resume_copy(out_p / "dp2tp2", out_p / name)
+        # (job, its layout, the job whose checkpoint at step CKPT it resumes from, if any)
+        jobs = [("sharded", dict(shards=world), None), ("sharded_resumed", dict(shards=world),
+                                                        "sharded"),
+                ("resumed_single", dict(shards=world), "single"), ("placed", {}, None),
+                ("placed_resumed", {}, "placed")] if world == 2 else [
+            ("dp2tp2", dict(shards=2), None), ("dp2tp2_resumed", dict(shards=2), "dp2tp2")]
+        for name, layout, source in jobs:
+            if rank == 0 and source is not None:
+                _resume_copy(out_p / source, out_p / name)
             dist.barrier()
             _run(make_cfg(store, out_p / name, workers=world, **layout, **kw))
     finally:
@@ -171,12 +173,15 @@ def _close(a: Path, b: Path, exact: bool = False) -> None:
 
 
 def test_checkpoints_resume_across_layouts(store, tmp_path):
-    """single -> 2 shards, 2 shards -> single, placed (2 workers) -> single."""
+    """single -> 2 shards, 2 shards -> single, placed (2 workers) -> single; and, exactly, 2
+    shards -> 2 shards and placed -> placed."""
     kw = {"tokens": BATCH * STEPS, "checkpoint_every": CKPT}
     _run(make_cfg(store, tmp_path / "single", **kw))
     _spawn(2, store, tmp_path)
     _close(tmp_path / "single", tmp_path / "resumed_single")  # one process -> 2 shards
     _close(tmp_path / "single", tmp_path / "placed")  # placed whole: the same run
+    for same in ("sharded", "placed"):  # killed after step CKPT, resumed under the same layout
+        _close(tmp_path / same, tmp_path / f"{same}_resumed", exact=True)
     for src in ("sharded", "placed"):
         _resume_copy(tmp_path / src, tmp_path / f"{src}_in_one")
         _run(make_cfg(store, tmp_path / f"{src}_in_one", **kw))
