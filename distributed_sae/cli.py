@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import sys
+from pathlib import Path
 from typing import Callable
 
 import hydra
@@ -57,11 +58,50 @@ def to_run_config(dcfg: DictConfig) -> RunConfig:
 
 
 def check_model(cfg: RunConfig) -> None:
-    """Checks that need the model's shape (read from its config, weights are not loaded)."""
+    """The harvest's checks that need the model's shape (read from its config, weights are not
+    loaded) or its device, run before Ray starts."""
+    from distributed_sae.harvest.job import actor_gpus
     from distributed_sae.models import check_hooks, model_dims
 
     n_layers, _, _ = model_dims(cfg.model)
     check_hooks(list(cfg.harvest.hooks), n_layers)
+    actor_gpus(cfg)  # refuses a model.device that Ray's GPU placement cannot give an actor
+
+
+def _wanted_hooks(cfg: RunConfig) -> list[tuple[str, str]]:
+    """(config key, hook) for every hook the bank reads: RunConfig.sae_hooks under the key that
+    set them, then the inputs of explicit sae.members (which may name their own hooks)."""
+    key = "sae.hooks" if cfg.sae.hooks else "sae.hook" if cfg.sae.hook else "harvest.hooks"
+    wanted = [(key, h) for h in cfg.sae_hooks]
+    if cfg.sae.members:
+        wanted += [(f"sae.members[{i}]", h)
+                   for i, spec in enumerate(cfg.bank()) for h in spec.hooks]
+    return wanted
+
+
+def check_store(cfg: RunConfig) -> None:
+    """The store at store.path exists, holds activations of model.name, and every hook the bank
+    reads: what train and eval read, checked before either starts Ray or loads a model."""
+    from distributed_sae.store import ActivationStore
+
+    path = Path(cfg.store.path)
+    if not (path / "zarr.json").is_file():
+        raise ConfigError(f"store.path={cfg.store.path} holds no activation store: run "
+                          f"dsae-harvest store.path={cfg.store.path} first, or point store.path "
+                          f"at an existing store")
+    store = ActivationStore.open(path)
+    model = store.metadata.get("model_name")
+    if model != cfg.model.name:  # exact, as eval compares: a built-in name is its own name
+        raise ConfigError(f"store {path} holds activations of {model!r} but model.name="
+                          f"{cfg.model.name!r}: set model.name={model}, or point store.path at a "
+                          f"store of {cfg.model.name}")
+    stored = store.hook_points
+    for key, hook in _wanted_hooks(cfg):
+        if hook not in stored:
+            raise ConfigError(
+                f"store {path} holds hooks [{','.join(stored)}]; {key} wants {hook}: "
+                f"harvest it (dsae-harvest harvest.hooks=[{hook}] into another store.path) or "
+                f"choose a stored hook (harvest.hooks=[{','.join(stored)}])")
 
 
 def _stage_fn(name: str) -> Callable[[RunConfig], object]:
@@ -86,6 +126,10 @@ STAGES = {"harvest": ("harvest",), "train": ("train",), "eval": ("eval",),
           "export": ("export",), "run": ("harvest", "train", "eval", "export"),
           "steer": ("steer",)}
 
+# The stages that read the store at store.path. Export and steer read trained members only (a
+# store deleted after training must not stop them), so they are not checked against it.
+STORE_STAGES = {"train", "eval"}
+
 # dsae-steer's short forms: `dsae-steer feature=12 scale=8` means steer.feature=12 steer.scale=8.
 STEER_SHORT = ("member", "feature", "scale", "prompt", "max_new_tokens", "temperature")
 
@@ -93,7 +137,9 @@ STEER_SHORT = ("member", "feature", "scale", "prompt", "max_new_tokens", "temper
 def run_stages(cfg: RunConfig, stages: tuple[str, ...]) -> None:
     """Run stages in order on a typed config (also the programmatic entry point)."""
     if "harvest" in stages:
-        check_model(cfg)
+        check_model(cfg)  # the harvest makes the store, which then matches the config
+    elif set(stages) & STORE_STAGES:
+        check_store(cfg)
     for stage in stages:
         log.info("== %s ==", stage)
         _stage_fn(stage)(cfg)

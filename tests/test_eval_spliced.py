@@ -3,6 +3,8 @@ hand-made SAEs (identity-like and zero), and one test of the real SmolLM2-135M."
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 from transformers import (
@@ -123,6 +125,17 @@ def test_spliced_identity_and_zero(models, ids, arch: str, kind: str) -> None:
     with torch.no_grad():
         direct = loaded.model(input_ids=ids, labels=ids).loss
     assert ident["ce_clean"] == pytest.approx(float(direct), rel=1e-5)
+
+
+def test_spliced_loss_draws_one_bar_for_the_bank(models, ids, capsys) -> None:
+    """One progress bar on stderr over the batches (3 contexts / 2 = 2), shared by both SAEs;
+    nothing on stdout."""
+    loaded, hook = models["llama"], "blocks.1.hook_resid_post"
+    spliced_loss(loaded, [identity_sae(32), zero_sae(32)], hook, ids, batch_size=2)
+    out, err = capsys.readouterr()
+    totals = re.findall(rf"spliced loss {re.escape(hook)}:.*?\d+/(\d+) ", err)
+    assert totals and set(totals) == {"2"}, err
+    assert "spliced loss" not in out
 
 
 def test_spliced_ignores_tokens(models) -> None:

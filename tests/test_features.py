@@ -5,6 +5,7 @@ across widths, universality by activation correlation)."""
 from __future__ import annotations
 
 import json
+import re
 
 import numpy as np
 import pytest
@@ -88,6 +89,17 @@ def test_feature_report_matches_brute_force(store) -> None:
         if len(fired):
             assert feat["quantiles"]["max"] == pytest.approx(float(fired.max()))
     assert sum(len(x["top_contexts"]) > 0 for x in report["features"]) > 10  # a real test
+
+
+def test_feature_report_draws_one_bar_over_both_passes(store, capsys) -> None:
+    """A progress bar on stderr named after the member: 4 batches of 256 rows, twice (the
+    statistics pass, then the windows of the top contexts); nothing on stdout."""
+    feature_report(_sparse_sae(), store, HOOK, range(0, 1024), None, None, batch_size=256,
+                   member="m7")
+    out, err = capsys.readouterr()
+    totals = re.findall(r"features m7:.*?\d+/(\d+) ", err)
+    assert totals and set(totals) == {"8"}, err
+    assert "features m7" not in out
 
 
 def test_feature_report_subset_and_errors(store, tmp_path) -> None:

@@ -116,7 +116,8 @@ def test_rescaling_a_latent_leaves_the_loss_unchanged_so_no_unit_norm_is_needed(
     after = sae.loss(x)
     assert torch.allclose(after.loss, before.loss, rtol=1e-4)
     assert not sae.unit_norm_decoder and not sae.uses_resampling and sae.grad_clip is None
-    assert not GatedSAE.shardable and GatedSAE.default_lr == ReLUSAE.default_lr
+    # Shardable: tests/test_latent_shard.py trains it over 2 shards against one process.
+    assert GatedSAE.shardable and GatedSAE.default_lr == ReLUSAE.default_lr
 
 
 def test_fold_input_scale_gives_the_same_function_on_raw_inputs():
@@ -200,7 +201,7 @@ def test_latent_axes_name_every_per_latent_tensor():
 
 def test_from_params_builds_it_through_the_registry():
     assert sae_class("gated") is GatedSAE and "gated" in kinds()
-    assert "gated" not in shardable_kinds() and "gated" not in k_kinds()
+    assert "gated" in shardable_kinds() and "gated" not in k_kinds()
     sae = sae_class("gated").from_params(D, M, GatedParams(l1_coefficient=0.2), seed=3)
     assert type(sae) is GatedSAE and sae.params == GatedParams(l1_coefficient=0.2)
     assert torch.equal(sae.W_dec, GatedSAE(D, M, seed=3).W_dec)  # the seed reaches the init

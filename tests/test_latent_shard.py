@@ -34,7 +34,7 @@ DEAD = 2 * BATCH  # latents that did not fire in 2 batches are dead
 HPARAMS = {
     "topk": {"k": K}, "batchtopk": {"k": K},
     "jumprelu": {"init_threshold": 0.1, "bandwidth": 0.1, "l0_coefficient": 1e-3},
-    "relu": {"l1_coefficient": 0.05, "recipe": "april_2024"},
+    "relu": {"l1_coefficient": 0.05, "recipe": "april_2024"}, "gated": {"l1_coefficient": 0.05},
 }
 
 

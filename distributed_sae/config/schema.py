@@ -97,8 +97,9 @@ class HarvestConfig:
     num_actors: int = 2
     # CPUs reserved per actor (also its torch thread count).
     cpus_per_actor: float = 1.0
-    # GPUs reserved per actor (0 on CPU machines).
-    gpus_per_actor: float = 0.0
+    # GPUs reserved per actor; None = 1 when model.device is cuda, else 0 (harvest.job.actor_gpus
+    # has the rule). Set it with harvest.sharding=device_map: the GPUs one model spreads over.
+    gpus_per_actor: Optional[float] = None
     # Contexts per forward pass.
     batch_size: int = 8
     # Contexts per work unit: the grain of scheduling, retry and commit, and one store shard.
@@ -118,7 +119,7 @@ class HarvestConfig:
             raise ConfigError(f"harvest.hooks lists a hook twice: {list(self.hooks)}")
         _positive("harvest", num_actors=self.num_actors, cpus_per_actor=self.cpus_per_actor,
                   batch_size=self.batch_size, contexts_per_unit=self.contexts_per_unit)
-        if self.gpus_per_actor < 0:
+        if self.gpus_per_actor is not None and self.gpus_per_actor < 0:
             raise ConfigError(f"harvest.gpus_per_actor must be >= 0, got {self.gpus_per_actor}")
         _choice("harvest", "sharding", self.sharding, SHARDINGS)
         _positive("harvest", group_size=self.group_size)

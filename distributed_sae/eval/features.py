@@ -31,6 +31,7 @@ from typing import Any, Iterator, Sequence
 import numpy as np
 import torch
 from torch import Tensor, nn
+from tqdm.auto import tqdm
 
 from distributed_sae.config.schema import parse_hook
 from distributed_sae.models.architectures import arch_spec, layer_modules
@@ -166,10 +167,10 @@ class _TokenText:
 
 
 def _batches(store: ActivationStore, hook: str, rows: range, batch_size: int,
-             sae: SparseAutoencoder, cols: Tensor, excluded: np.ndarray
+             sae: SparseAutoencoder, cols: Tensor, excluded: np.ndarray, bar: tqdm
              ) -> Iterator[tuple[int, Tensor, int]]:
     """Yield (first row, f (B, F), tokens not excluded) over `rows` in order; f is 0 on the rows
-    of excluded tokens."""
+    of excluded tokens. Ticks `bar` once per batch."""
     w = sae.W_dec
     for a in range(rows.start, rows.stop, batch_size):
         b = min(a + batch_size, rows.stop)
@@ -178,16 +179,17 @@ def _batches(store: ActivationStore, hook: str, rows: range, batch_size: int,
         skip = torch.from_numpy(np.isin(store.tokens(a, b), excluded))
         f[skip] = 0.0
         yield a, f, int((~skip).sum())
+        bar.update(1)
 
 
 def _window_acts(store: ActivationStore, hook: str, rows: range, batch_size: int,
                  sae: SparseAutoencoder, cols: Tensor, excluded: np.ndarray,
-                 top_rows: Tensor, window: int) -> Tensor:
+                 top_rows: Tensor, window: int, bar: tqdm) -> Tensor:
     """(n, F, 2w+1) activation of each feature around each of its top rows (0 outside)."""
     n, F = top_rows.shape
     out = torch.zeros(n, F, 2 * window + 1)
     feat = torch.arange(F).expand(n, F)
-    for a, f, _ in _batches(store, hook, rows, batch_size, sae, cols, excluded):
+    for a, f, _ in _batches(store, hook, rows, batch_size, sae, cols, excluded, bar):
         for o in range(-window, window + 1):
             q = top_rows + o  # (n, F) rows at this offset
             hit = (top_rows >= 0) & (q >= a) & (q < a + len(f))
@@ -234,14 +236,18 @@ def feature_report(sae: SparseAutoencoder, store: ActivationStore, hook: str, ro
     top, hist = RunningTopN(n_top, len(cols)), LogHistogram(len(cols))
     fired = torch.zeros(len(cols), dtype=torch.long)
     n_tokens = 0
-    for a, f, valid in _batches(store, hook, rows, batch_size, sae, cols, excluded):
-        n_tokens += valid
-        fired += (f > 0).sum(0)
-        top.update(f, torch.arange(a, a + len(f)))
-        hist.update(f)
-    if n_tokens == 0:
-        raise ValueError(f"rows {rows.start}..{rows.stop} hold only excluded tokens")
-    acts = _window_acts(store, hook, rows, batch_size, sae, cols, excluded, top.rows, window)
+    # One bar over both passes (statistics, then the top contexts' windows), on stderr.
+    with tqdm(total=2 * -(-len(rows) // batch_size), desc=f"features {member or hook}",
+              unit="batch", leave=False) as bar:
+        for a, f, valid in _batches(store, hook, rows, batch_size, sae, cols, excluded, bar):
+            n_tokens += valid
+            fired += (f > 0).sum(0)
+            top.update(f, torch.arange(a, a + len(f)))
+            hist.update(f)
+        if n_tokens == 0:
+            raise ValueError(f"rows {rows.start}..{rows.stop} hold only excluded tokens")
+        acts = _window_acts(store, hook, rows, batch_size, sae, cols, excluded, top.rows,
+                            window, bar)
     quant = hist.quantiles(QUANTILES, top.values[0])  # (F, 3)
     logits = logit_effects(sae, unembed, n_logits, cols.tolist()) if unembed is not None else None
     tokens = np.asarray(store.tokens(rows.start, rows.stop))

@@ -15,6 +15,8 @@ import logging
 from pathlib import Path
 from typing import Any
 
+from tqdm.auto import tqdm
+
 from distributed_sae.config import ConfigError, RunConfig
 from distributed_sae.eval.metrics import evaluate_saes
 from distributed_sae.sae import SparseAutoencoder, load_sae
@@ -67,6 +69,8 @@ def evaluate(cfg: RunConfig) -> dict[str, dict[str, Any]]:
     results: dict[str, dict[str, Any]] = {}
     splits: dict[str, Any] = {}
     universal: dict[str, Any] = {}
+    # Over members (stderr); the spliced loss and feature passes draw their own bars under it.
+    bar = tqdm(total=len(loaded), desc="eval", unit="member", disable=len(loaded) < 2)
     for hook, group in by_hook.items():  # one read of the held-out rows per hook, for the bank
         max_norm = _outlier_max_norm(group)
         reader = ActivationReader(store, hook, held_out, cfg.eval.batch_size, shuffle=False,
@@ -85,8 +89,10 @@ def evaluate(cfg: RunConfig) -> dict[str, dict[str, Any]]:
             results[folder.name] = metrics
             if cfg.eval.features:
                 _features(cfg, store, model, sae, hook, held_out, folder.name, out)
+            bar.update(1)
         splits.update(_splitting(cfg, [(f.name, s) for f, s, _ in group]))
         universal.update(_universality([(f.name, s) for f, s, _ in group], reader))
+    bar.close()
     if splits:
         (eval_dir / "splitting.json").write_text(json.dumps(splits))
     if universal:

@@ -28,6 +28,7 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 from torch import Tensor
+from tqdm.auto import tqdm
 
 from distributed_sae.models.architectures import arch_spec
 from distributed_sae.models.hooks import _forward_kwargs, check_hooks, patch_hook
@@ -132,7 +133,9 @@ def spliced_loss(loaded: LoadedModel, saes: Sequence[SparseAutoencoder], hook: s
     ce = np.zeros(len(saes) + 2)  # [clean, zero, sae_0, ...] sums of CE
     kl = np.zeros(len(saes))
     n = 0
-    for start in range(0, len(contexts), batch_size):
+    # One bar for the bank: each batch runs the clean, zero and every member's spliced pass.
+    for start in tqdm(range(0, len(contexts), batch_size), desc=f"spliced loss {hook}",
+                      unit="batch", leave=False):
         ids = contexts[start:start + batch_size].long()  # (batch, seq)
         keep = torch.isin(ids, ignore)  # (batch, seq): ignored positions keep clean activations
         counted = ~keep[:, :-1] & ~keep[:, 1:]  # (batch, seq-1) predictions that count

@@ -17,6 +17,8 @@ import re
 from pathlib import Path
 from typing import Any
 
+from tqdm.auto import tqdm
+
 from distributed_sae.sae.base import SparseAutoencoder
 from distributed_sae.sae.serialization import CFG_FILE, WEIGHTS_FILE, load_sae
 
@@ -145,12 +147,23 @@ def push_to_hub(folder: str | Path, repo_id: str, *, revision: str | None = None
         raise PermissionError("pushing to the Hub needs a token: set HF_TOKEN (a write token "
                               "from huggingface.co/settings/tokens) or pass token=")
     api = hub.HfApi()
-    api.create_repo(repo_id, token=token, private=private, repo_type="model", exist_ok=True)
-    if revision:
-        api.create_branch(repo_id, branch=revision, token=token, repo_type="model", exist_ok=True)
-    commit = api.upload_folder(repo_id=repo_id, folder_path=str(folder), token=token,
-                               repo_type="model", revision=revision,
-                               commit_message=commit_message)
+    files = [p for p in folder.rglob("*") if p.is_file()]
+    # A bar over the push's requests (stderr); huggingface_hub draws the upload's bytes itself.
+    with tqdm(total=3 if revision else 2, desc=f"push {repo_id}", unit="step") as bar:
+        bar.set_postfix_str("create repo")
+        api.create_repo(repo_id, token=token, private=private, repo_type="model", exist_ok=True)
+        bar.update(1)
+        if revision:
+            bar.set_postfix_str(f"create branch {revision}")
+            api.create_branch(repo_id, branch=revision, token=token, repo_type="model",
+                              exist_ok=True)
+            bar.update(1)
+        bar.set_postfix_str(f"upload {len(files)} files, "
+                            f"{sum(p.stat().st_size for p in files) / 1e6:.1f} MB")
+        commit = api.upload_folder(repo_id=repo_id, folder_path=str(folder), token=token,
+                                   repo_type="model", revision=revision,
+                                   commit_message=commit_message)
+        bar.update(1)
     url = str(getattr(commit, "commit_url", commit))
     log.info("pushed %s to Hub repo %s (revision %s): %s", folder, repo_id, revision or "main", url)
     return url

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any, Mapping
 
 import torch
 from safetensors.torch import save_file
+from tqdm.auto import tqdm
 
 from distributed_sae.sae import load_sae, save_sae
 
@@ -117,7 +118,7 @@ def export(cfg: RunConfig) -> list[Path]:
     eval_dir = Path(cfg.out_dir) / "eval"
     repo_id = cfg.export.hub_repo_id  # named in the cards when configured
     folders = [export_member(src, Path(cfg.export.path), dtype, eval_dir, repo_id)
-               for src in trained_members(cfg.out_dir)]
+               for src in tqdm(trained_members(cfg.out_dir), desc="export", unit="member")]
     log.info("exported %d SAEs to %s", len(folders), cfg.export.path)
     if repo_id:
         url = push_export(cfg.export.path, repo_id, cfg.export.hub_revision, cfg.export.hub_private)

@@ -96,18 +96,41 @@ def repair(store: ActivationStore) -> list[int]:
     return units
 
 
+def actor_gpus(cfg: RunConfig) -> float:
+    """GPUs one harvest actor reserves from Ray: harvest.gpus_per_actor when set, else 1.0 for
+    a model on a GPU (model.device 'cuda...') and 0.0 for one on the CPU.
+
+    With harvest.sharding=device_map the unset value is 0.0: model.device is ignored then and
+    the GPUs one model spreads over are not in the config (an actor without a reservation sees
+    every GPU). Ray shows an actor only the GPUs it reserved, numbered from 0, so an unset value
+    refuses model.device='cuda:1'. Pure: the start-up checks call it before Ray starts.
+    """
+    h, device = cfg.harvest, cfg.model.device
+    if h.gpus_per_actor is not None:
+        return float(h.gpus_per_actor)
+    on_gpu = device.startswith("cuda")
+    if h.sharding == "device_map":
+        return 0.0
+    if on_gpu and device not in ("cuda", "cuda:0"):
+        raise ConfigError(
+            f"model.device={device!r}: Ray gives each harvest actor its own GPU, which the actor "
+            f"sees as cuda:0; use model.device=cuda, or harvest.gpus_per_actor=0 to place the "
+            f"actors on {device} yourself")
+    return 1.0 if on_gpu else 0.0
+
+
 def _worker_factory(cfg: RunConfig, exclude: list[int]) -> Callable[[], list[Any]]:
     """A function that starts one worker: a list of Ray actors that run units in lockstep."""
     import ray
 
-    h = cfg.harvest
+    h, gpus = cfg.harvest, actor_gpus(cfg)
     if h.sharding == "deepspeed":
         from distributed_sae.harvest.deepspeed_worker import create_deepspeed_group
 
         return lambda: create_deepspeed_group(
             cfg.model, list(h.hooks), cfg.store.path, h.batch_size, exclude, h.group_size,
-            h.cpus_per_actor, h.gpus_per_actor)
-    remote = ray.remote(num_cpus=h.cpus_per_actor, num_gpus=h.gpus_per_actor)(HarvestWorker)
+            h.cpus_per_actor, gpus)
+    remote = ray.remote(num_cpus=h.cpus_per_actor, num_gpus=gpus)(HarvestWorker)
     return lambda: [remote.remote(cfg.model, list(h.hooks), cfg.store.path, h.batch_size,
                                   exclude, threads=max(1, int(h.cpus_per_actor)))]
 
@@ -135,7 +158,10 @@ def harvest(cfg: RunConfig) -> ActivationStore:
         h = cfg.harvest
         slots = h.group_size if h.sharding == "deepspeed" else 1
         n_workers = max(1, min(h.num_actors // slots, math.ceil(n_todo / slots)))
-        check_fits(n_workers * slots, h.cpus_per_actor, h.gpus_per_actor, "harvest",
+        gpus = actor_gpus(cfg)
+        log.info("%d worker(s) of %d actor(s), each reserving %s CPU and %s GPU", n_workers,
+                 slots, h.cpus_per_actor, gpus)
+        check_fits(n_workers * slots, h.cpus_per_actor, gpus, "harvest",
                    on_cluster=bool(cfg.cluster.address))
         result = run_pool(store, units, n_todo, n_workers, _worker_factory(cfg, exclude))
     log.info("harvested %d tokens at %.0f tokens/s (%d worker restarts)", result.tokens,

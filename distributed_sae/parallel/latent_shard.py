@@ -22,7 +22,11 @@ Dead latents: each shard tracks its own slice (`fired` in the output is the loca
 global count comes from one scalar all-reduce (`dead_count`). Matryoshka is refused: its nested
 prefixes of latents cut across shards.
 
-SAE code (distributed_sae/sae/) stays single-device: everything distributed is here.
+The kinds own their math: each writes its loss once against sae/latent_ops.py's operations
+(the identity on one device), and this module only supplies ShardOps, their collectives; it
+names no kind. The TopK kinds' sharded step uses the sparse kernels like their unsharded one:
+each shard's top-k codes come from topk_encode and its partial x_hat from sparse_decode. SAE
+code (distributed_sae/sae/) stays single-device: everything distributed is here.
 """
 
 from __future__ import annotations
@@ -37,6 +41,7 @@ from distributed_sae.parallel.collectives import (
     ShardComm, reduce_grad_over_shards, select_global_topk, sum_over_shards,
 )
 from distributed_sae.sae import SAEOutput, SparseAutoencoder
+from distributed_sae.sae.latent_ops import LatentOps
 from distributed_sae.sae.registry import (
     latent_axes, replicated_tensors, sae_class, shardable_kinds,
 )
@@ -82,6 +87,30 @@ def _local_hparams(kind: str, hparams: dict[str, Any], n_local: int) -> dict[str
     return out
 
 
+class ShardOps(LatentOps):
+    """sae/latent_ops.py's operations over the shards of one member (see the module docstring
+    for what each sends)."""
+
+    sharded = True
+
+    def __init__(self, comm: ShardComm, k: int | None) -> None:
+        self.comm, self.k = comm, k
+
+    def replicated(self, t: torch.Tensor) -> torch.Tensor:
+        return reduce_grad_over_shards(t, self.comm)
+
+    def sum(self, t: torch.Tensor) -> torch.Tensor:
+        return sum_over_shards(t, self.comm)
+
+    @torch.no_grad()
+    def count(self, n: torch.Tensor) -> int:
+        count = n.to(torch.int64).reshape(1)
+        return int(self.comm.all_reduce_(count, "dead_count"))
+
+    def select(self, values: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return select_global_topk(values, k, self.comm)
+
+
 class LatentShardedSAE(nn.Module):
     """This shard of a member split by latents; same loss interface as SparseAutoencoder."""
 
@@ -99,6 +128,7 @@ class LatentShardedSAE(nn.Module):
         self.k = k if k is not None else getattr(local, "k", None)
         if self.k is not None and not 0 < self.k <= d_sae:
             raise ValueError(f"k={self.k} must be in 1..d_sae={d_sae}")
+        self.ops = ShardOps(comm, self.k)
         # The training loop's flags are the kind's (see SparseAutoencoder).
         self.unit_norm_decoder = local.unit_norm_decoder
         self.grad_clip = local.grad_clip
@@ -169,109 +199,32 @@ class LatentShardedSAE(nn.Module):
     def sparsity_scale_at(self, step: int, total_steps: int) -> float:
         return self.local.sparsity_scale_at(step, total_steps)
 
-    # ---- the forward pass ------------------------------------------------------------------
+    # ---- the forward pass: the kind's own math, with the collectives of ShardOps -----------
     def pre_acts(self, x: torch.Tensor) -> torch.Tensor:
-        """(batch, d_in) -> (batch, n/R) this shard's pre-activations (base.pre_acts's formula,
-        with b_dec's gradient summed over the shards)."""
-        loc = self.local
-        return (x - reduce_grad_over_shards(loc.b_dec, self.comm)) @ loc.W_enc + loc.b_enc
-
-    def activate(self, pre: torch.Tensor, update_threshold: bool = False) -> torch.Tensor:
-        """(batch, n/R) pre-activations -> (batch, n/R) this shard's slice of the activations;
-        `update_threshold`: BatchTopK in training folds the batch into its threshold (as its
-        loss does)."""
-        kind = self.kind
-        if kind == "topk":
-            return self._topk(pre)
-        if kind == "batchtopk":
-            if not self.training:
-                return self.local.threshold_encode(pre)
-            return self._batch_topk(pre, update_threshold)
-        if kind == "jumprelu":
-            from distributed_sae.sae.jumprelu import _JumpReLU  # the kind's own STE
-
-            return _JumpReLU.apply(pre, self.local.threshold, self.local.bandwidth)
-        return pre.relu()  # relu
-
-    def _topk(self, pre: torch.Tensor) -> torch.Tensor:
-        """Per token: the k largest pre-activations over all shards, then ReLU."""
-        values, indices = pre.topk(min(self.k, pre.shape[1]), dim=1, sorted=False)  # (batch, c)
-        chosen, _ = select_global_topk(values.detach(), self.k, self.comm)
-        kept = torch.where(chosen, values.relu(), torch.zeros_like(values))
-        return torch.zeros_like(pre).scatter(1, indices, kept)
-
-    def _batch_topk(self, pre: torch.Tensor, update_threshold: bool) -> torch.Tensor:
-        """Over the whole batch: the k·batch largest ReLU'd pre-activations over all shards;
-        updates the inference threshold with the smallest selected value (same on every shard)."""
-        flat = pre.relu().flatten()  # (batch · n/R,)
-        n_keep = min(self.k * pre.shape[0], pre.shape[0] * self.d_sae)
-        values, indices = flat.topk(min(n_keep, flat.numel()), sorted=False)  # (c,)
-        chosen, top = select_global_topk(values.detach()[None], n_keep, self.comm)
-        if update_threshold:
-            self.local.update_threshold(top[0])  # uses the selected values > 0: global min
-        kept = torch.where(chosen[0], values, torch.zeros_like(values))
-        return torch.zeros_like(flat).scatter(0, indices, kept).view_as(pre)
+        """(batch, d_in) -> (batch, n/R) this shard's pre-activations."""
+        return self.local.pre_acts(x, self.ops)
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         """(batch, d_in) -> (batch, n/R): this shard's slice of the feature activations."""
-        return self.activate(self.pre_acts(x))
+        return self.local.encode(x, self.ops)
 
     def decode(self, f: torch.Tensor) -> torch.Tensor:
         """This shard's activations (batch, n/R) -> the full reconstruction (batch, d_in)."""
-        partial = f @ self.local.W_dec  # (batch, d_in), this shard's share
-        return sum_over_shards(partial, self.comm) + self.local.b_dec
+        return self.local.decode(f, self.ops)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.decode(self.encode(x))
 
-    # ---- the loss ----------------------------------------------------------------------------
     def loss(self, x: torch.Tensor, dead: torch.Tensor | None = None,
              sparsity_scale: float = 1.0) -> SAEOutput:
         """The kind's training loss, identical on every shard; `dead` (n/R,) is this shard's
-        slice; the output's `fired` (n/R,) too. Collective: every shard must call it."""
-        pre = self.pre_acts(x)  # (batch, n/R)
-        f = self.activate(pre, update_threshold=True)
-        x_hat = self.decode(f)  # (batch, d_in)
-        mse = (x_hat - x).pow(2).mean()
-        terms, loss = {"mse": mse}, mse
-        kind, loc = self.kind, self.local
-        if kind == "relu":  # L1 is a sum over latents: the shards' partial sums add up
-            terms["l1"] = sum_over_shards(loc.sparsity(f).mean(), self.comm)
-            loss = loss + sparsity_scale * loc.l1_coefficient * terms["l1"]
-        elif kind == "jumprelu":
-            from distributed_sae.sae.jumprelu import _Step
-
-            l0_local = _Step.apply(pre, loc.threshold, loc.bandwidth).sum(1).mean()
-            terms["l0"] = sum_over_shards(l0_local, self.comm)
-            loss = loss + sparsity_scale * loc.l0_coefficient * terms["l0"]
-        elif dead is not None:  # topk, batchtopk: AuxK when some latent anywhere is dead
-            n_dead = self.dead_count(dead)
-            if n_dead > 0:
-                terms["auxk"] = self._auxk(x - x_hat.detach(), pre, dead, n_dead)
-                loss = loss + loc.auxk_coefficient * terms["auxk"]
-        counts = (f > 0).sum(0)  # (n/R,) tokens each local latent fired on (density histogram)
-        return SAEOutput(loss=loss, x_hat=x_hat, terms=terms, fired=counts > 0, counts=counts)
-
-    def _auxk(self, residual: torch.Tensor, pre: torch.Tensor, dead: torch.Tensor,
-              n_dead: int) -> torch.Tensor:
-        """TopKSAE's AuxK with its top-k_aux taken over the dead latents of all shards."""
-        k_aux = min(self.d_in // 2, n_dead)
-        masked = pre.masked_fill(~dead, float("-inf"))  # (batch, n/R)
-        values, indices = masked.topk(min(k_aux, pre.shape[1]), dim=1, sorted=False)
-        chosen, _ = select_global_topk(values.detach(), k_aux, self.comm)
-        # where(), not a product: unchosen slots may hold -inf (fewer dead latents here than c).
-        kept = torch.where(chosen, values.relu(), torch.zeros_like(values))
-        f_aux = torch.zeros_like(pre).scatter(1, indices, kept)
-        e_hat = sum_over_shards(f_aux @ self.local.W_dec, self.comm)  # (batch, d_in)
-        denom = (residual - residual.mean(0)).pow(2).sum().clamp_min(1e-12)
-        return (e_hat - residual).pow(2).sum() / denom
+        slice; the output's `fired` and `counts` (n/R,) too. Collective: every shard calls it."""
+        return self.local.loss(x, dead=dead, sparsity_scale=sparsity_scale, ops=self.ops)
 
     # ---- training-loop helpers -------------------------------------------------------------
-    @torch.no_grad()
     def dead_count(self, dead: torch.Tensor) -> int:
         """Dead latents over all shards, from this shard's mask (n/R,): one scalar all-reduce."""
-        count = dead.sum().to(torch.int64).reshape(1)
-        return int(self.comm.all_reduce_(count, "dead_count"))
+        return self.ops.count(dead.sum())
 
     def dead_fraction(self, dead: torch.Tensor) -> float:
         return self.dead_count(dead) / self.d_sae

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import torch
 from torch import nn
 
+from distributed_sae.sae.latent_ops import LOCAL, LatentOps
 from distributed_sae.sae.params import KindParams, config_values
 
 if TYPE_CHECKING:  # only for annotations: SAE code stays usable without the config package
@@ -79,25 +80,30 @@ class SparseAutoencoder(nn.Module):
         self.b_dec = nn.Parameter(torch.zeros(d_in, dtype=dtype))
 
     # ---- the forward pass ------------------------------------------------------------------
-    def pre_acts(self, x: torch.Tensor) -> torch.Tensor:
+    # Every method that sums or selects over latents takes `ops` (sae/latent_ops.py): the
+    # identity on one device, the collectives when this SAE is one latent shard of a member.
+    def pre_acts(self, x: torch.Tensor, ops: LatentOps = LOCAL) -> torch.Tensor:
         """(batch, d_in) -> (batch, d_sae) encoder pre-activations."""
-        return (x - self.b_dec) @ self.W_enc + self.b_enc
+        return (x - ops.replicated(self.b_dec)) @ self.W_enc + self.b_enc
 
-    def encode(self, x: torch.Tensor) -> torch.Tensor:
+    def encode(self, x: torch.Tensor, ops: LatentOps = LOCAL) -> torch.Tensor:
         """(batch, d_in) -> (batch, d_sae) dense feature activations."""
         raise NotImplementedError
 
-    def decode(self, f: torch.Tensor) -> torch.Tensor:
+    def decode(self, f: torch.Tensor, ops: LatentOps = LOCAL) -> torch.Tensor:
         """(batch, d_sae) -> (batch, d_in)."""
-        return f @ self.W_dec + self.b_dec
+        if not ops.sharded:
+            return f @ self.W_dec + self.b_dec
+        return ops.sum(f @ self.W_dec) + self.b_dec  # every shard's partial product
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.decode(self.encode(x))
 
     def loss(self, x: torch.Tensor, dead: torch.Tensor | None = None,
-             sparsity_scale: float = 1.0) -> SAEOutput:
+             sparsity_scale: float = 1.0, ops: LatentOps = LOCAL) -> SAEOutput:
         """Training loss on a batch (batch, d_in); `dead` (d_sae,) marks dead latents;
-        `sparsity_scale` in [0, 1] multiplies the sparsity penalty (warm-up), if there is one."""
+        `sparsity_scale` in [0, 1] multiplies the sparsity penalty (warm-up), if there is one;
+        `ops`: see pre_acts."""
         raise NotImplementedError
 
     def sparsity_scale_at(self, step: int, total_steps: int) -> float:

@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from distributed_sae.sae.base import SAEOutput
+from distributed_sae.sae.latent_ops import LOCAL, LatentOps
 from distributed_sae.sae.topk import TopKParams, TopKSAE
 
 
@@ -57,28 +58,39 @@ class BatchTopKSAE(TopKSAE):
         self.register_buffer("threshold", torch.zeros((), dtype=dtype))
         self.threshold_updates = 0
 
-    def batch_topk(self, pre: torch.Tensor) -> torch.Tensor:
+    def batch_topk(self, pre: torch.Tensor, ops: LatentOps = LOCAL) -> torch.Tensor:
         """(batch, d_sae) pre-activations -> (batch, d_sae) activations keeping the k x batch
-        largest ReLU'd values of the whole batch."""
+        largest ReLU'd values of the whole batch (over every latent shard)."""
+        return self.batch_select(pre, ops)[0]
+
+    def batch_select(self, pre: torch.Tensor, ops: LatentOps = LOCAL
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(batch_topk's activations, the selected values over every shard, for θ)."""
         flat = pre.relu().flatten()  # (batch * d_sae,)
-        n_keep = min(self.k * pre.shape[0], flat.numel())
-        values, indices = flat.topk(n_keep, sorted=False)
-        return torch.zeros_like(flat).scatter_(0, indices, values).view_as(pre)
+        n_keep = (ops.k or self.k) * pre.shape[0]
+        values, indices = flat.topk(min(n_keep, flat.numel()), sorted=False)
+        sel = ops.select(values.detach()[None], n_keep)
+        selected = values
+        if sel is not None:
+            values = torch.where(sel[0][0], values, torch.zeros_like(values))
+            selected = sel[1][0]  # the k x batch values over every shard, the same on each
+        return torch.zeros_like(flat).scatter_(0, indices, values).view_as(pre), selected
 
     def threshold_encode(self, pre: torch.Tensor) -> torch.Tensor:
         """Per-token inference rule: (batch, d_sae) -> ReLU(pre) * (pre > θ)."""
         return pre.relu() * (pre > self.threshold)
 
-    def activate(self, pre: torch.Tensor) -> torch.Tensor:
+    def activate(self, pre: torch.Tensor, ops: LatentOps = LOCAL) -> torch.Tensor:
         """Batch selection in training mode, the threshold in eval mode."""
-        return self.batch_topk(pre) if self.training else self.threshold_encode(pre)
+        return self.batch_topk(pre, ops) if self.training else self.threshold_encode(pre)
 
-    def encode(self, x: torch.Tensor) -> torch.Tensor:
-        return self.activate(self.pre_acts(x))  # (batch, d_sae)
+    def encode(self, x: torch.Tensor, ops: LatentOps = LOCAL) -> torch.Tensor:
+        return self.activate(self.pre_acts(x, ops), ops)  # (batch, d_sae)
 
     @torch.no_grad()
     def update_threshold(self, f: torch.Tensor) -> None:
-        """Fold this batch's smallest selected activation (f (batch, d_sae)) into θ's EMA."""
+        """Fold this batch's smallest selected activation (f: the activations, or the selected
+        values) into θ's EMA."""
         selected = f[f > 0]
         if selected.numel() == 0:
             return
@@ -89,22 +101,25 @@ class BatchTopKSAE(TopKSAE):
             self.threshold.lerp_(smallest, 1.0 - self.threshold_momentum)
         self.threshold_updates += 1
 
-    def reconstruction_loss(self, x: torch.Tensor, f: torch.Tensor) -> Reconstruction:
+    def reconstruction_loss(self, x: torch.Tensor, f: torch.Tensor,
+                            ops: LatentOps = LOCAL) -> Reconstruction:
         """(x_hat (batch, d_in), loss, terms) of activations f; Matryoshka overrides this."""
-        x_hat = self.decode(f)  # (batch, d_in)
+        x_hat = self.decode(f, ops)  # (batch, d_in)
         mse = F.mse_loss(x_hat, x)
         return x_hat, mse, {"mse": mse}
 
     def loss(self, x: torch.Tensor, dead: torch.Tensor | None = None,
-             sparsity_scale: float = 1.0) -> SAEOutput:
+             sparsity_scale: float = 1.0, ops: LatentOps = LOCAL) -> SAEOutput:
         # sparsity_scale is accepted for a uniform training loop; k fixes the sparsity here.
-        pre = self.pre_acts(x)  # (batch, d_sae)
-        f = self.activate(pre)
+        pre = self.pre_acts(x, ops)  # (batch, d_sae)
         if self.training:
-            self.update_threshold(f)
-        x_hat, loss, terms = self.reconstruction_loss(x, f)
-        if dead is not None and bool(dead.any()):
-            terms["auxk"] = self._auxk(x - x_hat.detach(), pre, dead)
+            f, selected = self.batch_select(pre, ops)
+            self.update_threshold(f if not ops.sharded else selected)
+        else:
+            f = self.threshold_encode(pre)
+        x_hat, loss, terms = self.reconstruction_loss(x, f, ops)
+        if dead is not None and self.k_aux(dead, ops) > 0:
+            terms["auxk"] = self._auxk(x - x_hat.detach(), pre, dead, ops)
             loss = loss + self.auxk_coefficient * terms["auxk"]
         counts = (f > 0).sum(0)  # (d_sae,)
         return SAEOutput(loss=loss, x_hat=x_hat, terms=terms, fired=counts > 0, counts=counts)

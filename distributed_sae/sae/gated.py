@@ -34,6 +34,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from distributed_sae.sae.base import SAEOutput, SparseAutoencoder
+from distributed_sae.sae.latent_ops import LOCAL, LatentOps
 from distributed_sae.sae.params import KindParams, from_key, non_negative
 
 
@@ -53,8 +54,6 @@ class GatedSAE(SparseAutoencoder):
     architecture = "gated"
     Params = GatedParams
     latent_axes = {**SparseAutoencoder.latent_axes, "r_mag": 0, "b_mag": 0}  # b_enc is b_gate
-    shardable = False
-    unshardable_reason = "parallel/latent_shard.py has no gated loss (magnitude path, aux term)"
     unit_norm_decoder = False  # the L1 is weighted by decoder norms (module docstring)
     # Same step as relu's (see ReLUSAE.default_lr): the gate is trained by the same
     # norm-weighted L1 on the same scaled inputs as relu april_2024, where lr 2e-3 oscillated
@@ -77,11 +76,12 @@ class GatedSAE(SparseAutoencoder):
         """(d_sae,) the gate's bias, stored as the base class's b_enc."""
         return self.b_enc
 
-    def gate_and_magnitude(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def gate_and_magnitude(self, x: torch.Tensor, ops: LatentOps = LOCAL
+                           ) -> tuple[torch.Tensor, torch.Tensor]:
         """(batch, d_in) -> (π_gate, π_mag), each (batch, d_sae)."""
         # x̄ (W_enc ⊙ exp(r_mag)) = (x̄ W_enc) ⊙ exp(r_mag): both paths share one matmul instead
         # of two (batch, d_in) x (d_in, d_sae) ones.
-        shared = (x - self.b_dec) @ self.W_enc  # (batch, d_sae)
+        shared = (x - ops.replicated(self.b_dec)) @ self.W_enc  # (batch, d_sae)
         return shared + self.b_gate, shared * self.r_mag.exp() + self.b_mag
 
     @staticmethod
@@ -89,21 +89,22 @@ class GatedSAE(SparseAutoencoder):
         """f = 1[π_gate > 0] ⊙ ReLU(π_mag), (batch, d_sae); gradients reach π_mag only."""
         return mag.relu() * (gate > 0)
 
-    def encode(self, x: torch.Tensor) -> torch.Tensor:
-        return self.combine(*self.gate_and_magnitude(x))  # (batch, d_sae)
+    def encode(self, x: torch.Tensor, ops: LatentOps = LOCAL) -> torch.Tensor:
+        return self.combine(*self.gate_and_magnitude(x, ops))  # (batch, d_sae)
 
     def loss(self, x: torch.Tensor, dead: torch.Tensor | None = None,
-             sparsity_scale: float = 1.0) -> SAEOutput:
+             sparsity_scale: float = 1.0, ops: LatentOps = LOCAL) -> SAEOutput:
         """MSE + λ·(norm-weighted L1 of the gate) + the gate's frozen-decoder reconstruction.
         `dead` is unused: nothing here targets dead latents."""
-        gate, mag = self.gate_and_magnitude(x)
+        gate, mag = self.gate_and_magnitude(x, ops)
         f = self.combine(gate, mag)  # (batch, d_sae)
-        x_hat = self.decode(f)  # (batch, d_in)
+        x_hat = self.decode(f, ops)  # (batch, d_in)
         mse = F.mse_loss(x_hat, x)
         gate_acts = gate.relu()  # (batch, d_sae)
-        l1 = (gate_acts @ self.W_dec.norm(dim=1)).mean()  # Σ_i ReLU(π_gate)_i ‖W_dec,i‖
+        # Σ_i ReLU(π_gate)_i ‖W_dec,i‖, a sum over latents: over every shard.
+        l1 = ops.sum((gate_acts @ self.W_dec.norm(dim=1)).mean())
         # Detached decoder: this term trains the gate (W_enc, b_gate) only.
-        aux = F.mse_loss(gate_acts @ self.W_dec.detach() + self.b_dec.detach(), x)
+        aux = F.mse_loss(ops.sum(gate_acts @ self.W_dec.detach()) + self.b_dec.detach(), x)
         loss = mse + sparsity_scale * self.l1_coefficient * l1 + aux
         counts = (f > 0).sum(0)  # (d_sae,) tokens each latent is active on
         return SAEOutput(loss=loss, x_hat=x_hat, terms={"mse": mse, "l1": l1, "aux_mse": aux},

@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from distributed_sae.sae.base import SAEOutput, SparseAutoencoder
+from distributed_sae.sae.latent_ops import LOCAL, LatentOps
 from distributed_sae.sae.params import KindParams, from_key, non_negative, positive
 
 
@@ -111,17 +112,18 @@ class JumpReLUSAE(SparseAutoencoder):
         """(d_sae,) θ = exp(log_threshold)."""
         return self.log_threshold.exp()
 
-    def encode(self, x: torch.Tensor) -> torch.Tensor:
-        return _JumpReLU.apply(self.pre_acts(x), self.threshold, self.bandwidth)  # (batch, d_sae)
+    def encode(self, x: torch.Tensor, ops: LatentOps = LOCAL) -> torch.Tensor:
+        return _JumpReLU.apply(self.pre_acts(x, ops), self.threshold,
+                               self.bandwidth)  # (batch, d_sae)
 
     def loss(self, x: torch.Tensor, dead: torch.Tensor | None = None,
-             sparsity_scale: float = 1.0) -> SAEOutput:
-        pre = self.pre_acts(x)  # (batch, d_sae)
+             sparsity_scale: float = 1.0, ops: LatentOps = LOCAL) -> SAEOutput:
+        pre = self.pre_acts(x, ops)  # (batch, d_sae)
         theta = self.threshold  # (d_sae,)
         f = _JumpReLU.apply(pre, theta, self.bandwidth)
-        x_hat = self.decode(f)  # (batch, d_in)
+        x_hat = self.decode(f, ops)  # (batch, d_in)
         mse = F.mse_loss(x_hat, x)
-        l0 = _Step.apply(pre, theta, self.bandwidth).sum(1).mean()
+        l0 = ops.sum(_Step.apply(pre, theta, self.bandwidth).sum(1).mean())  # over every shard
         loss = mse + sparsity_scale * self.l0_coefficient * l0
         counts = (f != 0).sum(0)  # (d_sae,)
         return SAEOutput(loss=loss, x_hat=x_hat, terms={"mse": mse, "l0": l0},

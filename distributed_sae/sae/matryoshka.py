@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from distributed_sae.sae.batchtopk import BatchTopKParams, BatchTopKSAE, Reconstruction
+from distributed_sae.sae.latent_ops import LOCAL, LatentOps
 from distributed_sae.sae.params import from_key
 
 
@@ -61,7 +62,8 @@ class MatryoshkaSAE(BatchTopKSAE):
         self.fractions = [float(v) for v in fractions]
         self.prefixes = prefix_sizes(d_sae, self.fractions)
 
-    def reconstruction_loss(self, x: torch.Tensor, f: torch.Tensor) -> Reconstruction:
+    def reconstruction_loss(self, x: torch.Tensor, f: torch.Tensor,
+                            ops: LatentOps = LOCAL) -> Reconstruction:
         """Mean over prefixes of the MSE; x_hat is the full dictionary's reconstruction.
 
         Built incrementally: x̂_j = x̂_{j-1} + f[:, m_{j-1}:m_j] W_dec[m_{j-1}:m_j], so the cost is

@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from distributed_sae.sae.base import SAEOutput, SparseAutoencoder
+from distributed_sae.sae.latent_ops import LOCAL, LatentOps
 from distributed_sae.sae.params import KindParams, from_key, non_negative
 
 RECIPES = ("towards_monosemanticity", "april_2024")
@@ -83,8 +84,8 @@ class ReLUSAE(SparseAutoencoder):
     def resamples(cls, params: ReLUParams) -> bool:  # type: ignore[override]
         return params.recipe != "april_2024"
 
-    def encode(self, x: torch.Tensor) -> torch.Tensor:
-        return self.pre_acts(x).relu()  # (batch, d_sae)
+    def encode(self, x: torch.Tensor, ops: LatentOps = LOCAL) -> torch.Tensor:
+        return self.pre_acts(x, ops).relu()  # (batch, d_sae)
 
     def sparsity(self, f: torch.Tensor) -> torch.Tensor:
         """Per-input L1 penalty (batch,) of activations f (batch, d_sae), f >= 0 so |f| = f."""
@@ -93,11 +94,11 @@ class ReLUSAE(SparseAutoencoder):
         return f.sum(1)
 
     def loss(self, x: torch.Tensor, dead: torch.Tensor | None = None,
-             sparsity_scale: float = 1.0) -> SAEOutput:
-        f = self.encode(x)  # (batch, d_sae)
-        x_hat = self.decode(f)  # (batch, d_in)
+             sparsity_scale: float = 1.0, ops: LatentOps = LOCAL) -> SAEOutput:
+        f = self.encode(x, ops)  # (batch, d_sae)
+        x_hat = self.decode(f, ops)  # (batch, d_in)
         mse = F.mse_loss(x_hat, x)
-        l1 = self.sparsity(f).mean()
+        l1 = ops.sum(self.sparsity(f).mean())  # a sum over latents: over every shard
         loss = mse + sparsity_scale * self.l1_coefficient * l1
         counts = (f > 0).sum(0)  # (d_sae,)
         return SAEOutput(loss=loss, x_hat=x_hat, terms={"mse": mse, "l1": l1}, fired=counts > 0,

@@ -23,6 +23,7 @@ import torch.nn.functional as F
 
 from distributed_sae.kernels import sparse_decode, topk_encode
 from distributed_sae.sae.base import SAEOutput, SparseAutoencoder
+from distributed_sae.sae.latent_ops import LOCAL, LatentOps
 from distributed_sae.sae.params import KindParams, from_key, positive
 
 
@@ -57,32 +58,55 @@ class TopKSAE(SparseAutoencoder):
         values, indices = pre.topk(self.k, dim=-1, sorted=False)
         return values.relu(), indices
 
-    def encode(self, x: torch.Tensor) -> torch.Tensor:
-        values, indices = self.topk(self.pre_acts(x))
+    def encode(self, x: torch.Tensor, ops: LatentOps = LOCAL) -> torch.Tensor:
+        values, indices = self.topk(self.pre_acts(x, ops))
+        values = self.chosen(values, ops.k or self.k, ops)
         return torch.zeros(x.shape[0], self.d_sae, dtype=values.dtype,
                            device=x.device).scatter_(1, indices, values)  # (batch, d_sae)
 
-    def k_aux(self, dead: torch.Tensor | None) -> int:
-        """AuxK's k: d_in / 2, at most the number of dead latents; 0 without dead latents."""
+    @staticmethod
+    def chosen(values: torch.Tensor, k: int, ops: LatentOps) -> torch.Tensor:
+        """Candidate values (rows, c), zero where they are not among their row's k largest over
+        all latent shards (on one device every candidate is chosen: values as they are)."""
+        sel = ops.select(values.detach(), k)
+        if sel is None:
+            return values
+        # where(), not a product: unchosen slots may hold -inf (fewer dead latents than slots).
+        return torch.where(sel[0], values, torch.zeros_like(values))
+
+    def decode_codes(self, values: torch.Tensor, indices: torch.Tensor, ops: LatentOps,
+                     bias: bool = True) -> torch.Tensor:
+        """The sparse decoder of (batch, c) codes -> (batch, d_in), summed over latent shards."""
+        if not ops.sharded:
+            return sparse_decode(values, indices, self.W_dec, self.b_dec if bias else None)
+        out = ops.sum(sparse_decode(values, indices, self.W_dec))  # (batch, d_in)
+        return out + self.b_dec if bias else out
+
+    def k_aux(self, dead: torch.Tensor | None, ops: LatentOps = LOCAL) -> int:
+        """AuxK's k: d_in / 2, at most the number of dead latents (over every shard); 0 without
+        dead latents."""
         if dead is None:
             return 0
-        return min(self.d_in // 2, int(dead.sum()))
+        return min(self.d_in // 2, ops.count(dead.sum()))
 
     def loss(self, x: torch.Tensor, dead: torch.Tensor | None = None,
-             sparsity_scale: float = 1.0) -> SAEOutput:
+             sparsity_scale: float = 1.0, ops: LatentOps = LOCAL) -> SAEOutput:
         """MSE + AuxK. `sparsity_scale` is unused: TopK fixes L0 by construction, no penalty."""
-        k_aux = self.k_aux(dead)
-        code = topk_encode(x, self.W_enc, self.b_enc, self.b_dec, self.k,
-                           dead=dead if k_aux > 0 else None, k_aux=k_aux)
-        x_hat = sparse_decode(code.values, code.indices, self.W_dec, self.b_dec)  # (batch, d_in)
+        k_aux = self.k_aux(dead, ops)
+        # This shard's k (and k_aux) largest are the candidates of the member's k over shards.
+        code = topk_encode(x, self.W_enc, self.b_enc, ops.replicated(self.b_dec), self.k,
+                           dead=dead if k_aux > 0 else None, k_aux=min(k_aux, self.d_sae))
+        values = self.chosen(code.values, ops.k or self.k, ops)  # (batch, k)
+        x_hat = self.decode_codes(values, code.indices, ops)  # (batch, d_in)
         mse = F.mse_loss(x_hat, x)
         terms = {"mse": mse}
         loss = mse
         if code.aux_values is not None and code.aux_indices is not None:
-            e_hat = sparse_decode(code.aux_values, code.aux_indices, self.W_dec)  # (batch, d_in)
+            aux = self.chosen(code.aux_values, k_aux, ops)  # (batch, k_aux)
+            e_hat = self.decode_codes(aux, code.aux_indices, ops, bias=False)  # (batch, d_in)
             terms["auxk"] = self._auxk_term(x - x_hat.detach(), e_hat)
             loss = loss + self.auxk_coefficient * terms["auxk"]
-        counts = self.fire_counts(code.values, code.indices)
+        counts = self.fire_counts(values, code.indices)
         return SAEOutput(loss=loss, x_hat=x_hat, terms=terms, fired=counts > 0, counts=counts)
 
     def fire_counts(self, values: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
@@ -93,12 +117,15 @@ class TopKSAE(SparseAutoencoder):
         counts.index_add_(0, indices.reshape(-1), (values.reshape(-1) > 0).to(torch.int32))
         return counts
 
-    def _auxk(self, residual: torch.Tensor, pre: torch.Tensor, dead: torch.Tensor) -> torch.Tensor:
+    def _auxk(self, residual: torch.Tensor, pre: torch.Tensor, dead: torch.Tensor,
+              ops: LatentOps = LOCAL) -> torch.Tensor:
         """Normalised error of reconstructing the residual (batch, d_in) from dead latents, from
         dense pre-activations (batch, d_sae) (the BatchTopK kinds); the decode is sparse."""
+        k_aux = self.k_aux(dead, ops)
         masked = pre.masked_fill(~dead, float("-inf"))  # (batch, d_sae)
-        values, indices = masked.topk(self.k_aux(dead), dim=-1, sorted=False)
-        e_hat = sparse_decode(values.relu(), indices, self.W_dec)  # (batch, d_in)
+        values, indices = masked.topk(min(k_aux, self.d_sae), dim=-1, sorted=False)
+        values = self.chosen(values.relu(), k_aux, ops)
+        e_hat = self.decode_codes(values, indices, ops, bias=False)  # (batch, d_in)
         return self._auxk_term(residual, e_hat)
 
     @staticmethod
