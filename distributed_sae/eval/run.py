@@ -189,8 +189,8 @@ def _universality(members: list[tuple[str, SparseAutoencoder]], reader: Any) -> 
     found = {}
     for i, (name_a, a) in enumerate(members):
         for name_b, b in members[i + 1:]:
-            if a.kind != b.kind or a.d_sae != b.d_sae:
-                continue
+            if a.kind != b.kind or a.d_sae != b.d_sae or a.params != b.params:
+                continue  # only members that differ by their seed alone
             corr = activation_correlation(a, b, reader)
             found[f"{name_a}~{name_b}"] = corr
             log.info("universality %s ~ %s: mean max correlation %.3f / %.3f", name_a, name_b,
