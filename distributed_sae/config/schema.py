@@ -14,7 +14,7 @@ live in `eval_schema.py`, the shared names and checks in `checks.py`; all are im
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional
+from typing import Any, List, Optional
 
 from distributed_sae.config.checks import (  # noqa: F401  (re-exported: callers import them here)
     COMPRESSIONS, DATA_PARALLEL, DEVICE_MAPS, DTYPES, HOOK_KINDS, PLACEMENTS, RELU_RECIPES,
@@ -25,6 +25,7 @@ from distributed_sae.config.checks import positive as _positive
 from distributed_sae.config.checks import sweep as _sweep
 from distributed_sae.config.errors import ConfigError
 from distributed_sae.config.eval_schema import EvalConfig, ExportConfig, SteerConfig  # noqa: F401
+from distributed_sae.config.sae_schema import SAEConfig
 
 @dataclass
 class ModelConfig:
@@ -150,91 +151,6 @@ class StoreConfig:
         _choice("store", "dtype", self.dtype, DTYPES)
         _choice("store", "compression", self.compression, COMPRESSIONS)
         _positive("store", chunk_tokens=self.chunk_tokens)
-
-
-@dataclass
-class SAEConfig:
-    """The bank of sparse autoencoders: a cross product of hooks, kinds, widths and the kinds'
-    swept parameters, or an explicit list of members (sae/bank.py has the grammar)."""
-
-    # SAE kind: topk (Gao et al. 2024), batchtopk (Bussmann et al. 2024), relu (Towards
-    # Monosemanticity, or its April 2024 update), jumprelu (Gemma Scope), matryoshka, gated
-    # (Rajamanoharan et al. 2024). The one-kind shorthand of `kinds`.
-    kind: str = "topk"
-    # Kinds of the bank, e.g. [topk,batchtopk]: every kind gets every hook and width. None = [kind].
-    kinds: Optional[List[str]] = None
-    # Dictionary sizes; each width is one member per hook, kind and swept parameter (a width
-    # listed twice gives two seeds of one dictionary).
-    widths: List[int] = field(default_factory=lambda: [2304, 4608])
-    # Active latents per token for topk, batchtopk (on average) and matryoshka; a list sweeps
-    # it (sae.k=[16,64]: one member per value). Other kinds ignore it.
-    k: Any = 32
-    # Hook point the bank reads: the one-hook shorthand of `hooks`.
-    hook: Optional[str] = None
-    # Hook points the bank reads, each a harvested hook; None = [hook], or every harvested hook
-    # when hook is unset too.
-    hooks: Optional[List[str]] = None
-    # Seed of the weight initialisation (the members of width i use seed + i).
-    seed: int = 0
-    # relu and gated: coefficient lambda of the L1 sparsity penalty (a list sweeps it). Inputs are scaled
-    # to E||x||^2 = d and the MSE is a mean over elements, so lambda is ~d times smaller than the
-    # paper's 5 (a summed error). Measured on SmolLM2 layer 15 (100 steps of 1024, width 2304):
-    # 0.003 -> L0 102, 0.01 -> L0 25 (FVU 0.50), 0.03 -> L0 11.
-    l1_coefficient: Any = 0.01
-    # relu: 'towards_monosemanticity' (unit-norm decoder, neuron resampling) or 'april_2024'
-    # (L1 weighted by decoder norms, no norm constraint, no resampling, lambda warm-up).
-    recipe: str = "towards_monosemanticity"
-    # jumprelu: coefficient of the L0 penalty (a list sweeps it).
-    l0_coefficient: Any = 0.01
-    # jumprelu: initial per-feature threshold and the straight-through estimator's bandwidth, in
-    # units of the scaled inputs (E||x||^2 = d, so pre-activations are ~sqrt(d) larger than with
-    # Gemma Scope's unit-norm inputs). Measured as above: threshold 0.1 -> L0 456, 0.5 -> L0 83,
-    # 1.0 -> L0 23 (FVU 0.26); in 100 steps the start threshold sets L0 more than the penalty.
-    jumprelu_threshold: float = 1.0
-    jumprelu_bandwidth: float = 0.1
-    # matryoshka: nested prefixes of the dictionary as fractions of the width (ascending, last 1.0).
-    matryoshka_fractions: List[float] = field(default_factory=lambda: [0.0625, 0.25, 1.0])
-    # An explicit bank instead of the product above: a list of {kind, width, hook (or inputs),
-    # seed, lr, name, and the kind's parameters, e.g. k}; missing keys come from the scalars
-    # above (seed: sae.seed + the entry's index).
-    members: List[Dict[str, Any]] = field(default_factory=list)
-
-    @property
-    def kind_list(self) -> list[str]:
-        """The bank's kinds: `kinds`, or [kind]."""
-        return list(self.kinds) if self.kinds else [self.kind]
-
-    def __post_init__(self) -> None:
-        from distributed_sae.sae.registry import k_kinds, kinds  # the registry names the kinds
-
-        for kind in [self.kind, *(self.kinds or [])]:
-            _choice("sae", "kind" if kind == self.kind else "kinds", kind, kinds())
-        if self.kinds is not None and (not self.kinds or len(set(self.kinds)) != len(self.kinds)):
-            raise ConfigError(f"sae.kinds={list(self.kinds)} must be non-empty without repeats")
-        _choice("sae", "recipe", self.recipe, RELU_RECIPES)
-        for key in ("k", "l1_coefficient", "l0_coefficient"):
-            setattr(self, key, _sweep("sae", key, getattr(self, key), int if key == "k" else float))
-        _positive("sae", jumprelu_threshold=self.jumprelu_threshold,
-                  jumprelu_bandwidth=self.jumprelu_bandwidth)
-        fr = list(self.matryoshka_fractions)
-        if not fr or fr != sorted(fr) or fr[-1] != 1.0 or fr[0] <= 0:
-            raise ConfigError(f"sae.matryoshka_fractions={fr} must be ascending in (0, 1], ending at 1.0")
-        if not self.widths:
-            raise ConfigError("sae.widths is empty: give at least one width, e.g. sae.widths=[2304]")
-        for width in self.widths:
-            if width <= 0:
-                raise ConfigError(f"sae.widths has {width}: every width must be positive")
-        top_k = max(self.k) if isinstance(self.k, list) else self.k
-        too_small = [w for w in self.widths if w < top_k]
-        if too_small and set(self.kind_list) & set(k_kinds()):
-            raise ConfigError(
-                f"sae.k={self.k} is larger than width(s) {too_small}: lower sae.k or raise the width"
-            )
-        for hook in ([self.hook] if self.hook else []) + list(self.hooks or []):
-            parse_hook(hook)
-        if self.hook and self.hooks and self.hook not in self.hooks:
-            raise ConfigError(f"sae.hook={self.hook!r} is not in sae.hooks={list(self.hooks)}: "
-                              f"set one of them")
 
 
 @dataclass

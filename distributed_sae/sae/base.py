@@ -4,7 +4,8 @@ Parameter names and shapes follow SAELens, so export is a rename-free copy:
     W_enc (d_in, d_sae), b_enc (d_sae), W_dec (d_sae, d_in), b_dec (d_in)
 and the forward pass is  f = act((x - b_dec) @ W_enc + b_enc),  x_hat = f @ W_dec + b_dec.
 
-SAE code is single-device: it never imports torch.distributed (parallelism lives in `parallel/`).
+SAE code is single-device: it never imports the distributed package of torch (parallelism lives
+in `parallel/`).
 """
 
 from __future__ import annotations

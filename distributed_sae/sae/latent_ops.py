@@ -13,7 +13,7 @@ A kind writes its loss once, calling these where a sum or a selection runs over 
 On one device (LOCAL, this class) every operation is the identity and `select` returns None, so
 a kind's single-device numbers are exactly what they were. parallel/latent_shard.py gives a
 latent-sharded member a ShardOps doing the collectives: SAE code never imports
-torch.distributed, and parallel/ never names a kind.
+torch's distributed package, and parallel/ never names a kind.
 """
 
 from __future__ import annotations
