@@ -60,7 +60,7 @@ def _actor_pids(name: str) -> list[int]:
     return pids
 
 
-def _wait_for_commits(store_path: Path, n: int, timeout: float = 120.0) -> None:
+def _wait_for_commits(store_path: Path, n: int, timeout: float = 600.0) -> None:
     deadline = time.time() + timeout
     while time.time() < deadline:
         if len(list((store_path / "_commits").glob("u*.json"))) >= n:
@@ -85,7 +85,9 @@ def test_clean_harvest_holds_the_corpus_in_order(ray_local, tiny_llama_dir, tmp_
 
 def test_sigkill_of_an_actor_loses_and_duplicates_nothing(ray_local, tiny_llama_dir, tmp_path,
                                                           smollm2_tokenizer, caplog):
-    cfg = tiny_cfg(tiny_llama_dir, tmp_path / "store", n_units=40, num_actors=2)
+    # 400 tiny units: enough that the kill after 3 commits lands while most are still to run
+    # (with 40, the harvest sometimes finished first and nothing died: 2 of 6 runs).
+    cfg = tiny_cfg(tiny_llama_dir, tmp_path / "store", n_units=400, num_actors=2)
     caplog.set_level("WARNING")
     result: dict = {}
     thread = threading.Thread(target=lambda: result.setdefault("store", harvest(cfg)))
