@@ -1,4 +1,4 @@
-"""Latent-sharded members in the train stage (train/sharded.py).
+"""Latent-sharded members in the train stage (parallel/sharded_plan.py through the one engine).
 
 * 2 gloo ranks as dp 1 x tp 2, and 4 as dp 2 x tp 2, train a bank of sharded members on the same
   global batches as 1 process whose members start from the shards' concatenated initialisation:

@@ -172,7 +172,7 @@ class BankTrainer:
     placed: instead of `sync`, per member id a (factory or None, slice of the batch): x is the
     global batch and each member trains on its slice, data-parallel over its own group.
     build_member: (spec, d_in) -> the member's module (default: build_sae from the config), e.g.
-    this rank's shard of a latent-sharded member (train/sharded.py); dead-latent counters get
+    this rank's shard of a latent-sharded member (parallel/sharded_plan.py); dead-latent counters get
     the module's local width (its b_enc's length).
     """
 
