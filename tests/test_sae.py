@@ -124,3 +124,36 @@ def test_load_refuses_mismatched_shapes(tmp_path):
 
 def test_member_ids_are_stable():
     assert sae_member("h", "topk", 2304, seed=0, k=32).member_id == "topk_w2304_k32_s0"
+
+
+def test_a_save_that_dies_midway_leaves_the_previous_member_loadable(tmp_path, monkeypatch):
+    """Member files are written atomically (write, fsync, rename), weights first, cfg.json
+    last: a crash inside the weights write leaves the old folder whole."""
+    import distributed_sae.sae.serialization as ser
+
+    old = TopKSAE(16, 40, k=6, seed=1)
+    save_sae(old, tmp_path / "m")
+
+    def dying_save(tensors, path):
+        with open(path, "wb") as fh:
+            fh.write(b"\0" * 100)  # a partial file, then the process dies
+        raise KeyboardInterrupt("killed while writing")
+
+    monkeypatch.setattr(ser, "save_file", dying_save)
+    with pytest.raises(KeyboardInterrupt):
+        save_sae(TopKSAE(16, 40, k=6, seed=2), tmp_path / "m")
+    back, _ = load_sae(tmp_path / "m")
+    assert torch.equal(back.W_dec, old.W_dec)
+
+
+def test_weights_at_odds_with_their_cfg_are_refused(tmp_path):
+    """cfg.json records the weights' sha256: weights from another save (a crash between the two
+    files, or a hand edit) are named, not loaded."""
+    import shutil
+
+    save_sae(TopKSAE(16, 40, k=6, seed=1), tmp_path / "a")
+    save_sae(TopKSAE(16, 40, k=6, seed=2), tmp_path / "b")
+    shutil.copyfile(tmp_path / "b" / "sae_weights.safetensors",
+                    tmp_path / "a" / "sae_weights.safetensors")
+    with pytest.raises(ValueError, match="not the file its cfg.json was saved with"):
+        load_sae(tmp_path / "a")

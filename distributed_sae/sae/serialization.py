@@ -9,9 +9,11 @@ SAELens's loader treats the folder as its old format and renames keys.
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -24,9 +26,40 @@ WEIGHTS_FILE = "sae_weights.safetensors"
 SAELENS_FORMAT_VERSION = "6.0.0"
 
 
+def fsync_path(path: Path) -> None:
+    """Flush a file (or a folder's entries) to the disk."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
+    """write(tmp) beside `path`, fsync it, rename it over `path`, fsync the folder: a crash at
+    any point leaves the old file or the new one, never a part of one."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    write(tmp)
+    fsync_path(tmp)
+    os.replace(tmp, path)
+    fsync_path(path.parent)
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
 def save_sae(sae: SparseAutoencoder, folder: str | Path, metadata: dict[str, Any] | None = None,
              dtype: torch.dtype | None = None) -> Path:
-    """Write `sae` into `folder` (created); input scaling must already be folded in."""
+    """Write `sae` into `folder` (created); input scaling must already be folded in.
+
+    Each file is written atomically (atomic_write), the weights first and cfg.json last, which
+    records the weights' sha256 (`metadata.dsae_weights_sha256`): a crash between the two leaves
+    a cfg.json that load_sae finds at odds with the weights and refuses by name."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     dtype = dtype or sae.W_enc.dtype
@@ -34,14 +67,15 @@ def save_sae(sae: SparseAutoencoder, folder: str | Path, metadata: dict[str, Any
     # exported as 'jumprelu'.
     tensors = {name: t.detach().to("cpu", dtype).contiguous()
                for name, t in sae.saelens_tensors().items()}
+    atomic_write(folder / WEIGHTS_FILE, lambda tmp: save_file(tensors, str(tmp)))
     meta = dict(metadata or {}, sae_lens_version=SAELENS_FORMAT_VERSION, dsae_kind=sae.kind,
-                dsae_params=sae.extra_state())
+                dsae_params=sae.extra_state(),
+                dsae_weights_sha256=file_sha256(folder / WEIGHTS_FILE))
     cfg = {**sae.saelens_cfg(), "d_in": sae.d_in, "d_sae": sae.d_sae,
            "dtype": str(dtype).removeprefix("torch."), "device": "cpu",
            "apply_b_dec_to_input": True, "normalize_activations": "none",
            "reshape_activations": "none", "metadata": meta}
-    save_file(tensors, str(folder / WEIGHTS_FILE))
-    (folder / CFG_FILE).write_text(json.dumps(cfg, indent=2))
+    atomic_write(folder / CFG_FILE, lambda tmp: tmp.write_text(json.dumps(cfg, indent=2)))
     return folder
 
 
@@ -100,13 +134,27 @@ def _kind_and_params(cfg: dict[str, Any], path: Path) -> tuple[str, dict[str, An
     return kind, params
 
 
+def _check_sha(folder: Path, cfg: dict[str, Any]) -> None:
+    """Refuse weights that are not the file cfg.json was saved with (folders written by this
+    project record its sha256; others are not checked)."""
+    want = (cfg.get("metadata") or {}).get("dsae_weights_sha256")
+    if want is not None and file_sha256(folder / WEIGHTS_FILE) != want:
+        raise ValueError(f"{folder / WEIGHTS_FILE} is not the file its cfg.json was saved with "
+                         f"(sha256 differs): the folder was half-written or edited; train or "
+                         f"export it again")
+
+
 def load_sae(folder: str | Path) -> tuple[SparseAutoencoder, dict[str, Any]]:
     """Rebuild an SAE saved by `save_sae` (or any SAELens standard/topk/jumprelu/gated folder);
     returns (sae, cfg). Refuses files whose cfg.json and tensors disagree, naming the mismatch."""
     folder = Path(folder)
     cfg = _read_cfg(folder)
     kind, params = _kind_and_params(cfg, folder / CFG_FILE)
-    tensors = load_file(str(folder / WEIGHTS_FILE))
+    try:
+        tensors = load_file(str(folder / WEIGHTS_FILE))
+    except Exception:
+        _check_sha(folder, cfg)  # a half-written file: say so rather than safetensors' error
+        raise
     d_in, d_sae = cfg["d_in"], cfg["d_sae"]
     dtype = tensors["W_enc"].dtype if "W_enc" in tensors else torch.float32
     sae = sae_class(kind)(d_in, d_sae, **params, dtype=dtype)
@@ -119,6 +167,7 @@ def load_sae(folder: str | Path) -> tuple[SparseAutoencoder, dict[str, Any]]:
             raise ValueError(f"{folder / WEIGHTS_FILE}: {name} has shape "
                              f"{tuple(tensors[name].shape)} but cfg.json says {shape} "
                              f"(d_in={d_in}, d_sae={d_sae})")
+    _check_sha(folder, cfg)  # after the shape checks, which name the mismatch more exactly
     sae.load_saelens_tensors(tensors)
     # A loaded SAE is for inference: eval mode makes BatchTopK-style kinds use their threshold.
     sae.eval()

@@ -24,6 +24,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
+from distributed_sae.sae.serialization import fsync_path
+
 log = logging.getLogger(__name__)
 
 STATE = "state.json"
@@ -93,8 +95,12 @@ def finish_checkpoint(tmp: Path, step: int, state: dict[str, Any], keep: int = 2
     folder = tmp.parent
     final = folder / f"step_{step:09d}"
     (tmp / STATE).write_text(json.dumps(dict(state, step=step), indent=1))
+    for path in sorted(tmp.rglob("*")):  # on the disk before the rename makes it the latest
+        fsync_path(path)
+    fsync_path(tmp)
     shutil.rmtree(final, ignore_errors=True)
     os.replace(tmp, final)
+    fsync_path(folder)
     for old in sorted(folder.glob("step_*"))[:-keep] if keep > 0 else []:
         shutil.rmtree(old, ignore_errors=True)
     return final
