@@ -40,9 +40,9 @@ class SAEConfig:
     hooks: Optional[List[str]] = None
     # Seed of the weight initialisation (the members of width i use seed + i).
     seed: int = 0
-    # relu and gated: coefficient lambda of the L1 sparsity penalty (a list sweeps it). Inputs are scaled
-    # to E||x||^2 = d and the MSE is a mean over elements, so lambda is ~d times smaller than the
-    # paper's 5 (a summed error). Measured on SmolLM2 layer 15 (100 steps of 1024, width 2304):
+    # relu and gated: coefficient lambda of the L1 sparsity penalty (a list sweeps it). Inputs are
+    # scaled to E||x||^2 = d and the MSE is a mean over elements, so lambda is ~d times smaller
+    # than the paper's 5 (a summed error). Measured on SmolLM2 layer 15 (100 steps of 1024, width 2304):
     # 0.003 -> L0 102, 0.01 -> L0 25 (FVU 0.50), 0.03 -> L0 11.
     l1_coefficient: Any = 0.01
     # relu: 'towards_monosemanticity' (unit-norm decoder, neuron resampling) or 'april_2024'

@@ -1,8 +1,9 @@
 """One process's bank: its members, their optimisers, schedules and dead-latent tracking.
 
-`BankTrainer.step(x)` feeds one batch to every member; everything that must survive a restart is
-in `state()` / `load_state()` (weights, Adam moments, the step, dead-latent counters, RNG), so a
-job killed at any step resumes to the same weights as an uninterrupted one.
+`BankTrainer.step(x)` feeds one batch to every member. What must survive a restart (weights,
+Adam moments, the step, dead-latent and fire counters) is written and read by the plan
+(parallel/plan.py) in train/checkpoint.py's one format, so a job killed at any step resumes to
+the same weights as an uninterrupted one.
 """
 
 from __future__ import annotations
@@ -17,9 +18,6 @@ from torch import nn
 
 from distributed_sae.config import RunConfig
 from distributed_sae.sae import MemberSpec, SparseAutoencoder, build_sae, member_lr
-from distributed_sae.train.checkpoint import (
-    load_optimizer_tensors, load_rng_tensors, optimizer_tensors, rng_tensors,
-)
 from distributed_sae.train.resampling import resample_dead
 
 log = logging.getLogger(__name__)
@@ -69,9 +67,6 @@ class Member:
         counts, tokens = self.fire_counts.cpu(), self.window_tokens
         self.fire_counts, self.window_tokens = torch.zeros_like(self.fire_counts), 0
         return counts, tokens
-
-    def param_names(self) -> dict[int, str]:
-        return {id(p): n for n, p in self.sae.named_parameters()}
 
 
 def of_hook(value: Any, hook: str) -> Any:
@@ -275,42 +270,3 @@ class BankTrainer:
                 m.since_fired[dead] = 0
                 log.info("step %d %s: resampled %d dead features", self.step_count,
                          m.spec.member_id, n)
-
-    def state(self, members: list[Member] | None = None,
-              with_rng: bool = True) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-        """(tensors, JSON state) of everything a restart needs, except the reader's position;
-        `members` (default all) limits the tensors to those members (a rank saving the members
-        it leads)."""
-        tensors = rng_tensors() if with_rng else {}
-        members = self.members if members is None else members
-        for m in members:
-            p = m.spec.member_id
-            tensors.update({f"{p}.param.{n}": t.detach().cpu() for n, t in m.sae.state_dict().items()})
-            tensors.update(optimizer_tensors(m.opt, m.param_names(), f"{p}.opt"))
-            tensors[f"{p}.since_fired"] = m.since_fired.clone()
-            tensors[f"{p}.fire_counts"] = m.fire_counts.cpu().clone()
-        state = {"step": self.step_count, "tokens_seen": self.tokens_seen,
-                 "members": [m.spec.member_id for m in self.members],
-                 "window_tokens": {m.spec.member_id: m.window_tokens for m in members}}
-        return tensors, state
-
-    def load_state(self, tensors: dict[str, torch.Tensor], state: dict[str, Any],
-                   bank_ids: list[str] | None = None) -> None:
-        """Restore from `state()`'s output; `bank_ids` (default: this bank's members) is the
-        member list the checkpoint must hold (the whole bank when this rank trains a part)."""
-        ids = bank_ids if bank_ids is not None else [m.spec.member_id for m in self.members]
-        if state["members"] != ids:
-            raise ValueError(f"checkpoint holds members {state['members']}, this bank is {ids}: "
-                             f"resume with the same sae config or use another out_dir")
-        windows = state.get("window_tokens", {})
-        for m in self.members:
-            p = m.spec.member_id
-            head = f"{p}.param."
-            m.sae.load_state_dict({k[len(head):]: v for k, v in tensors.items() if k.startswith(head)})
-            load_optimizer_tensors(m.opt, m.param_names(), f"{p}.opt", tensors)
-            m.since_fired.copy_(tensors[f"{p}.since_fired"])
-            m.fire_counts = tensors.get(f"{p}.fire_counts", m.fire_counts).clone()
-            m.window_tokens = int(windows.get(p, 0))
-        if "rng.cpu" in tensors:
-            load_rng_tensors(tensors)
-        self.step_count, self.tokens_seen = int(state["step"]), int(state["tokens_seen"])

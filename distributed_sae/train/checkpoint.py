@@ -1,10 +1,10 @@
 """Checkpoints without pickles: tensors in safetensors, everything else in JSON.
 
 A checkpoint is a folder `<dir>/step_<step:09d>/` with
-    tensors.safetensors   every tensor: weights, Adam moments, RNG states (as uint8); a job over
-                          several ranks writes one part per rank (rank00001.safetensors, ...)
-                          holding the members that rank leads
-    state.json            step, tokens seen, the reader's position, schedules, member metadata
+    <member>/             each member, as shards of its latents (the member format below)
+    rng.safetensors       the torch RNG states (as uint8)
+    state.json            format, step, tokens seen, members, the layout that wrote it and one
+                          reader position per share of the store (parallel/plan.py writes it)
 It is written to a temporary folder and renamed into place, so a crash while saving leaves the
 previous checkpoint as the latest one, never a half-written one. Loading uses safetensors only
 (no torch.load of pickles), so a checkpoint from an untrusted source cannot run code.
@@ -22,38 +22,13 @@ from typing import Any
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from distributed_sae.sae.serialization import fsync_path
 
 log = logging.getLogger(__name__)
 
 STATE = "state.json"
-
-
-def optimizer_tensors(opt: torch.optim.Optimizer, names: dict[int, str], prefix: str) -> dict[str, torch.Tensor]:
-    """Adam-style state of `opt` as flat named tensors: '<prefix>.<param>.<key>'.
-
-    `names` maps id(parameter) -> its name, so the state is keyed by name, not by position.
-    """
-    out = {}
-    for group in opt.param_groups:
-        for p in group["params"]:
-            for key, value in opt.state.get(p, {}).items():
-                t = value if torch.is_tensor(value) else torch.tensor(value)
-                out[f"{prefix}.{names[id(p)]}.{key}"] = t.detach().cpu().contiguous()
-    return out
-
-
-def load_optimizer_tensors(opt: torch.optim.Optimizer, names: dict[int, str], prefix: str,
-                           tensors: dict[str, torch.Tensor]) -> None:
-    """Inverse of optimizer_tensors: restore each parameter's state from `tensors`."""
-    for group in opt.param_groups:
-        for p in group["params"]:
-            head = f"{prefix}.{names[id(p)]}."
-            state = {k[len(head):]: v.to(p.device) for k, v in tensors.items() if k.startswith(head)}
-            if state:
-                opt.state[p] = state
 
 
 def rng_tensors() -> dict[str, torch.Tensor]:
@@ -118,15 +93,6 @@ def latest_checkpoint(folder: str | Path) -> Path | None:
     """The newest complete checkpoint under `folder`, or None."""
     done = [p for p in sorted(Path(folder).glob("step_*")) if (p / STATE).is_file()]
     return done[-1] if done else None
-
-
-def load_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """(tensors of every part, state) of one checkpoint folder."""
-    path = Path(path)
-    tensors: dict[str, torch.Tensor] = {}
-    for part in sorted(path.glob("*.safetensors")):
-        tensors.update(load_file(str(part)))
-    return tensors, json.loads((path / STATE).read_text())
 
 
 # ---- members: one format for whole and latent-sharded members ---------------------------------
