@@ -80,6 +80,10 @@ def test_layer_out_of_range_is_refused_at_startup():
 def test_parse_hook():
     assert parse_hook("blocks.15.mlp.hook_post") == (15, "mlp.hook_post")
     assert parse_hook("blocks.0.hook_attn_out") == (0, "hook_attn_out")
+    assert parse_hook("blocks.3.ln2.hook_normalized") == (3, "ln2.hook_normalized")
+    for bad in ("blocks.3.ln2", "blocks.3.ln2.hook_normalised", "blocks.3.ln1.hook_normalized"):
+        with pytest.raises(ConfigError, match="unknown hook point"):
+            parse_hook(bad)
 
 
 def test_cli_exits_nonzero_with_the_message(tmp_path):

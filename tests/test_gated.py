@@ -192,7 +192,10 @@ def test_params_are_validated_and_read_from_the_run_config():
 
 def test_latent_axes_name_every_per_latent_tensor():
     # Checkpoints slice each per-latent tensor along its axis and refuse unnamed ones.
-    sae = GatedSAE(D, M)
+    # A CLT-form member adds its latent_group (d_sae,) to the kind's own tensors.
+    from distributed_sae.sae.forms import Form
+
+    sae = GatedSAE(2 * D, M, form=Form("clt", (D, D), (D, D)))
     per_latent = {name for name, t in sae.state_dict().items() if M in t.shape}
     assert set(GatedSAE.latent_axes) == per_latent
     assert all(sae.state_dict()[name].shape[axis] == M

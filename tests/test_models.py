@@ -31,10 +31,13 @@ from distributed_sae.models import (
     run_with_hooks,
 )
 from distributed_sae.models.architectures import layer_modules, arch_spec
+from distributed_sae.models.hooks import patch_hook
+from distributed_sae.models.replace import patch_mlp
 
 N_LAYERS = 3
 VOCAB = 101
-KINDS = ("hook_resid_pre", "hook_resid_post", "hook_attn_out", "hook_mlp_out", "mlp.hook_post")
+KINDS = ("hook_resid_pre", "hook_resid_post", "hook_attn_out", "hook_mlp_out", "mlp.hook_post",
+         "ln2.hook_normalized")
 
 
 def _tiny(arch: str) -> torch.nn.Module:
@@ -288,3 +291,143 @@ def test_smollm2_builtin(smollm2: LoadedModel) -> None:
     assert acts["blocks.15.hook_resid_post"].shape == (3, seq, 576)
     assert acts["blocks.3.mlp.hook_post"].shape == (3, seq, 1536)
     assert torch.isfinite(acts["blocks.15.hook_resid_post"]).all()
+
+
+# --- the MLP input (ln2.hook_normalized) and patch_mlp, the replacement model of a transcoder ----
+
+
+def _mlp_by_hand(arch: str, block: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The MLP of `block` on its input x (batch, seq, d_model) -> what hook_mlp_out captures."""
+    if arch == "bert":  # hook_mlp_out is output.dense's output, before BERT's residual add and norm
+        return block.output.dense(block.intermediate(x))
+    return block.mlp(x)
+
+
+def _n_torch_hooks(model: torch.nn.Module) -> int:
+    return sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules())
+
+
+def _out(loaded: LoadedModel, ids: torch.Tensor) -> torch.Tensor:
+    """Logits of a causal LM, last hidden state of an encoder: (batch, seq, vocab or d_model)."""
+    with torch.no_grad():
+        out = loaded.model(input_ids=ids)
+    return out.logits if hasattr(out, "logits") else out.last_hidden_state
+
+
+def test_ln2_feeds_the_mlp(tiny: tuple[str, LoadedModel], ids: torch.Tensor) -> None:
+    arch, loaded = tiny
+    hooks = ["blocks.1.ln2.hook_normalized", "blocks.1.hook_mlp_out"]
+    acts = run_with_hooks(loaded, ids, hooks)
+    for hook in hooks:
+        assert hook_dim(loaded, hook) == loaded.d_model
+        assert acts[hook].shape == (2, 7, loaded.d_model), hook
+    block = layer_modules(loaded.model, arch_spec(loaded.arch))[1]
+    with torch.no_grad():
+        by_hand = _mlp_by_hand(arch, block, acts["blocks.1.ln2.hook_normalized"])  # (batch, seq, d_model)
+    torch.testing.assert_close(by_hand, acts["blocks.1.hook_mlp_out"], rtol=0, atol=1e-6)
+
+
+# The norm that produces the MLP's input, and whether it reads resid_pre + attn_out (sequential,
+# and BERT's post-LN attention sublayer) or resid_pre alone (NeoX's parallel residual).
+_LN2 = {"llama": ("post_attention_layernorm", True), "gpt2": ("ln_2", True),
+        "gpt_neox": ("post_attention_layernorm", False), "gpt_neox_seq": ("post_attention_layernorm", True),
+        "bert": ("attention.output.LayerNorm", True)}
+
+
+def test_ln2_is_the_post_norm_value(tiny: tuple[str, LoadedModel], ids: torch.Tensor) -> None:
+    arch, loaded = tiny
+    acts = run_with_hooks(loaded, ids, [f"blocks.1.{k}" for k in
+                                        ("hook_resid_pre", "hook_attn_out", "ln2.hook_normalized")])
+    norm_path, adds_attn = _LN2[arch]
+    resid = acts["blocks.1.hook_resid_pre"]  # (batch, seq, d_model)
+    if adds_attn:
+        resid = resid + acts["blocks.1.hook_attn_out"]  # resid_mid
+    block = layer_modules(loaded.model, arch_spec(loaded.arch))[1]
+    with torch.no_grad():
+        normed = block.get_submodule(norm_path)(resid)
+    got = acts["blocks.1.ln2.hook_normalized"]
+    torch.testing.assert_close(got, normed, rtol=0, atol=1e-5)
+    assert not torch.allclose(got, resid, atol=1e-3)  # the norm did something: not the raw residual
+
+
+def test_patch_mlp_with_the_own_mlp_is_identity(tiny: tuple[str, LoadedModel], ids: torch.Tensor) -> None:
+    arch, loaded = tiny
+    blocks = layer_modules(loaded.model, arch_spec(loaded.arch))
+    clean = _out(loaded, ids)
+    # fn calls the hooked module itself: patch_mlp turns itself off while fn runs (no recursion).
+    with patch_mlp(loaded, [1], lambda layer, rec: _mlp_by_hand(arch, blocks[layer], rec[layer])):
+        one = _out(loaded, ids)
+    with patch_mlp(loaded, [0, 2], lambda layer, rec: _mlp_by_hand(arch, blocks[layer], rec[layer])):
+        two = _out(loaded, ids)
+    torch.testing.assert_close(one, clean, rtol=0, atol=1e-5)
+    torch.testing.assert_close(two, clean, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_patch_mlp_zeros_equals_patch_hook_zeros(arch: str, ids: torch.Tensor) -> None:
+    loaded = from_hf_model(_tiny(arch))
+    clean = _out(loaded, ids)
+    with patch_mlp(loaded, [1], lambda layer, rec: torch.zeros_like(rec[layer])):
+        zeroed = _out(loaded, ids)
+    with patch_hook(loaded, "blocks.1.hook_mlp_out", torch.zeros_like):
+        ablated = _out(loaded, ids)
+    torch.testing.assert_close(zeroed, ablated, rtol=0, atol=1e-6)
+    assert not torch.allclose(zeroed, clean, atol=1e-4)
+
+
+def test_patch_mlp_records_the_covered_layers_so_far(ids: torch.Tensor) -> None:
+    loaded = from_hf_model(_tiny("llama"))
+    ln2 = run_with_hooks(loaded, ids, ["blocks.0.ln2.hook_normalized", "blocks.1.ln2.hook_normalized"])
+    blocks = layer_modules(loaded.model, arch_spec(loaded.arch))
+    seen: list[tuple[int, set[int]]] = []
+
+    def fn(layer: int, rec: dict[int, torch.Tensor]) -> torch.Tensor:
+        seen.append((layer, set(rec)))
+        for covered, x in rec.items():  # the MLP inputs of this pass, as the hook captures them
+            want = ln2[f"blocks.{covered}.ln2.hook_normalized"][:, : x.shape[1]]  # causal: a prefix
+            torch.testing.assert_close(x, want, rtol=0, atol=1e-5)
+        return blocks[layer].mlp(rec[layer])  # the real MLP, so later inputs stay clean
+
+    with patch_mlp(loaded, [1, 0], fn):  # order does not matter
+        _out(loaded, ids)
+        _out(loaded, ids[:, :5])  # a second pass starts afresh (a shorter one: stale inputs would not fit)
+    assert seen == [(0, {0}), (1, {0, 1})] * 2
+
+
+def test_patch_mlp_checks_shape_and_removes_hooks(ids: torch.Tensor) -> None:
+    loaded = from_hf_model(_tiny("gpt2"))
+    clean = _out(loaded, ids)
+    n_before = _n_torch_hooks(loaded.model)
+    with pytest.raises(ValueError, match=r"patch_mlp\('blocks\.1\.hook_mlp_out'\).*shape \(2, 7, 32\)"):
+        with patch_mlp(loaded, [0, 1], lambda layer, rec: rec[layer][..., :4] if layer == 1 else rec[layer]):
+            _out(loaded, ids)
+    assert _n_torch_hooks(loaded.model) == n_before
+    with patch_mlp(loaded, [1], lambda layer, rec: torch.zeros_like(rec[layer])):
+        assert _n_torch_hooks(loaded.model) == n_before + 2
+    assert _n_torch_hooks(loaded.model) == n_before
+    torch.testing.assert_close(_out(loaded, ids), clean, rtol=0, atol=0)  # back to clean
+    with pytest.raises(ValueError, match="at least one layer"):
+        with patch_mlp(loaded, [], lambda layer, rec: rec[layer]):
+            pass
+    with pytest.raises(ConfigError, match="layer 3 is out of range"):
+        with patch_mlp(loaded, [3], lambda layer, rec: rec[layer]):
+            pass
+
+
+def test_check_hooks_accepts_ln2() -> None:
+    check_hooks(["blocks.3.ln2.hook_normalized"], 30)
+    for bad in ("blocks.3.ln2", "blocks.3.ln2.hook_normalised", "blocks.3.hook_normalized",
+                "blocks.ln2.hook_normalized"):
+        with pytest.raises(ConfigError, match="unknown hook point"):
+            check_hooks([bad], 30)
+
+
+def test_patch_hook_writes_ln2(tiny: tuple[str, LoadedModel], ids: torch.Tensor) -> None:
+    # The write side: the MLP computes on the replaced input.
+    arch, loaded = tiny
+    block = layer_modules(loaded.model, arch_spec(loaded.arch))[1]
+    with patch_hook(loaded, "blocks.1.ln2.hook_normalized", torch.zeros_like):
+        got = run_with_hooks(loaded, ids, ["blocks.1.hook_mlp_out"])["blocks.1.hook_mlp_out"]
+    with torch.no_grad():
+        want = _mlp_by_hand(arch, block, torch.zeros(2, 7, loaded.d_model))  # (batch, seq, d_model)
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-6)

@@ -8,7 +8,10 @@ import re
 from distributed_sae.config.errors import ConfigError
 
 # The hook-point names are one scheme across architectures (see distributed_sae.models.hooks).
-HOOK_KINDS = ("hook_resid_pre", "hook_resid_post", "hook_mlp_out", "hook_attn_out", "mlp.hook_post")
+# `ln2.hook_normalized` is TransformerLens's name for the MLP's input (after the pre-MLP norm),
+# what a transcoder reads; like `mlp.hook_post` it contains a dot, so it is escaped below.
+HOOK_KINDS = ("hook_resid_pre", "hook_resid_post", "hook_mlp_out", "hook_attn_out", "mlp.hook_post",
+              "ln2.hook_normalized")
 _HOOK_RE = re.compile(r"^blocks\.(\d+)\.(" + "|".join(re.escape(k) for k in HOOK_KINDS) + r")$")
 
 DTYPES = ("float32", "float16", "bfloat16")

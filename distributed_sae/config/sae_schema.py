@@ -58,9 +58,16 @@ class SAEConfig:
     jumprelu_bandwidth: float = 0.1
     # matryoshka: nested prefixes of the dictionary as fractions of the width (ascending, last 1.0).
     matryoshka_fractions: List[float] = field(default_factory=lambda: [0.0625, 0.25, 1.0])
-    # An explicit bank instead of the product above: a list of {kind, width, hook (or inputs),
-    # seed, lr, name, and the kind's parameters, e.g. k}; missing keys come from the scalars
-    # above (seed: sae.seed + the entry's index).
+    # Forms of the product's members (sae/forms.py): sae (reads and reconstructs its hook),
+    # transcoder and skip_transcoder (for a hook of layer L: read blocks.L.ln2.hook_normalized,
+    # reconstruct blocks.L.hook_mlp_out). E.g. [sae,transcoder,skip_transcoder] over
+    # sae.hooks=[blocks.15.hook_mlp_out] trains all three side by side. Crosscoders and
+    # cross-layer transcoders span hooks: give them in `members`.
+    forms: List[str] = field(default_factory=lambda: ["sae"])
+    # An explicit bank instead of the product above: a list of {kind, width, form, hook (or
+    # inputs and targets; a transcoder may give `layer`, a clt `layers`), seed, lr, name, and the
+    # kind's parameters, e.g. k}; missing keys come from the scalars above (seed: sae.seed + the
+    # entry's index).
     members: List[Dict[str, Any]] = field(default_factory=list)
 
     @property
@@ -69,7 +76,19 @@ class SAEConfig:
         return list(self.kinds) if self.kinds else [self.kind]
 
     def __post_init__(self) -> None:
+        from distributed_sae.sae.forms import FORMS
         from distributed_sae.sae.registry import k_kinds, kinds  # the registry names the kinds
+
+        product_forms = ("sae", "transcoder", "skip_transcoder")
+        for form in self.forms:
+            if form not in FORMS:
+                raise ConfigError(f"sae.forms has {form!r}: forms are {', '.join(FORMS)}")
+            if form not in product_forms:
+                raise ConfigError(f"sae.forms has {form!r}, which spans several hooks: give it "
+                                  f"as an entry of sae.members (e.g. {{form: {form}, inputs: "
+                                  f"[...], ...}}); sae.forms takes {', '.join(product_forms)}")
+        if not self.forms or len(set(self.forms)) != len(self.forms):
+            raise ConfigError(f"sae.forms={list(self.forms)} must be non-empty without repeats")
 
         for kind in [self.kind, *(self.kinds or [])]:
             _choice("sae", "kind" if kind == self.kind else "kinds", kind, kinds())

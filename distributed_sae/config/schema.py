@@ -181,6 +181,10 @@ class TrainConfig:
     # loss^2 samples. The median, the scale and the mean then come from a sample of kept rows;
     # the threshold is saved with each member and eval drops the same rows. Try 5.
     outlier_norm_ratio: float = 0.0
+    # Skip-transcoders' W_skip start: lstsq (the least-squares map of the input hook to the
+    # target on a sample of training rows, with b_dec its intercept, so training starts from the
+    # best linear model of the MLP) or zeros (SAELens's and sparsify's start).
+    skip_init: str = "lstsq"
     # Device the SAEs train on.
     device: str = "cpu"
     # Fraction of the store's tokens (its tail) held out for evaluation, never trained on.
@@ -234,6 +238,8 @@ class TrainConfig:
         _positive("train", batch_size=self.batch_size, log_every=self.log_every,
                   dead_tokens=self.dead_tokens, dead_report_tokens=self.dead_report_tokens)
         _positive("train", workers=self.workers, latent_shards=self.latent_shards)
+        if self.skip_init not in ("lstsq", "zeros"):
+            raise ConfigError(f"train.skip_init={self.skip_init!r} is not one of lstsq, zeros")
         if self.outlier_norm_ratio and not self.outlier_norm_ratio > 1:
             raise ConfigError(f"train.outlier_norm_ratio={self.outlier_norm_ratio} would drop "
                               f"about half the rows or more: use 0 (keep all) or a ratio > 1, "
@@ -316,10 +322,23 @@ class RunConfig:
             raise ConfigError(f"{key} not harvested: add it to "
                               f"harvest.hooks={list(self.harvest.hooks)}")
         specs = self.bank()  # every member's parameters are validated here, at start-up
+        for s in specs:
+            absent = [h for h in s.hooks if h not in self.harvest.hooks]
+            if absent:
+                raise ConfigError(f"member {s.member_id} ({s.form}) reads or reconstructs "
+                                  f"{absent}, not harvested: add "
+                                  f"{'them' if len(absent) > 1 else 'it'} to "
+                                  f"harvest.hooks={list(self.harvest.hooks)}")
         resampling = any(sae_class(s.kind).resamples(s.params) for s in specs)
         if self.train.workers > 1 and resampling and self.train.resample_steps:
             raise ConfigError("neuron resampling is not supported with train.workers > 1 yet: set "
                               "train.resample_steps=[] or train.workers=1")
+        other = [s for s in specs if s.form != "sae" and sae_class(s.kind).resamples(s.params)]
+        if other and self.train.resample_steps:
+            raise ConfigError(f"neuron resampling of member {other[0].member_id} is not supported "
+                              f"for a {other[0].form} yet (it re-seeds latents from a one-hook "
+                              f"SAE's inputs): set train.resample_steps=[] or "
+                              f"sae.recipe=april_2024")
         shards = self.train.latent_shards
         uneven = sorted({s.width for s in specs if s.width % shards})
         if uneven:
@@ -332,9 +351,9 @@ class RunConfig:
             why = sae_class(unshardable[0]).unshardable_reason
             raise ConfigError(f"sae.kind={unshardable[0]} cannot be latent-sharded ({why}): set "
                               f"train.latent_shards=1 (got {shards}) or use another sae.kind")
-        if len(self.sae_hooks) > 1 and self.train.outlier_norm_ratio:
+        if len(self.bank_hooks) > 1 and self.train.outlier_norm_ratio:
             raise ConfigError(f"train.outlier_norm_ratio={self.train.outlier_norm_ratio} with a "
-                              f"bank over {len(self.sae_hooks)} hooks is not supported yet (each "
+                              f"bank over {len(self.bank_hooks)} hooks is not supported yet (each "
                               f"hook would drop other rows): set train.outlier_norm_ratio=0 or "
                               f"train one hook per job")
         if self.harvest.sharding == "device_map" and self.model.device_map is None:
@@ -352,6 +371,12 @@ class RunConfig:
         if self.sae.hooks:
             return list(self.sae.hooks)
         return [self.sae.hook] if self.sae.hook is not None else list(self.harvest.hooks)
+
+    @property
+    def bank_hooks(self) -> list[str]:
+        """Every hook a member of the bank reads or reconstructs, each once, in bank order (what
+        training reads from the store; sae_hooks plus transcoders' inputs and targets)."""
+        return list(dict.fromkeys(h for spec in self.bank() for h in spec.hooks))
 
     @property
     def sae_hook(self) -> str:

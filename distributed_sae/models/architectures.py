@@ -38,6 +38,9 @@ class ArchSpec:
     mlp_out: str
     # Linear layer whose *input* is the MLP neurons after the nonlinearity (d_mlp wide).
     mlp_down: str
+    # Module whose *input* is the MLP's input, after the pre-MLP norm (d_model wide): what a
+    # transcoder reads (hook `ln2.hook_normalized`).
+    mlp_in: str
     # Causal LMs load through AutoModelForCausalLM and take use_cache=False; encoders through AutoModel.
     causal: bool
     # config -> d_mlp, because the config field's name differs between architectures.
@@ -46,21 +49,26 @@ class ArchSpec:
 
 ARCHITECTURES: dict[str, ArchSpec] = {
     "llama": ArchSpec(
-        layers="layers", attn_out="self_attn", mlp_out="mlp", mlp_down="mlp.down_proj", causal=True
-    ),
-    "gpt2": ArchSpec(
-        layers="h", attn_out="attn", mlp_out="mlp", mlp_down="mlp.c_proj", causal=True,
-        d_mlp=_gpt2_inner,
-    ),
-    "gpt_neox": ArchSpec(
-        layers="layers", attn_out="attention", mlp_out="mlp", mlp_down="mlp.dense_4h_to_h",
+        layers="layers", attn_out="self_attn", mlp_out="mlp", mlp_down="mlp.down_proj", mlp_in="mlp",
         causal=True,
     ),
+    "gpt2": ArchSpec(
+        layers="h", attn_out="attn", mlp_out="mlp", mlp_down="mlp.c_proj", mlp_in="mlp",
+        causal=True, d_mlp=_gpt2_inner,
+    ),
+    # With use_parallel_residual the MLP reads post_attention_layernorm(resid_pre) instead of
+    # post_attention_layernorm(resid_pre + attn_out); either way that is the mlp module's input.
+    "gpt_neox": ArchSpec(
+        layers="layers", attn_out="attention", mlp_out="mlp", mlp_down="mlp.dense_4h_to_h",
+        mlp_in="mlp", causal=True,
+    ),
     # BERT is post-LayerNorm: attention.output.dense / output.dense give the sublayer outputs
-    # *before* the residual add and LayerNorm, the closest analogue of attn_out / mlp_out.
+    # *before* the residual add and LayerNorm, the closest analogue of attn_out / mlp_out. The MLP
+    # (intermediate, then output.dense) reads the attention sublayer's output after its residual
+    # add and LayerNorm, which is the input of `intermediate`; BERT has no separate pre-MLP norm.
     "bert": ArchSpec(
         layers="encoder.layer", attn_out="attention.output.dense", mlp_out="output.dense",
-        mlp_down="output.dense", causal=False,
+        mlp_down="output.dense", mlp_in="intermediate", causal=False,
     ),
 }
 

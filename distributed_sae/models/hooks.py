@@ -7,9 +7,12 @@ Names are `blocks.<layer>.<kind>` (parsed by `distributed_sae.config.parse_hook`
 * `hook_attn_out`   - what the attention sublayer adds to the residual stream, d_model.
 * `hook_mlp_out`    - what the MLP adds to the residual stream, d_model.
 * `mlp.hook_post`   - MLP neurons after the nonlinearity (input of the down projection), d_mlp.
+* `ln2.hook_normalized` - the MLP's input after its pre-MLP norm (what a transcoder reads),
+  d_model; for post-LN BERT, the attention sublayer's output after its LayerNorm.
 
 `patch_hook` is the write side: inside it, every forward pass of the model sees `fn(activations)`
-in place of the activations at a hook point (SAE splicing, ablation, steering).
+in place of the activations at a hook point (SAE splicing, ablation, steering). `patch_mlp`
+(distributed_sae.models.replace) replaces whole MLPs by functions of their inputs (transcoders).
 
 `run_with_hooks` stops the forward pass as soon as every requested hook has fired, so layers after
 the deepest requested one (and the LM head) never run: harvesting a middle layer costs only the
@@ -47,7 +50,8 @@ def check_hooks(hooks: Sequence[str], n_layers: int) -> None:
 
 
 def hook_dim(loaded: LoadedModel, hook: str) -> int:
-    """Width of the activations at `hook`: d_mlp for mlp.hook_post, d_model otherwise."""
+    """Width of the activations at `hook`: d_mlp for mlp.hook_post, d_model otherwise (the
+    residual kinds, the sublayer outputs, and ln2.hook_normalized, the MLP's normed input)."""
     check_hooks([hook], loaded.n_layers)
     _, kind = parse_hook(hook)
     return loaded.d_mlp if kind == "mlp.hook_post" else loaded.d_model
@@ -84,6 +88,8 @@ def _attach(
         return block.get_submodule(spec.mlp_out).register_forward_hook(on_output)
     if kind == "mlp.hook_post":
         return block.get_submodule(spec.mlp_down).register_forward_pre_hook(on_input, with_kwargs=True)
+    if kind == "ln2.hook_normalized":
+        return block.get_submodule(spec.mlp_in).register_forward_pre_hook(on_input, with_kwargs=True)
     raise ConfigError(f"unknown hook kind {kind!r}")  # parse_hook already rejects these
 
 
@@ -187,12 +193,14 @@ def run_with_hooks(
     return {name: captured[name].clone() for name in wanted}
 
 
-def _replaced(old: Tensor, fn: Callable[[Tensor], Tensor], hook: str) -> Tensor:
+def _replaced(
+    old: Tensor, fn: Callable[[Tensor], Tensor], hook: str, caller: str = "patch_hook"
+) -> Tensor:
     """fn(old), checked to keep the shape, and cast back to old's dtype and device."""
     new = fn(old)
     if not isinstance(new, Tensor) or new.shape != old.shape:
         got = tuple(new.shape) if isinstance(new, Tensor) else type(new).__name__
-        raise ValueError(f"patch_hook({hook!r}): fn must return a tensor of the activations' "
+        raise ValueError(f"{caller}({hook!r}): fn must return a tensor of the activations' "
                          f"shape {tuple(old.shape)}, got {got}")
     return new.to(dtype=old.dtype, device=old.device)
 
@@ -231,9 +239,9 @@ def patch_hook(loaded: LoadedModel, hook: str, fn: Callable[[Tensor], Tensor]) -
     elif kind in ("hook_attn_out", "hook_mlp_out"):
         path = spec.attn_out if kind == "hook_attn_out" else spec.mlp_out
         handle = block.get_submodule(path).register_forward_hook(on_output)
-    else:  # mlp.hook_post: the input of the down projection (parse_hook allows nothing else)
-        handle = block.get_submodule(spec.mlp_down).register_forward_pre_hook(
-            on_input, with_kwargs=True)
+    else:  # mlp.hook_post / ln2.hook_normalized: inputs (parse_hook allows nothing else)
+        path = spec.mlp_down if kind == "mlp.hook_post" else spec.mlp_in
+        handle = block.get_submodule(path).register_forward_pre_hook(on_input, with_kwargs=True)
     try:
         yield
     finally:

@@ -75,7 +75,7 @@ class _GroupSync:
 
     def global_loss(self, out: Any, x: torch.Tensor) -> tuple[torch.Tensor, dict[str, Any]]:
         """(loss to backpropagate, its terms) such that the ranks' averaged gradient is the
-        gradient of the global batch's loss.
+        gradient of the global batch's loss; x: what the member reconstructs (its target).
 
         MSE is a mean over equal local batches: nothing to do. AuxK (topk, batchtopk, matryoshka)
         is  S_r / V_r  with S_r the local squared error of the dead latents' reconstruction and
@@ -90,7 +90,7 @@ class _GroupSync:
         if auxk is None or coef is None:
             return out.loss, dict(out.terms)
         with torch.no_grad():
-            residual = x - out.x_hat.detach()  # (batch, d_in), as the SAE's _auxk sees it
+            residual = x - out.x_hat.detach()  # (batch, d_out), as the SAE's _auxk sees it
             v_r = (residual - residual.mean(0)).pow(2).sum().clamp_min(1e-12)  # the SAE's denom
             r64 = residual.double()
             n = float(r64.shape[0])

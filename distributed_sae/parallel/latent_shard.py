@@ -155,7 +155,7 @@ class LatentShardedSAE(nn.Module):
         """This shard's slice of an unsharded SAE (every shard passes the same `full`)."""
         start, stop = shard_range(full.d_sae, comm.size, comm.rank)
         hp = _local_hparams(full.kind, full.extra_state(), stop - start)
-        local = type(full)(full.d_in, stop - start, **hp, dtype=full.W_enc.dtype)
+        local = type(full)(full.d_in, stop - start, **hp, dtype=full.W_enc.dtype, form=full.form)
         local.load_state_dict({name: slice_latents(t, latent_axis(name, t, full.d_sae), start, stop)
                                for name, t in full.state_dict().items()})
         if hasattr(full, "threshold_updates"):
@@ -213,13 +213,18 @@ class LatentShardedSAE(nn.Module):
         return self.local.decode(f, self.ops)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.decode(self.encode(x))
+        return self.local.with_skip(self.decode(self.encode(x)), x)
+
+    @property
+    def form(self) -> Any:
+        return self.local.form
 
     def loss(self, x: torch.Tensor, dead: torch.Tensor | None = None,
-             sparsity_scale: float = 1.0) -> SAEOutput:
+             sparsity_scale: float = 1.0, target: torch.Tensor | None = None) -> SAEOutput:
         """The kind's training loss, identical on every shard; `dead` (n/R,) is this shard's
         slice; the output's `fired` and `counts` (n/R,) too. Collective: every shard calls it."""
-        return self.local.loss(x, dead=dead, sparsity_scale=sparsity_scale, ops=self.ops)
+        return self.local.loss(x, dead=dead, sparsity_scale=sparsity_scale, ops=self.ops,
+                               target=target)
 
     # ---- training-loop helpers -------------------------------------------------------------
     def dead_count(self, dead: torch.Tensor) -> int:
@@ -240,13 +245,15 @@ class LatentShardedSAE(nn.Module):
         """torch.nn.utils.clip_grad_norm_ over the whole member: the sharded parameters' squared
         norms are summed over the shards, b_dec (replicated, same gradient everywhere) counted
         once. Returns the total norm."""
+        replicated = [p.grad for n, p in self.local.named_parameters()
+                      if n in self.local.replicated and p.grad is not None]
         sharded = [p.grad for n, p in self.local.named_parameters()
-                   if n != "b_dec" and p.grad is not None]
+                   if n not in self.local.replicated and p.grad is not None]
         sq = torch.stack([g.double().pow(2).sum() for g in sharded]).sum().reshape(1) \
             if sharded else torch.zeros(1, dtype=torch.float64)
         self.comm.all_reduce_(sq, "grad_norm")
-        if self.local.b_dec.grad is not None:
-            sq += self.local.b_dec.grad.double().pow(2).sum()
+        for g in replicated:  # b_dec, W_skip: the same gradient on every shard, counted once
+            sq += g.double().pow(2).sum()
         total = sq.sqrt()[0].float()
         coef = (max_norm / (total + 1e-6)).clamp(max=1.0)  # torch's rule
         for p in self.local.parameters():

@@ -27,10 +27,10 @@ import torch.distributed as dist
 
 from distributed_sae.config import RunConfig
 from distributed_sae.parallel.data_parallel import STRATEGIES, DataParallel
-from distributed_sae.parallel.placement import Placement, member_cost, place_members
+from distributed_sae.parallel.placement import MemberCost, Placement, member_cost, place_members
 from distributed_sae.parallel.plan import GroupCollectives, Plan, Writer
 from distributed_sae.sae import MemberSpec
-from distributed_sae.train.bank_trainer import BankTrainer, Member, of_hook
+from distributed_sae.train.bank_trainer import BankTrainer, Member
 from distributed_sae.train.metrics_log import member_records
 
 log = logging.getLogger(__name__)
@@ -72,7 +72,7 @@ class ReplicatedPlan(_GroupPlan):
         return local_batch(batch_size, self.world)
 
     def build_bank(self, dims: Mapping[str, int] | int,
-                   means: Mapping[str, torch.Tensor] | torch.Tensor, total: int) -> BankTrainer:
+                   means: Any, total: int) -> BankTrainer:
         micro = self.local_batch(self.cfg.train.batch_size)
         return BankTrainer(self.cfg, self.specs, dims, means, total,
                            sync=DataParallel(self.strategy, micro_batch=micro))
@@ -89,6 +89,15 @@ class ReplicatedPlan(_GroupPlan):
         return folders
 
 
+def spec_cost(spec: MemberSpec, dims: Mapping[str, int] | int) -> MemberCost:
+    """member_cost of a spec, from the widths of its hooks."""
+    def width(hooks: tuple[str, ...]) -> int:
+        return sum(dims if isinstance(dims, int) else dims[h] for h in hooks)
+
+    return member_cost(width(spec.inputs), spec.width, width(spec.outputs),
+                       skip=spec.form == "skip_transcoder")
+
+
 class PlacedPlan(_GroupPlan):
     """Members placed on ranks by cost (parallel/placement.py); every rank reads every row."""
 
@@ -99,9 +108,9 @@ class PlacedPlan(_GroupPlan):
         self.placement: Placement | None = None
 
     def build_bank(self, dims: Mapping[str, int] | int,
-                   means: Mapping[str, torch.Tensor] | torch.Tensor, total: int) -> BankTrainer:
+                   means: Any, total: int) -> BankTrainer:
         cfg, rank, world = self.cfg, self.rank, self.world
-        costs = [member_cost(of_hook(dims, s.hook), s.width) for s in self.specs]
+        costs = [spec_cost(s, dims) for s in self.specs]
         plan = place_members(costs, world, cfg.train.batch_size)
         placed, mine = {}, []
         for i, (spec, ranks) in enumerate(zip(self.specs, plan.groups)):

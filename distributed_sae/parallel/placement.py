@@ -33,10 +33,17 @@ class MemberCost:
     state_bytes: int
 
 
-def member_cost(d_in: int, width: int) -> MemberCost:
-    """The cost model of the module docstring for an SAE of `width` latents on d_in inputs."""
-    numbers = 2 * d_in * width + width + d_in
-    return MemberCost(6.0 * d_in * width, STATE_COPIES * BYTES_PER_NUMBER * numbers)
+def member_cost(d_in: int, width: int, d_out: int | None = None, skip: bool = False
+                ) -> MemberCost:
+    """The cost model of the module docstring for a member of `width` latents reading d_in and
+    writing d_out numbers per token (None: d_in, an SAE). A transcoder, crosscoder or CLT has
+    an encoder of d_in x width and a decoder of width x d_out: 3·(d_in + d_out)·width FLOPs per
+    token (6·d_in·width when they are equal); a skip-transcoder adds its d_out x d_in map
+    (6·d_in·d_out: its forward, backward and weight gradient)."""
+    d_out = d_in if d_out is None else d_out
+    numbers = (d_in + d_out) * width + width + d_out + (d_in * d_out if skip else 0)
+    flops = 3.0 * (d_in + d_out) * width + (6.0 * d_in * d_out if skip else 0.0)
+    return MemberCost(flops, STATE_COPIES * BYTES_PER_NUMBER * numbers)
 
 
 @dataclass(frozen=True)

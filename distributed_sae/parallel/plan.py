@@ -88,7 +88,7 @@ class Plan:
         return batch_size
 
     def build_bank(self, dims: Mapping[str, int] | int,
-                   means: Mapping[str, torch.Tensor] | torch.Tensor, total: int) -> BankTrainer:
+                   means: Any, total: int) -> BankTrainer:
         return BankTrainer(self.cfg, self.specs, dims, means, total)
 
     def writes(self, m: Member) -> tuple[int, int] | None:

@@ -86,7 +86,7 @@ def gather_full(model: LatentShardedSAE) -> SparseAutoencoder | None:
     if comm.rank != 0:
         return None
     full = sae_class(model.kind)(model.d_in, model.d_sae, **model.extra_state(),
-                                 dtype=model.local.W_enc.dtype)
+                                 dtype=model.local.W_enc.dtype, form=model.local.form)
     full.load_state_dict(full_state)
     if hasattr(model.local, "threshold_updates"):
         full.threshold_updates = model.local.threshold_updates

@@ -49,13 +49,16 @@ def sharded_member_builder(comm: ShardComm) -> Callable[[MemberSpec, int], Laten
     """BankTrainer's `build_member`: this rank's shard of a member, built from the member's
     parameters at width / tp, never the whole member."""
 
-    def build(spec: MemberSpec, d_in: int) -> LatentShardedSAE:
+    def build(spec: MemberSpec, dims: Mapping[str, int]) -> LatentShardedSAE:
         start, stop = shard_range(spec.width, comm.size, comm.rank)
         params = spec.params
         if spec.k is not None:  # the slice's class checks k <= its width; the wrapper's k is global
             params = dataclasses.replace(params, k=min(spec.k, stop - start))
-        local = sae_class(spec.kind).from_params(d_in, stop - start, params,
-                                                 seed=shard_seed(spec.seed, comm.rank))
+        form = spec.build_form(dims)
+        local = sae_class(spec.kind).from_params(form.d_in, stop - start, params,
+                                                 seed=shard_seed(spec.seed, comm.rank), form=form)
+        if form.groups:  # a CLT shard's latents keep the whole member's layer groups
+            local.set_latent_groups(torch.arange(start, stop) % form.groups)
         return LatentShardedSAE(local, spec.width, comm, k=spec.k)
 
     return build
@@ -88,7 +91,7 @@ class LatentShardedPlan(GroupCollectives, Plan):
         return self.layout.check_batch(batch_size)
 
     def build_bank(self, dims: Mapping[str, int] | int,
-                   means: Mapping[str, torch.Tensor] | torch.Tensor, total: int) -> BankTrainer:
+                   means: Any, total: int) -> BankTrainer:
         for spec in self.specs:
             self.layout.check_width(spec.width)
         micro = self.local_batch(self.cfg.train.batch_size)

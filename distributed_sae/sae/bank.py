@@ -31,7 +31,9 @@ from typing import Any, Mapping, Optional, Sequence
 import torch
 
 from distributed_sae.config import ConfigError, SAEConfig, TrainConfig
+from distributed_sae.config.checks import parse_hook
 from distributed_sae.sae.base import SparseAutoencoder
+from distributed_sae.sae.forms import FORMS, Form
 from distributed_sae.sae.params import SWEEPABLE, KindParams, config_values
 from distributed_sae.sae.registry import k_kinds, sae_class
 
@@ -45,6 +47,18 @@ def hook_tag(hook: str) -> str:
     return f"l{m.group(1)}_{rest}"
 
 
+def hooks_tag(hooks: Sequence[str]) -> str:
+    """hook_tag of one hook; of consecutive layers' same hook 'l12-15_ln2_normalized'; else the
+    tags joined by '+'."""
+    tags = [hook_tag(h) for h in hooks]
+    parsed = [re.match(r"^l(\d+)_(.+)$", t) for t in tags]
+    if len(tags) > 1 and all(parsed) and len({m.group(2) for m in parsed}) == 1:  # type: ignore
+        layers = [int(m.group(1)) for m in parsed]  # type: ignore[union-attr]
+        if layers == list(range(layers[0], layers[0] + len(layers))):
+            return f"l{layers[0]}-{layers[-1]}_{parsed[0].group(2)}"  # type: ignore[union-attr]
+    return "+".join(tags)
+
+
 @dataclass(frozen=True)
 class MemberSpec:
     """One member of a bank: what to build, what it reads and reconstructs, how to name it."""
@@ -52,22 +66,42 @@ class MemberSpec:
     kind: str
     width: int
     params: KindParams  # the kind's own parameters (k, l1_coefficient, ...)
-    inputs: tuple[str, ...]  # hook(s) the encoder reads
-    # Hook(s) the decoder reconstructs; () = the inputs (an SAE). The type allows transcoders
-    # and crosscoders (targets differ from inputs, several inputs); today's kinds need ().
+    inputs: tuple[str, ...]  # hook(s) the encoder reads, concatenated in this order
+    # Hook(s) the decoder reconstructs, concatenated; () = the inputs (an SAE, a crosscoder).
     targets: tuple[str, ...] = ()
     seed: int = 0
     # Adam's peak learning rate; None = train.lr, or the kind's default_lr when that is unset.
     lr: Optional[float] = None
     name: str = ""  # folder name within the bank; "" = base_name()
+    # sae/forms.py: sae, transcoder, skip_transcoder, crosscoder, clt; "" = sae for one hook,
+    # crosscoder for several, transcoder when the targets differ from the inputs.
+    form: str = ""
+
+    def __post_init__(self) -> None:
+        if not self.form:
+            same = self.targets in ((), self.inputs)
+            derived = ("sae" if len(self.inputs) == 1 else "crosscoder") if same else "transcoder"
+            object.__setattr__(self, "form", derived)
+        if self.form in ("sae", "crosscoder") and self.targets == self.inputs:
+            object.__setattr__(self, "targets", ())
 
     @property
     def hook(self) -> str:
         """The one hook an SAE reads and reconstructs."""
-        if len(self.inputs) != 1 or self.targets not in ((), self.inputs):
+        if len(self.inputs) != 1 or self.targets:
             raise ValueError(f"{self.member_id} reads {self.inputs} and writes {self.targets}: "
                              f"not a single-hook member")
         return self.inputs[0]
+
+    @property
+    def outputs(self) -> tuple[str, ...]:
+        """The hooks the member reconstructs (its inputs for an SAE or crosscoder)."""
+        return self.targets or self.inputs
+
+    def build_form(self, dims: Mapping[str, int]) -> Form:
+        """The member's Form from the widths of its hooks."""
+        out = tuple(dims[h] for h in self.targets)
+        return Form(self.form, tuple(dims[h] for h in self.inputs), out)
 
     @property
     def hooks(self) -> tuple[str, ...]:
@@ -81,7 +115,8 @@ class MemberSpec:
     def base_name(self, tags: Sequence[str] = ()) -> str:
         """`<kind>_w<width>[_k<k>]<tags>_s<seed>`."""
         k = f"_k{self.k}" if self.kind in k_kinds() else ""
-        return f"{self.kind}_w{self.width}{k}{''.join(tags)}_s{self.seed}"
+        form = "" if self.form == "sae" else f"{self.form}_"
+        return f"{form}{self.kind}_w{self.width}{k}{''.join(tags)}_s{self.seed}"
 
     @property
     def member_id(self) -> str:
@@ -104,10 +139,26 @@ def _lrs(train: TrainConfig) -> list[float | None]:
     return _as_list(train.lr)
 
 
+def mlp_io(layer: int) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """A transcoder of layer L's MLP: (its input after the norm,), (its output,)."""
+    return (f"blocks.{layer}.ln2.hook_normalized",), (f"blocks.{layer}.hook_mlp_out",)
+
+
+def _form_hooks(form: str, hook: str) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """(inputs, targets) of a product member of `form` on `hook`."""
+    if form == "sae":
+        return (hook,), ()
+    return mlp_io(parse_hook(hook)[0])  # a transcoder of the hook's layer's MLP
+
+
 def _product(sae: SAEConfig, hooks: Sequence[str], train: TrainConfig) -> list[MemberSpec]:
     values = config_values(sae=sae, train=train)
-    specs = []
-    for hook in hooks:
+    specs, seen = [], set()
+    for hook, form in itertools.product(hooks, sae.forms):
+        io = _form_hooks(form, hook)
+        if (form, io) in seen:  # two hooks of one layer give that layer's transcoder once
+            continue
+        seen.add((form, io))
         for kind in sae.kind_list:
             cls = sae_class(kind)
             swept = [(name, _as_list(getattr(sae, name))) for name in SWEEPABLE
@@ -117,12 +168,40 @@ def _product(sae: SAEConfig, hooks: Sequence[str], train: TrainConfig) -> list[M
                     over = dict(zip((n for n, _ in swept), combo))
                     params = cls.Params.build(values, over)
                     for lr in _lrs(train):
-                        specs.append(MemberSpec(kind, width, params, (hook,), seed=sae.seed + i,
-                                                lr=lr))
+                        specs.append(MemberSpec(kind, width, params, io[0], io[1],
+                                                seed=sae.seed + i, lr=lr, form=form))
     return specs
 
 
-MEMBER_KEYS = ("kind", "width", "hook", "inputs", "targets", "seed", "lr", "name")
+MEMBER_KEYS = ("kind", "width", "hook", "inputs", "targets", "seed", "lr", "name", "form",
+               "layer", "layers")
+
+
+def _entry_hooks(entry: Mapping[str, Any], form: str, hooks: Sequence[str],
+                 where: str) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """(inputs, targets) of an entry of sae.members: `inputs`/`targets`, or `hook` (an SAE's
+    hook, or a hook of the layer whose MLP a transcoder replaces), `layer` (a transcoder) or
+    `layers` (a clt: the MLP inputs and outputs of each layer)."""
+    if form and form not in FORMS:
+        raise ConfigError(f"{where} has form={form!r}: forms are {', '.join(FORMS)}")
+    if "layers" in entry:
+        if form != "clt":
+            raise ConfigError(f"{where} gives layers={entry['layers']}, which only a clt takes: "
+                              f"set form: clt or give inputs")
+        layers = [int(v) for v in _as_list(entry["layers"])]
+        if layers != list(range(layers[0], layers[0] + len(layers))) or len(layers) < 2:
+            raise ConfigError(f"{where}: layers={layers} must be at least two consecutive layers")
+        ios = [mlp_io(layer) for layer in layers]
+        return tuple(i[0][0] for i in ios), tuple(i[1][0] for i in ios)
+    if form in ("transcoder", "skip_transcoder") and "inputs" not in entry:
+        if "layer" in entry:
+            return mlp_io(int(entry["layer"]))
+        return mlp_io(parse_hook(str(entry.get("hook", hooks[0])))[0])
+    inputs = tuple(_as_list(entry.get("inputs", entry.get("hook", hooks[0]))))
+    targets = tuple(_as_list(entry.get("targets", ())))
+    for hook in inputs + targets:
+        parse_hook(hook)
+    return inputs, targets
 
 
 def _explicit(sae: SAEConfig, train: TrainConfig, hooks: Sequence[str],
@@ -134,12 +213,8 @@ def _explicit(sae: SAEConfig, train: TrainConfig, hooks: Sequence[str],
         raise ConfigError(f"{where}={entry} has no width: give e.g. width: 2304")
     kind = entry.get("kind", sae.kind)
     cls = sae_class(kind)
-    inputs = tuple(_as_list(entry.get("inputs", entry.get("hook", hooks[0]))))
-    targets = tuple(_as_list(entry.get("targets", ())))
-    if targets not in ((), inputs):
-        raise ConfigError(f"{where} reconstructs {list(targets)} from {list(inputs)}: members "
-                          f"whose targets differ from their inputs (transcoders) are not "
-                          f"available yet; drop `targets`")
+    form = str(entry.get("form", ""))
+    inputs, targets = _entry_hooks(entry, form, hooks, where)
     own = {k: v for k, v in entry.items() if k not in MEMBER_KEYS}
     values = config_values(sae=sae, train=train)
     for name in SWEEPABLE:
@@ -151,9 +226,12 @@ def _explicit(sae: SAEConfig, train: TrainConfig, hooks: Sequence[str],
     except TypeError as err:
         raise ConfigError(f"{where}={entry}: {err}") from None
     lr = entry.get("lr", None if isinstance(train.lr, list) else train.lr)
-    return MemberSpec(kind, int(entry["width"]), params, inputs, targets,
-                      seed=int(entry.get("seed", sae.seed + index)), lr=lr,
-                      name=str(entry.get("name", "")))
+    try:
+        return MemberSpec(kind, int(entry["width"]), params, inputs, targets,
+                          seed=int(entry.get("seed", sae.seed + index)), lr=lr,
+                          name=str(entry.get("name", "")), form=form)
+    except ValueError as err:
+        raise ConfigError(f"{where}: {err}") from None
 
 
 def _named(specs: list[MemberSpec]) -> list[MemberSpec]:
@@ -175,7 +253,7 @@ def _named(specs: list[MemberSpec]) -> list[MemberSpec]:
             tags.append(f"_lr{s.lr:g}" if s.lr is not None else "_lrdefault")
         name = s.base_name(tags)
         if multi_hook:
-            name = "+".join(hook_tag(h) for h in s.inputs) + "." + name
+            name = hooks_tag(s.inputs) + "." + name
         out.append(replace(s, name=name))
     return out
 
@@ -209,7 +287,9 @@ def member_lr(spec: MemberSpec, train: TrainConfig) -> float:
     return sae_class(spec.kind).default_lr
 
 
-def build_sae(spec: MemberSpec, d_in: int) -> SparseAutoencoder:
-    """Instantiate the member's SAE (fp32 master weights) from its spec's parameters."""
-    return sae_class(spec.kind).from_params(d_in, spec.width, spec.params, seed=spec.seed,
-                                            dtype=torch.float32)
+def build_sae(spec: MemberSpec, dims: int | Mapping[str, int]) -> SparseAutoencoder:
+    """Instantiate the member (fp32 master weights) from its spec's parameters; `dims`: the
+    width of each hook it reads or writes (one int: every hook's)."""
+    form = spec.build_form(dims if isinstance(dims, Mapping) else {h: dims for h in spec.hooks})
+    return sae_class(spec.kind).from_params(form.d_in, spec.width, spec.params, seed=spec.seed,
+                                            dtype=torch.float32, form=form)

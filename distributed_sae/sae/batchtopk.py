@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from distributed_sae.sae.base import SAEOutput
+from distributed_sae.sae.forms import Form
 from distributed_sae.sae.latent_ops import LOCAL, LatentOps
 from distributed_sae.sae.topk import TopKParams, TopKSAE
 
@@ -38,7 +39,7 @@ class BatchTopKParams(TopKParams):
         self._require(0.0 <= self.threshold_momentum < 1.0, "threshold_momentum",
                       "must be in [0, 1)")
 
-# (x_hat (batch, d_in), scalar reconstruction loss, scalar terms by name)
+# (x_hat (batch, d_out), scalar reconstruction loss, scalar terms by name)
 Reconstruction = tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]
 
 
@@ -49,8 +50,9 @@ class BatchTopKSAE(TopKSAE):
 
     def __init__(self, d_in: int, d_sae: int, k: int, *, auxk_coefficient: float = 1 / 32,
                  threshold_momentum: float = 0.99, seed: int = 0,
-                 dtype: torch.dtype = torch.float32) -> None:
-        super().__init__(d_in, d_sae, k, auxk_coefficient=auxk_coefficient, seed=seed, dtype=dtype)
+                 dtype: torch.dtype = torch.float32, form: Form | None = None) -> None:
+        super().__init__(d_in, d_sae, k, auxk_coefficient=auxk_coefficient, seed=seed, dtype=dtype,
+                         form=form)
         if not 0.0 <= threshold_momentum < 1.0:
             raise ValueError(f"threshold_momentum={threshold_momentum} must be in [0, 1)")
         self.threshold_momentum = threshold_momentum
@@ -101,15 +103,17 @@ class BatchTopKSAE(TopKSAE):
             self.threshold.lerp_(smallest, 1.0 - self.threshold_momentum)
         self.threshold_updates += 1
 
-    def reconstruction_loss(self, x: torch.Tensor, f: torch.Tensor,
+    def reconstruction_loss(self, x: torch.Tensor, y: torch.Tensor, f: torch.Tensor,
                             ops: LatentOps = LOCAL) -> Reconstruction:
-        """(x_hat (batch, d_in), loss, terms) of activations f; Matryoshka overrides this."""
-        x_hat = self.decode(f, ops)  # (batch, d_in)
-        mse = F.mse_loss(x_hat, x)
+        """(x_hat (batch, d_out), loss, terms) of activations f reconstructing the target y
+        from input x; Matryoshka overrides this."""
+        x_hat = self.with_skip(self.decode(f, ops), x)  # (batch, d_out)
+        mse = F.mse_loss(x_hat, y)
         return x_hat, mse, {"mse": mse}
 
     def loss(self, x: torch.Tensor, dead: torch.Tensor | None = None,
-             sparsity_scale: float = 1.0, ops: LatentOps = LOCAL) -> SAEOutput:
+             sparsity_scale: float = 1.0, ops: LatentOps = LOCAL,
+             target: torch.Tensor | None = None) -> SAEOutput:
         # sparsity_scale is accepted for a uniform training loop; k fixes the sparsity here.
         pre = self.pre_acts(x, ops)  # (batch, d_sae)
         if self.training:
@@ -117,9 +121,10 @@ class BatchTopKSAE(TopKSAE):
             self.update_threshold(f if not ops.sharded else selected)
         else:
             f = self.threshold_encode(pre)
-        x_hat, loss, terms = self.reconstruction_loss(x, f, ops)
+        y = self.target_of(x, target)  # (batch, d_out)
+        x_hat, loss, terms = self.reconstruction_loss(x, y, f, ops)
         if dead is not None and self.k_aux(dead, ops) > 0:
-            terms["auxk"] = self._auxk(x - x_hat.detach(), pre, dead, ops)
+            terms["auxk"] = self._auxk(y - x_hat.detach(), pre, dead, ops)
             loss = loss + self.auxk_coefficient * terms["auxk"]
         counts = (f > 0).sum(0)  # (d_sae,)
         return SAEOutput(loss=loss, x_hat=x_hat, terms=terms, fired=counts > 0, counts=counts)

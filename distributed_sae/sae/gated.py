@@ -34,6 +34,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from distributed_sae.sae.base import SAEOutput, SparseAutoencoder
+from distributed_sae.sae.forms import Form
 from distributed_sae.sae.latent_ops import LOCAL, LatentOps
 from distributed_sae.sae.params import KindParams, from_key, non_negative
 
@@ -61,10 +62,10 @@ class GatedSAE(SparseAutoencoder):
     default_lr = 2e-4
 
     def __init__(self, d_in: int, d_sae: int, *, l1_coefficient: float = 0.01, seed: int = 0,
-                 dtype: torch.dtype = torch.float32) -> None:
+                 dtype: torch.dtype = torch.float32, form: Form | None = None) -> None:
         if l1_coefficient < 0:
             raise ValueError(f"l1_coefficient={l1_coefficient} must be >= 0")
-        super().__init__(d_in, d_sae, seed=seed, dtype=dtype)
+        super().__init__(d_in, d_sae, seed=seed, dtype=dtype, form=form)
         self.l1_coefficient = l1_coefficient
         # Zeros, as SAELens: with b_gate = b_enc = 0 too, π_mag = π_gate at the start, i.e. the
         # SAE starts as a plain ReLU SAE.
@@ -81,7 +82,7 @@ class GatedSAE(SparseAutoencoder):
         """(batch, d_in) -> (π_gate, π_mag), each (batch, d_sae)."""
         # x̄ (W_enc ⊙ exp(r_mag)) = (x̄ W_enc) ⊙ exp(r_mag): both paths share one matmul instead
         # of two (batch, d_in) x (d_in, d_sae) ones.
-        shared = (x - ops.replicated(self.b_dec)) @ self.W_enc  # (batch, d_sae)
+        shared = (x - self.enc_bias(ops)) @ self.W_enc  # (batch, d_sae)
         return shared + self.b_gate, shared * self.r_mag.exp() + self.b_mag
 
     @staticmethod
@@ -93,18 +94,23 @@ class GatedSAE(SparseAutoencoder):
         return self.combine(*self.gate_and_magnitude(x, ops))  # (batch, d_sae)
 
     def loss(self, x: torch.Tensor, dead: torch.Tensor | None = None,
-             sparsity_scale: float = 1.0, ops: LatentOps = LOCAL) -> SAEOutput:
+             sparsity_scale: float = 1.0, ops: LatentOps = LOCAL,
+             target: torch.Tensor | None = None) -> SAEOutput:
         """MSE + λ·(norm-weighted L1 of the gate) + the gate's frozen-decoder reconstruction.
         `dead` is unused: nothing here targets dead latents."""
         gate, mag = self.gate_and_magnitude(x, ops)
         f = self.combine(gate, mag)  # (batch, d_sae)
-        x_hat = self.decode(f, ops)  # (batch, d_in)
-        mse = F.mse_loss(x_hat, x)
+        x_hat = self.with_skip(self.decode(f, ops), x)  # (batch, d_out)
+        y = self.target_of(x, target)  # (batch, d_out)
+        mse = F.mse_loss(x_hat, y)
         gate_acts = gate.relu()  # (batch, d_sae)
         # Σ_i ReLU(π_gate)_i ‖W_dec,i‖, a sum over latents: over every shard.
         l1 = ops.sum((gate_acts @ self.W_dec.norm(dim=1)).mean())
         # Detached decoder: this term trains the gate (W_enc, b_gate) only.
-        aux = F.mse_loss(ops.sum(gate_acts @ self.W_dec.detach()) + self.b_dec.detach(), x)
+        gate_hat = ops.sum(gate_acts @ self.W_dec.detach()) + self.b_dec.detach()
+        if self.form.skip:
+            gate_hat = gate_hat + x @ self.W_skip.detach().t()
+        aux = F.mse_loss(gate_hat, y)
         loss = mse + sparsity_scale * self.l1_coefficient * l1 + aux
         counts = (f > 0).sum(0)  # (d_sae,) tokens each latent is active on
         return SAEOutput(loss=loss, x_hat=x_hat, terms={"mse": mse, "l1": l1, "aux_mse": aux},
@@ -116,7 +122,8 @@ class GatedSAE(SparseAutoencoder):
     # scale), so b_gate, r_mag and b_mag stay as they are; W_dec /= s undoes the output's scale.
     def saelens_tensors(self) -> dict[str, torch.Tensor]:
         return {"W_enc": self.W_enc, "b_gate": self.b_gate, "r_mag": self.r_mag,
-                "b_mag": self.b_mag, "W_dec": self.W_dec, "b_dec": self.b_dec}
+                "b_mag": self.b_mag, "W_dec": self.W_dec, "b_dec": self.b_dec,
+                **self.form_tensors()}
 
     @torch.no_grad()
     def load_saelens_tensors(self, tensors: dict[str, torch.Tensor]) -> None:

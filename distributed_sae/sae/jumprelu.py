@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from distributed_sae.sae.base import SAEOutput, SparseAutoencoder
+from distributed_sae.sae.forms import Form
 from distributed_sae.sae.latent_ops import LOCAL, LatentOps
 from distributed_sae.sae.params import KindParams, from_key, non_negative, positive
 
@@ -95,11 +96,11 @@ class JumpReLUSAE(SparseAutoencoder):
 
     def __init__(self, d_in: int, d_sae: int, *, l0_coefficient: float = 1.0,
                  init_threshold: float = 0.001, bandwidth: float = 0.001, seed: int = 0,
-                 dtype: torch.dtype = torch.float32) -> None:
+                 dtype: torch.dtype = torch.float32, form: Form | None = None) -> None:
         if init_threshold <= 0 or bandwidth <= 0 or l0_coefficient < 0:
             raise ValueError(f"need init_threshold > 0, bandwidth > 0, l0_coefficient >= 0; got "
                              f"{init_threshold}, {bandwidth}, {l0_coefficient}")
-        super().__init__(d_in, d_sae, seed=seed, dtype=dtype)
+        super().__init__(d_in, d_sae, seed=seed, dtype=dtype, form=form)
         self.l0_coefficient = l0_coefficient
         self.init_threshold = init_threshold
         self.bandwidth = bandwidth
@@ -117,12 +118,13 @@ class JumpReLUSAE(SparseAutoencoder):
                                self.bandwidth)  # (batch, d_sae)
 
     def loss(self, x: torch.Tensor, dead: torch.Tensor | None = None,
-             sparsity_scale: float = 1.0, ops: LatentOps = LOCAL) -> SAEOutput:
+             sparsity_scale: float = 1.0, ops: LatentOps = LOCAL,
+             target: torch.Tensor | None = None) -> SAEOutput:
         pre = self.pre_acts(x, ops)  # (batch, d_sae)
         theta = self.threshold  # (d_sae,)
         f = _JumpReLU.apply(pre, theta, self.bandwidth)
-        x_hat = self.decode(f, ops)  # (batch, d_in)
-        mse = F.mse_loss(x_hat, x)
+        x_hat = self.with_skip(self.decode(f, ops), x)  # (batch, d_out)
+        mse = F.mse_loss(x_hat, self.target_of(x, target))
         l0 = ops.sum(_Step.apply(pre, theta, self.bandwidth).sum(1).mean())  # over every shard
         loss = mse + sparsity_scale * self.l0_coefficient * l0
         counts = (f != 0).sum(0)  # (d_sae,)
@@ -137,7 +139,7 @@ class JumpReLUSAE(SparseAutoencoder):
 
     def saelens_tensors(self) -> dict[str, torch.Tensor]:
         return {"W_enc": self.W_enc, "b_enc": self.b_enc, "W_dec": self.W_dec,
-                "b_dec": self.b_dec, "threshold": self.threshold}
+                "b_dec": self.b_dec, "threshold": self.threshold, **self.form_tensors()}
 
     @torch.no_grad()
     def load_saelens_tensors(self, tensors: dict[str, torch.Tensor]) -> None:

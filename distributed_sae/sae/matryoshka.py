@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from distributed_sae.sae.batchtopk import BatchTopKParams, BatchTopKSAE, Reconstruction
+from distributed_sae.sae.forms import Form
 from distributed_sae.sae.latent_ops import LOCAL, LatentOps
 from distributed_sae.sae.params import from_key
 
@@ -56,26 +57,27 @@ class MatryoshkaSAE(BatchTopKSAE):
     def __init__(self, d_in: int, d_sae: int, k: int, *,
                  fractions: Sequence[float] = (0.0625, 0.25, 1.0),
                  auxk_coefficient: float = 1 / 32, threshold_momentum: float = 0.99,
-                 seed: int = 0, dtype: torch.dtype = torch.float32) -> None:
+                 seed: int = 0, dtype: torch.dtype = torch.float32,
+                 form: Form | None = None) -> None:
         super().__init__(d_in, d_sae, k, auxk_coefficient=auxk_coefficient,
-                         threshold_momentum=threshold_momentum, seed=seed, dtype=dtype)
+                         threshold_momentum=threshold_momentum, seed=seed, dtype=dtype, form=form)
         self.fractions = [float(v) for v in fractions]
         self.prefixes = prefix_sizes(d_sae, self.fractions)
 
-    def reconstruction_loss(self, x: torch.Tensor, f: torch.Tensor,
+    def reconstruction_loss(self, x: torch.Tensor, y: torch.Tensor, f: torch.Tensor,
                             ops: LatentOps = LOCAL) -> Reconstruction:
         """Mean over prefixes of the MSE; x_hat is the full dictionary's reconstruction.
 
         Built incrementally: x̂_j = x̂_{j-1} + f[:, m_{j-1}:m_j] W_dec[m_{j-1}:m_j], so the cost is
         that of one full decode.
         """
-        x_hat = self.b_dec.expand_as(x)  # (batch, d_in)
+        x_hat = self.with_skip(self.b_dec.expand_as(y), x)  # (batch, d_out)
         terms: dict[str, torch.Tensor] = {}
-        total = x.new_zeros(())
+        total = y.new_zeros(())
         start = 0
         for m in self.prefixes:
-            x_hat = x_hat + f[:, start:m] @ self.W_dec[start:m]  # (batch, d_in)
-            mse = F.mse_loss(x_hat, x)
+            x_hat = x_hat + f[:, start:m] @ self.W_dec[start:m]  # (batch, d_out)
+            mse = F.mse_loss(x_hat, y)
             terms[f"mse_{m}"] = mse
             total = total + mse
             start = m

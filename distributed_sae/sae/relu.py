@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from distributed_sae.sae.base import SAEOutput, SparseAutoencoder
+from distributed_sae.sae.forms import Form
 from distributed_sae.sae.latent_ops import LOCAL, LatentOps
 from distributed_sae.sae.params import KindParams, from_key, non_negative
 
@@ -60,12 +61,12 @@ class ReLUSAE(SparseAutoencoder):
 
     def __init__(self, d_in: int, d_sae: int, *, l1_coefficient: float = 5.0,
                  recipe: str = "towards_monosemanticity", seed: int = 0,
-                 dtype: torch.dtype = torch.float32) -> None:
+                 dtype: torch.dtype = torch.float32, form: Form | None = None) -> None:
         if recipe not in RECIPES:
             raise ValueError(f"recipe={recipe!r} must be one of {RECIPES}")
         if l1_coefficient < 0:
             raise ValueError(f"l1_coefficient={l1_coefficient} must be >= 0")
-        super().__init__(d_in, d_sae, seed=seed, dtype=dtype)
+        super().__init__(d_in, d_sae, seed=seed, dtype=dtype, form=form)
         self.l1_coefficient = l1_coefficient
         self.recipe = recipe
         april = recipe == "april_2024"
@@ -94,10 +95,11 @@ class ReLUSAE(SparseAutoencoder):
         return f.sum(1)
 
     def loss(self, x: torch.Tensor, dead: torch.Tensor | None = None,
-             sparsity_scale: float = 1.0, ops: LatentOps = LOCAL) -> SAEOutput:
+             sparsity_scale: float = 1.0, ops: LatentOps = LOCAL,
+             target: torch.Tensor | None = None) -> SAEOutput:
         f = self.encode(x, ops)  # (batch, d_sae)
-        x_hat = self.decode(f, ops)  # (batch, d_in)
-        mse = F.mse_loss(x_hat, x)
+        x_hat = self.with_skip(self.decode(f, ops), x)  # (batch, d_out)
+        mse = F.mse_loss(x_hat, self.target_of(x, target))
         l1 = ops.sum(self.sparsity(f).mean())  # a sum over latents: over every shard
         loss = mse + sparsity_scale * self.l1_coefficient * l1
         counts = (f > 0).sum(0)  # (d_sae,)

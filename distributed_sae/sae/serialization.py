@@ -19,6 +19,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from distributed_sae.sae.base import SparseAutoencoder
+from distributed_sae.sae.forms import Form
 from distributed_sae.sae.registry import sae_class
 
 CFG_FILE = "cfg.json"
@@ -73,8 +74,11 @@ def save_sae(sae: SparseAutoencoder, folder: str | Path, metadata: dict[str, Any
                 dsae_weights_sha256=file_sha256(folder / WEIGHTS_FILE))
     cfg = {**sae.saelens_cfg(), "d_in": sae.d_in, "d_sae": sae.d_sae,
            "dtype": str(dtype).removeprefix("torch."), "device": "cpu",
-           "apply_b_dec_to_input": True, "normalize_activations": "none",
+           "apply_b_dec_to_input": sae.form.apply_b_dec_to_input, "normalize_activations": "none",
            "reshape_activations": "none", "metadata": meta}
+    if sae.form.name != "sae":
+        cfg.update(architecture=form_architecture(cfg["architecture"], sae.form), d_out=sae.d_out)
+        meta["dsae_form"] = sae.form.to_json()
     atomic_write(folder / CFG_FILE, lambda tmp: tmp.write_text(json.dumps(cfg, indent=2)))
     return folder
 
@@ -82,7 +86,41 @@ def save_sae(sae: SparseAutoencoder, folder: str | Path, metadata: dict[str, Any
 # SAELens inference architectures -> the kind that computes the same function, for folders
 # written by other tools (no `dsae_kind` in their metadata).
 ARCHITECTURE_KINDS = {"standard": "relu", "topk": "topk", "jumprelu": "jumprelu",
-                      "gated": "gated"}
+                      "gated": "gated", "transcoder": "relu", "skip_transcoder": "relu",
+                      "jumprelu_transcoder": "jumprelu", "jumprelu_skip_transcoder": "jumprelu"}
+# SAELens 6.x's transcoder classes (sae_lens/saes/transcoder.py): (its SAE architecture, skip) ->
+# the transcoder architecture, same tensors plus W_skip (d_out, d_in) for the skip kinds.
+SAELENS_TRANSCODERS = {("standard", False): "transcoder", ("standard", True): "skip_transcoder",
+                       ("jumprelu", False): "jumprelu_transcoder",
+                       ("jumprelu", True): "jumprelu_skip_transcoder"}
+
+
+def form_architecture(architecture: str, form: Form) -> str:
+    """cfg.json's architecture of a kind exported as `architecture`, in `form`: SAELens's own
+    transcoder names where it has one (standard and jumprelu inference), else
+    '<architecture>_<form>' (e.g. topk_transcoder, topk_crosscoder, topk_clt), which only this
+    project's loader reads (SAELens 6.54 has no topk or gated transcoder, no crosscoder or CLT
+    class)."""
+    if form.name == "sae":
+        return architecture
+    known = SAELENS_TRANSCODERS.get((architecture, form.skip))
+    if known is not None and form.name in ("transcoder", "skip_transcoder"):
+        return known
+    return f"{architecture}_{form.name}"
+
+
+def _form(cfg: dict[str, Any], path: Path) -> Form:
+    """The Form of a cfg.json: metadata.dsae_form, or SAELens's transcoder keys (d_out)."""
+    meta = cfg.get("metadata") or {}
+    if "dsae_form" in meta:
+        return Form.from_json(meta["dsae_form"])
+    arch = cfg["architecture"]
+    if arch in SAELENS_TRANSCODERS.values():
+        if not isinstance(cfg.get("d_out"), int):
+            raise ValueError(f"{path}: a {arch} needs d_out (the target's width)")
+        name = "skip_transcoder" if "skip" in arch else "transcoder"
+        return Form(name, (cfg["d_in"],), (cfg["d_out"],))
+    return Form.sae(cfg["d_in"])
 REQUIRED_CFG_KEYS = ("architecture", "d_in", "d_sae")
 
 
@@ -121,13 +159,14 @@ def _kind_and_params(cfg: dict[str, Any], path: Path) -> tuple[str, dict[str, An
             raise ValueError(f"{path}: k={cfg['k']} but metadata.dsae_params.k={params['k']}; "
                              "the file was edited by hand or mixed from two SAEs")
     # Options that change SAELens's forward pass in ways our kinds do not compute.
-    unsupported = {"apply_b_dec_to_input": True, "normalize_activations": "none",
-                   "rescale_acts_by_decoder_norm": False}
+    form = _form(cfg, path)
+    unsupported = {"apply_b_dec_to_input": form.apply_b_dec_to_input,
+                   "normalize_activations": "none", "rescale_acts_by_decoder_norm": False}
     for key, ours in unsupported.items():
         if cfg.get(key, ours) != ours:
             raise ValueError(f"{path}: {key}={cfg[key]!r} is not supported (only {ours!r}): "
                              "fold it into the weights before loading")
-    expected = sae_class(kind).architecture
+    expected = form_architecture(sae_class(kind).architecture, form)
     if expected != arch:
         raise ValueError(f"{path}: architecture {arch!r} disagrees with kind {kind!r}, which "
                          f"exports as {expected!r}")
@@ -157,7 +196,7 @@ def load_sae(folder: str | Path) -> tuple[SparseAutoencoder, dict[str, Any]]:
         raise
     d_in, d_sae = cfg["d_in"], cfg["d_sae"]
     dtype = tensors["W_enc"].dtype if "W_enc" in tensors else torch.float32
-    sae = sae_class(kind)(d_in, d_sae, **params, dtype=dtype)
+    sae = sae_class(kind)(d_in, d_sae, **params, dtype=dtype, form=_form(cfg, folder / CFG_FILE))
     # Expected names and shapes come from the kind built at cfg.json's sizes.
     want = {name: tuple(t.shape) for name, t in sae.saelens_tensors().items()}
     if set(tensors) != set(want):

@@ -23,6 +23,7 @@ import torch.nn.functional as F
 
 from distributed_sae.kernels import sparse_decode, topk_encode
 from distributed_sae.sae.base import SAEOutput, SparseAutoencoder
+from distributed_sae.sae.forms import Form
 from distributed_sae.sae.latent_ops import LOCAL, LatentOps
 from distributed_sae.sae.params import KindParams, from_key, positive
 
@@ -46,10 +47,11 @@ class TopKSAE(SparseAutoencoder):
     Params = TopKParams
 
     def __init__(self, d_in: int, d_sae: int, k: int, *, auxk_coefficient: float = 1 / 32,
-                 seed: int = 0, dtype: torch.dtype = torch.float32) -> None:
+                 seed: int = 0, dtype: torch.dtype = torch.float32,
+                 form: Form | None = None) -> None:
         if not 0 < k <= d_sae:
             raise ValueError(f"k={k} must be in 1..d_sae={d_sae}")
-        super().__init__(d_in, d_sae, seed=seed, dtype=dtype)
+        super().__init__(d_in, d_sae, seed=seed, dtype=dtype, form=form)
         self.k = k
         self.auxk_coefficient = auxk_coefficient
 
@@ -90,21 +92,23 @@ class TopKSAE(SparseAutoencoder):
         return min(self.d_in // 2, ops.count(dead.sum()))
 
     def loss(self, x: torch.Tensor, dead: torch.Tensor | None = None,
-             sparsity_scale: float = 1.0, ops: LatentOps = LOCAL) -> SAEOutput:
+             sparsity_scale: float = 1.0, ops: LatentOps = LOCAL,
+             target: torch.Tensor | None = None) -> SAEOutput:
         """MSE + AuxK. `sparsity_scale` is unused: TopK fixes L0 by construction, no penalty."""
         k_aux = self.k_aux(dead, ops)
         # This shard's k (and k_aux) largest are the candidates of the member's k over shards.
-        code = topk_encode(x, self.W_enc, self.b_enc, ops.replicated(self.b_dec), self.k,
+        code = topk_encode(x, self.W_enc, self.b_enc, self.enc_bias(ops), self.k,
                            dead=dead if k_aux > 0 else None, k_aux=min(k_aux, self.d_sae))
         values = self.chosen(code.values, ops.k or self.k, ops)  # (batch, k)
-        x_hat = self.decode_codes(values, code.indices, ops)  # (batch, d_in)
-        mse = F.mse_loss(x_hat, x)
+        x_hat = self.with_skip(self.decode_codes(values, code.indices, ops), x)  # (batch, d_out)
+        y = self.target_of(x, target)  # (batch, d_out)
+        mse = F.mse_loss(x_hat, y)
         terms = {"mse": mse}
         loss = mse
         if code.aux_values is not None and code.aux_indices is not None:
             aux = self.chosen(code.aux_values, k_aux, ops)  # (batch, k_aux)
             e_hat = self.decode_codes(aux, code.aux_indices, ops, bias=False)  # (batch, d_in)
-            terms["auxk"] = self._auxk_term(x - x_hat.detach(), e_hat)
+            terms["auxk"] = self._auxk_term(y - x_hat.detach(), e_hat)
             loss = loss + self.auxk_coefficient * terms["auxk"]
         counts = self.fire_counts(values, code.indices)
         return SAEOutput(loss=loss, x_hat=x_hat, terms=terms, fired=counts > 0, counts=counts)

@@ -91,6 +91,26 @@ def batch_variance(x: torch.Tensor) -> torch.Tensor:
     return (x - x.mean(0)).pow(2).sum()
 
 
+def member_batch(spec: MemberSpec, batch: Mapping[str, torch.Tensor]
+                 ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(input (batch, d_in), target (batch, d_out) or None for an SAE): the member's hooks of
+    the batch, concatenated in the spec's order (one hook: the batch's own tensor, no copy)."""
+    def cat(hooks: tuple[str, ...]) -> torch.Tensor:
+        return batch[hooks[0]] if len(hooks) == 1 else torch.cat([batch[h] for h in hooks], 1)
+
+    return cat(spec.inputs), (cat(spec.targets) if spec.targets else None)
+
+
+def member_init(spec: MemberSpec, init: Any) -> torch.Tensor:
+    """b_dec's start (d_out,): the scaled mean of each target hook, concatenated. `init` is a
+    tensor (a one-hook bank), a mapping hook -> mean, or an object with .means (train/norm.py's
+    MemberInit, which also carries skip-transcoders' least-squares maps)."""
+    means = getattr(init, "means", init)
+    if isinstance(means, torch.Tensor):
+        return means
+    return torch.cat([means[h] for h in spec.outputs])
+
+
 def _metrics(loss: torch.Tensor, x_hat: torch.Tensor, x: torch.Tensor, var: torch.Tensor,
              terms: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     fvu = (x_hat - x).pow(2).sum() / var
@@ -98,18 +118,22 @@ def _metrics(loss: torch.Tensor, x_hat: torch.Tensor, x: torch.Tensor, var: torc
 
 
 def train_step(member: Member, x: torch.Tensor, lr: float, sparsity_scale: float,
-               dead_tokens: int, var: torch.Tensor | None = None) -> None:
-    """One optimiser step of one member on a batch x (batch, d_in), honouring its kind's flags.
+               dead_tokens: int, var: torch.Tensor | None = None,
+               target: torch.Tensor | None = None) -> None:
+    """One optimiser step of one member on a batch x (batch, d_in) with its target (batch,
+    d_out; None: x), honouring its kind's flags.
 
-    With `var` (batch_variance(x)) the step's metrics go to member.last; without it none are
-    computed, which keeps the device-to-host syncs of float() off steps that are not logged.
+    With `var` (batch_variance of the target) the step's metrics go to member.last; without it
+    none are computed, which keeps the device-to-host syncs of float() off steps not logged.
     """
     sae = member.sae
     for group in member.opt.param_groups:
         group["lr"] = lr
-    out = sae.loss(x, dead=member.dead(dead_tokens), sparsity_scale=sparsity_scale)
+    out = sae.loss(x, dead=member.dead(dead_tokens), sparsity_scale=sparsity_scale,
+                   target=target)
+    y = x if target is None else target
     if member.sync is not None:
-        _synced_step(member, x, out, var)
+        _synced_step(member, y, out, var)
         return
     member.opt.zero_grad(set_to_none=True)
     out.loss.backward()
@@ -126,7 +150,7 @@ def train_step(member: Member, x: torch.Tensor, lr: float, sparsity_scale: float
         member.count_fires(out, x.shape[0])
         if var is not None:
             member.last = {k: float(v) for k, v in
-                           _metrics(out.loss, out.x_hat, x, var, out.terms).items()}
+                           _metrics(out.loss, out.x_hat, y, var, out.terms).items()}
 
 
 def clip_gradients(sae: nn.Module) -> None:
@@ -140,7 +164,8 @@ def clip_gradients(sae: nn.Module) -> None:
 
 
 def _synced_step(member: Member, x: torch.Tensor, out: Any, var: torch.Tensor | None) -> None:
-    """train_step's second half for a member replicated over a data-parallel group."""
+    """train_step's second half for a member replicated over a data-parallel group; x is the
+    member's target (what its x_hat reconstructs)."""
     sae, sync = member.sae, member.sync
     loss, terms = sync.global_loss(out, x)  # terms whose normaliser is per-batch made global
     sync.backward(loss)
@@ -166,16 +191,19 @@ class BankTrainer:
     global batch and tokens_seen counts the global batch.
     placed: instead of `sync`, per member id a (factory or None, slice of the batch): x is the
     global batch and each member trains on its slice, data-parallel over its own group.
-    build_member: (spec, d_in) -> the member's module (default: build_sae from the config), e.g.
+    build_member: (spec, dims) -> the member's module (default: build_sae from the config), e.g.
     this rank's shard of a latent-sharded member (parallel/sharded_plan.py); dead-latent counters get
     the module's local width (its b_enc's length).
+    dims: each hook's width ({hook: d}, or one int for a one-hook bank); b_dec_init: see
+    member_init.
     """
 
-    def __init__(self, cfg: RunConfig, specs: list[MemberSpec], d_in: int | Mapping[str, int],
-                 b_dec_init: torch.Tensor | Mapping[str, torch.Tensor], total_steps: int,
+    def __init__(self, cfg: RunConfig, specs: list[MemberSpec], dims: int | Mapping[str, int],
+                 b_dec_init: Any, total_steps: int,
                  sync: Any = None,
                  placed: dict[str, tuple[Any, slice]] | None = None,
-                 build_member: Callable[[MemberSpec, int], nn.Module] | None = None) -> None:
+                 build_member: Callable[[MemberSpec, Mapping[str, int]], nn.Module] | None = None
+                 ) -> None:
         self.cfg, self.total_steps = cfg, total_steps
         self.build_member = build_member
         self.step_count, self.tokens_seen = 0, 0
@@ -190,8 +218,8 @@ class BankTrainer:
         factories = [sync] + [f for f, _ in (placed or {}).values()]
         self.fused_adam = not any(getattr(f, "strategy", None) == "zero2" for f in factories)
         self.hooks = list(dict.fromkeys(h for spec in specs for h in spec.hooks))
-        self.members = [self._build(spec, of_hook(d_in, spec.hook), of_hook(b_dec_init, spec.hook))
-                        for spec in specs]
+        dims = dims if isinstance(dims, Mapping) else {h: dims for h in self.hooks}
+        self.members = [self._build(spec, dims, b_dec_init) for spec in specs]
         for m in self.members:
             factory = sync
             if placed is not None:
@@ -199,14 +227,18 @@ class BankTrainer:
             if factory is not None:
                 m.sync = factory.wrap(m)
 
-    def _build(self, spec: MemberSpec, d_in: int, b_dec_init: torch.Tensor) -> Member:
+    def _build(self, spec: MemberSpec, dims: Mapping[str, int], init: Any) -> Member:
         if self.build_member is not None:
-            sae = self.build_member(spec, d_in)
+            sae = self.build_member(spec, dims)
         else:
-            sae = build_sae(spec, d_in)
+            sae = build_sae(spec, dims)
         sae = sae.to(self.cfg.train.device)
         with torch.no_grad():
-            sae.b_dec.copy_(b_dec_init)
+            sae.b_dec.copy_(member_init(spec, init))
+            skip = getattr(init, "skip", lambda _spec: None)(spec)
+            if skip is not None:  # a skip-transcoder's least-squares start (train/norm.py)
+                sae.W_skip.copy_(skip[0])
+                sae.b_dec.copy_(skip[1])
         peak = member_lr(spec, self.cfg.train)
         opt = torch.optim.Adam(sae.parameters(), lr=peak, betas=(0.9, 0.999),
                                fused=self.fused_adam)
@@ -230,13 +262,16 @@ class BankTrainer:
             start = time.perf_counter()
             lr = lr_at(self.step_count, self.total_steps, self.cfg, m.peak_lr)
             scale = m.sae.sparsity_scale_at(self.step_count, self.total_steps)
-            x = batch[m.spec.hook]
+            x, y = member_batch(m.spec, batch)
             if m.share is None:
-                train_step(m, x, lr, scale, self.cfg.train.dead_tokens, var.get(m.spec.hook))
+                # The variance of a concatenation is the sum of its hooks' variances.
+                v = sum(var[h] for h in m.spec.outputs) if record else None
+                train_step(m, x, lr, scale, self.cfg.train.dead_tokens, v, target=y)
             else:
-                xm = x[m.share]
+                xm, ym = x[m.share], (None if y is None else y[m.share])
                 train_step(m, xm, lr, scale, self.cfg.train.dead_tokens,
-                           batch_variance(xm) if record else None)
+                           batch_variance(xm if ym is None else ym) if record else None,
+                           target=ym)
             if self.member_seconds is not None:
                 mid = m.spec.member_id
                 self.member_seconds[mid] = self.member_seconds.get(mid, 0.0) + (

@@ -7,8 +7,10 @@ import logging
 from pathlib import Path
 from typing import Any, Mapping
 
+import torch
+
 from distributed_sae.config import RunConfig
-from distributed_sae.sae import save_sae
+from distributed_sae.sae import MemberSpec, save_sae
 from distributed_sae.store import ActivationStore
 from distributed_sae.train.norm import InputNorm
 
@@ -23,19 +25,22 @@ def save_members(cfg: RunConfig, store: ActivationStore, members: list[Any],
     eval and export stages read."""
     folders = []
     for m in members:
-        norm = norms[m.spec.hook]
+        spec = m.spec
         m.sae.eval()
-        m.sae.fold_input_scale(norm.scale)
-        extra = {"training_tokens": tokens_seen, "input_scale": norm.scale,
-                 "outlier_max_norm": norm.max_norm,
-                 "member_id": m.spec.member_id, "seed": m.spec.seed}
-        folders.append(save_sae(m.sae, Path(cfg.out_dir) / "train" / m.spec.member_id,
-                                metadata={**provenance(cfg, store, m.spec.hook), **extra}))
+        m.sae.fold_input_scale(*member_scales(spec, norms, store))
+        first = norms[spec.inputs[0]]
+        extra = {"training_tokens": tokens_seen, "outlier_max_norm": first.max_norm,
+                 "input_scale": first.scale if len(spec.hooks) == 1 else
+                 {h: norms[h].scale for h in spec.hooks},
+                 "member_id": spec.member_id, "seed": spec.seed}
+        meta = {**provenance(cfg, store, spec.inputs[0]), **form_metadata(spec), **extra}
+        folders.append(save_sae(m.sae, Path(cfg.out_dir) / "train" / spec.member_id,
+                                metadata=meta))
     if bank_ids is None:
         bank_ids = [m.spec.member_id for m in members]
     if bank_ids:
         (Path(cfg.out_dir) / "train" / "bank.json").write_text(json.dumps(
-            {"members": bank_ids, "hooks": cfg.sae_hooks}, indent=2))
+            {"members": bank_ids, "hooks": cfg.bank_hooks}, indent=2))
     log.info("saved %d members under %s", len(folders), Path(cfg.out_dir) / "train")
     return folders
 
@@ -47,3 +52,25 @@ def provenance(cfg: RunConfig, store: ActivationStore, hook: str) -> dict[str, A
             "hook_name": hook, "hook_head_index": None,
             "context_size": meta["context_size"], "prepend_bos": meta["corpus"]["prepend_bos"],
             "dataset_path": meta["corpus"]["name"], "store_path": str(store.path)}
+
+
+def member_scales(spec: MemberSpec, norms: Mapping[str, InputNorm], store: ActivationStore
+                  ) -> tuple[float | torch.Tensor, float | torch.Tensor | None]:
+    """(input scale, target scale) to fold into a member: floats for an SAE (one hook), else
+    per coordinate of the concatenated hooks ((d_in,), (d_out,))."""
+    if len(spec.hooks) == 1:
+        return norms[spec.hooks[0]].scale, None
+
+    def per_coord(hooks: tuple[str, ...]) -> torch.Tensor:
+        return torch.cat([torch.full((store.d(h),), norms[h].scale) for h in hooks])
+
+    return per_coord(spec.inputs), per_coord(spec.outputs)
+
+
+def form_metadata(spec: MemberSpec) -> dict[str, Any]:
+    """What a loader needs to know of a member's form: its hooks in order (hook_name_out is
+    SAELens's key for a transcoder's target)."""
+    meta: dict[str, Any] = {"dsae_inputs": list(spec.inputs), "dsae_targets": list(spec.outputs)}
+    if spec.targets:
+        meta["hook_name_out"] = spec.targets[0]
+    return meta

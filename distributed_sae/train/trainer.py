@@ -26,7 +26,8 @@ from distributed_sae.store import ActivationReader, ActivationStore, split_rows
 from distributed_sae.store.bank_reader import BankReader
 from distributed_sae.train.bank_trainer import BankTrainer, Member
 from distributed_sae.train.metrics_log import MetricsLog
-from distributed_sae.train.norm import InputNorm, input_norm, input_norms, input_scale
+from distributed_sae.train.norm import (InputNorm, input_norm, input_norms, input_scale,
+                                        member_inits)
 from distributed_sae.train.saving import save_members
 
 log = logging.getLogger(__name__)
@@ -64,8 +65,8 @@ def run(cfg: RunConfig, plan: Plan) -> list[Path] | None:
     norms = input_norms(cfg, store, train_rows)
     source = _source(cfg, plan, store, train_rows, norms)
     total = max(1, (cfg.train.tokens or len(train_rows)) // cfg.train.batch_size)
-    bank = plan.build_bank({h: store.d(h) for h in norms}, {h: n.mean for h, n in norms.items()},
-                           total)
+    bank = plan.build_bank({h: store.d(h) for h in norms},
+                           member_inits(cfg, store, train_rows, norms), total)
     plan.resume(bank, source)
     if plan.is_logger:
         log.info("training %d members %s on %s (%s, %d workers): %d steps of %d tokens (from "
