@@ -355,9 +355,9 @@ def test_patch_mlp_with_the_own_mlp_is_identity(tiny: tuple[str, LoadedModel], i
     blocks = layer_modules(loaded.model, arch_spec(loaded.arch))
     clean = _out(loaded, ids)
     # fn calls the hooked module itself: patch_mlp turns itself off while fn runs (no recursion).
-    with patch_mlp(loaded, [1], lambda layer, rec: _mlp_by_hand(arch, blocks[layer], rec[layer])):
+    with patch_mlp(loaded, [1], lambda layer, rec, _own: _mlp_by_hand(arch, blocks[layer], rec[layer])):
         one = _out(loaded, ids)
-    with patch_mlp(loaded, [0, 2], lambda layer, rec: _mlp_by_hand(arch, blocks[layer], rec[layer])):
+    with patch_mlp(loaded, [0, 2], lambda layer, rec, _own: _mlp_by_hand(arch, blocks[layer], rec[layer])):
         two = _out(loaded, ids)
     torch.testing.assert_close(one, clean, rtol=0, atol=1e-5)
     torch.testing.assert_close(two, clean, rtol=0, atol=1e-5)
@@ -367,7 +367,7 @@ def test_patch_mlp_with_the_own_mlp_is_identity(tiny: tuple[str, LoadedModel], i
 def test_patch_mlp_zeros_equals_patch_hook_zeros(arch: str, ids: torch.Tensor) -> None:
     loaded = from_hf_model(_tiny(arch))
     clean = _out(loaded, ids)
-    with patch_mlp(loaded, [1], lambda layer, rec: torch.zeros_like(rec[layer])):
+    with patch_mlp(loaded, [1], lambda layer, rec, _own: torch.zeros_like(rec[layer])):
         zeroed = _out(loaded, ids)
     with patch_hook(loaded, "blocks.1.hook_mlp_out", torch.zeros_like):
         ablated = _out(loaded, ids)
@@ -381,8 +381,9 @@ def test_patch_mlp_records_the_covered_layers_so_far(ids: torch.Tensor) -> None:
     blocks = layer_modules(loaded.model, arch_spec(loaded.arch))
     seen: list[tuple[int, set[int]]] = []
 
-    def fn(layer: int, rec: dict[int, torch.Tensor]) -> torch.Tensor:
+    def fn(layer: int, rec: dict[int, torch.Tensor], own: torch.Tensor) -> torch.Tensor:
         seen.append((layer, set(rec)))
+        torch.testing.assert_close(own, blocks[layer].mlp(rec[layer]))  # the MLP's own output
         for covered, x in rec.items():  # the MLP inputs of this pass, as the hook captures them
             want = ln2[f"blocks.{covered}.ln2.hook_normalized"][:, : x.shape[1]]  # causal: a prefix
             torch.testing.assert_close(x, want, rtol=0, atol=1e-5)
@@ -399,18 +400,18 @@ def test_patch_mlp_checks_shape_and_removes_hooks(ids: torch.Tensor) -> None:
     clean = _out(loaded, ids)
     n_before = _n_torch_hooks(loaded.model)
     with pytest.raises(ValueError, match=r"patch_mlp\('blocks\.1\.hook_mlp_out'\).*shape \(2, 7, 32\)"):
-        with patch_mlp(loaded, [0, 1], lambda layer, rec: rec[layer][..., :4] if layer == 1 else rec[layer]):
+        with patch_mlp(loaded, [0, 1], lambda layer, rec, _own: rec[layer][..., :4] if layer == 1 else rec[layer]):
             _out(loaded, ids)
     assert _n_torch_hooks(loaded.model) == n_before
-    with patch_mlp(loaded, [1], lambda layer, rec: torch.zeros_like(rec[layer])):
+    with patch_mlp(loaded, [1], lambda layer, rec, _own: torch.zeros_like(rec[layer])):
         assert _n_torch_hooks(loaded.model) == n_before + 2
     assert _n_torch_hooks(loaded.model) == n_before
     torch.testing.assert_close(_out(loaded, ids), clean, rtol=0, atol=0)  # back to clean
     with pytest.raises(ValueError, match="at least one layer"):
-        with patch_mlp(loaded, [], lambda layer, rec: rec[layer]):
+        with patch_mlp(loaded, [], lambda layer, rec, _own: rec[layer]):
             pass
     with pytest.raises(ConfigError, match="layer 3 is out of range"):
-        with patch_mlp(loaded, [3], lambda layer, rec: rec[layer]):
+        with patch_mlp(loaded, [3], lambda layer, rec, _own: rec[layer]):
             pass
 
 

@@ -15,12 +15,15 @@ import logging
 from pathlib import Path
 from typing import Any
 
+import torch
 from tqdm.auto import tqdm
 
 from distributed_sae.config import ConfigError, RunConfig
 from distributed_sae.eval.metrics import evaluate_saes
 from distributed_sae.sae import SparseAutoencoder, load_sae
+from distributed_sae.eval.replacement import member_io
 from distributed_sae.store import ActivationReader, ActivationStore, split_rows
+from distributed_sae.store.bank_reader import BankReader
 
 log = logging.getLogger(__name__)
 
@@ -61,9 +64,9 @@ def evaluate(cfg: RunConfig) -> dict[str, dict[str, Any]]:
     store = ActivationStore.open(cfg.store.path)
     held_out = _held_out(cfg, store)
     loaded = [(folder, *load_sae(folder)) for folder in trained_members(cfg.out_dir)]
-    by_hook: dict[str, list] = {}
-    for item in loaded:
-        by_hook.setdefault(item[2]["metadata"]["hook_name"], []).append(item)
+    by_io: dict[tuple[tuple[str, ...], tuple[str, ...]], list] = {}
+    for item in loaded:  # members that read and write the same hooks share one read
+        by_io.setdefault(member_io(item[2]), []).append(item)
     model = _load_model(cfg, store) if cfg.eval.spliced or cfg.eval.features else None
     eval_dir = Path(cfg.out_dir) / "eval"
     results: dict[str, dict[str, Any]] = {}
@@ -71,15 +74,16 @@ def evaluate(cfg: RunConfig) -> dict[str, dict[str, Any]]:
     universal: dict[str, Any] = {}
     # Over members (stderr); the spliced loss and feature passes draw their own bars under it.
     bar = tqdm(total=len(loaded), desc="eval", unit="member", disable=len(loaded) < 2)
-    for hook, group in by_hook.items():  # one read of the held-out rows per hook, for the bank
+    for (inputs, outputs), group in by_io.items():  # one read of the held-out rows per group
+        hook = inputs[0]
         max_norm = _outlier_max_norm(group)
-        reader = ActivationReader(store, hook, held_out, cfg.eval.batch_size, shuffle=False,
-                                  drop_last=False, max_norm=max_norm,
-                                  exclude_token_ids=store.metadata["exclude_token_ids"])
+        reader = _reader(cfg, store, held_out, inputs, outputs, max_norm)
         saes = [g[1] for g in group]
-        spliced = _spliced(cfg, store, model, saes, hook, held_out, max_norm)
-        for i, ((folder, sae, sae_cfg), metrics) in enumerate(zip(group, evaluate_saes(saes, reader))):
-            metrics.update(member=folder.name, hook=hook, kind=sae.kind, d_sae=sae.d_sae,
+        spliced = _spliced(cfg, store, model, group, held_out, max_norm)
+        metrics_all = evaluate_saes(saes, reader, outputs)
+        for i, ((folder, sae, sae_cfg), metrics) in enumerate(zip(group, metrics_all)):
+            metrics.update(member=folder.name, hook=hook, kind=sae.kind, form=sae.form.name,
+                           inputs=list(inputs), targets=list(outputs), d_sae=sae.d_sae,
                            training_tokens=sae_cfg["metadata"].get("training_tokens"),
                            outlier_max_norm=max_norm,
                            **(spliced[i] if spliced else {}))
@@ -87,11 +91,12 @@ def evaluate(cfg: RunConfig) -> dict[str, dict[str, Any]]:
             out.mkdir(parents=True, exist_ok=True)
             (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
             results[folder.name] = metrics
-            if cfg.eval.features:
-                _features(cfg, store, model, sae, hook, held_out, folder.name, out)
+            if cfg.eval.features and len(inputs) == 1:
+                _features(cfg, store, model, sae, hook, outputs[0], held_out, folder.name, out)
             bar.update(1)
         splits.update(_splitting(cfg, [(f.name, s) for f, s, _ in group]))
-        universal.update(_universality([(f.name, s) for f, s, _ in group], reader))
+        inputs_only = reader if isinstance(reader, ActivationReader) else reader.inputs
+        universal.update(_universality([(f.name, s) for f, s, _ in group], inputs_only))
     bar.close()
     if splits:
         (eval_dir / "splitting.json").write_text(json.dumps(splits))
@@ -123,13 +128,44 @@ def _load_model(cfg: RunConfig, store: ActivationStore) -> tuple[Any, Any]:
     return load_model(cfg.model), load_tokenizer(cfg.model)
 
 
+def _reader(cfg: RunConfig, store: ActivationStore, rows: range, inputs: tuple[str, ...],
+            outputs: tuple[str, ...], max_norm: float | None) -> Any:
+    """The held-out batches of a group: tensors of its hook (SAEs), or (input, target) pairs
+    read from every hook of the group in lockstep (store/bank_reader.py)."""
+    kwargs = dict(shuffle=False, drop_last=False,
+                  exclude_token_ids=store.metadata["exclude_token_ids"])
+    if inputs == outputs and len(inputs) == 1:
+        return ActivationReader(store, inputs[0], rows, cfg.eval.batch_size, max_norm=max_norm,
+                                **kwargs)
+    hooks = list(dict.fromkeys(inputs + outputs))
+    bank = BankReader(store, hooks, rows, cfg.eval.batch_size, seed=0,
+                      scales={h: 1.0 for h in hooks}, **kwargs)
+
+    class Pairs:  # re-iterable, as evaluate_saes and _universality each take a pass
+        def __iter__(self) -> Any:
+            for batch in bank.iter_epoch(0):
+                x = torch.cat([batch[h] for h in inputs], 1)  # (batch, d_in)
+                yield x, torch.cat([batch[h] for h in outputs], 1)  # (batch, d_out)
+
+    class Inputs:  # the inputs alone (what a member encodes), re-iterable too
+        def __iter__(self) -> Any:
+            return (x for x, _ in Pairs())
+
+    pairs = Pairs()
+    pairs.inputs = Inputs()  # type: ignore[attr-defined]
+    return pairs
+
+
 def _spliced(cfg: RunConfig, store: ActivationStore, model: tuple[Any, Any] | None,
-             saes: list[SparseAutoencoder], hook: str, rows: range, max_norm: float | None = None
-             ) -> list[dict[str, Any]] | None:
-    """The spliced-loss metrics of each SAE on the first eval.spliced_tokens held-out tokens."""
+             group: list[tuple[Path, SparseAutoencoder, dict[str, Any]]], rows: range,
+             max_norm: float | None = None) -> list[dict[str, Any]] | None:
+    """The spliced-loss metrics of each member on the first eval.spliced_tokens held-out tokens
+    (eval/replacement.py: an SAE at its hook, a transcoder or CLT replacing MLPs, a crosscoder
+    per hook, given as `*_by_hook`)."""
     if not cfg.eval.spliced or model is None:
         return None
-    from distributed_sae.eval.spliced import contexts_from_rows, spliced_loss
+    from distributed_sae.eval.replacement import member_splices
+    from distributed_sae.eval.spliced import contexts_from_rows, splice_losses
     from distributed_sae.models import arch_spec
 
     loaded, _ = model
@@ -137,17 +173,34 @@ def _spliced(cfg: RunConfig, store: ActivationStore, model: tuple[Any, Any] | No
         log.warning("%s is not a causal LM: no spliced loss (FVU only)", cfg.model.name)
         return None
     contexts = contexts_from_rows(store, rows, max(1, cfg.eval.spliced_tokens // store.context_size))
-    return spliced_loss(loaded, saes, hook, contexts, cfg.eval.spliced_batch_size,
-                        ignore_token_ids=store.metadata["exclude_token_ids"], max_norm=max_norm)
+    per_member = [member_splices(loaded, sae, sae_cfg, max_norm) for _, sae, sae_cfg in group]
+    flat = [splice for splices in per_member for _, splice in splices]
+    losses = iter(splice_losses(loaded, flat, contexts, cfg.eval.spliced_batch_size,
+                                ignore_token_ids=store.metadata["exclude_token_ids"]))
+    out = []
+    for splices in per_member:
+        mine = [(hook, next(losses)) for hook, _ in splices]
+        if len(mine) == 1 and mine[0][0] is None:
+            out.append(mine[0][1])
+        else:  # a crosscoder: per hook, and their mean as the headline numbers
+            by_hook = {h: r for h, r in mine}
+            mean = {k: sum(r[k] for r in by_hook.values()) / max(1, len(by_hook))
+                    for k in SPLICED_KEYS}
+            out.append({**mean, "spliced_by_hook": by_hook} if by_hook else {})
+    return out
 
 
 def _features(cfg: RunConfig, store: ActivationStore, model: tuple[Any, Any] | None,
-              sae: SparseAutoencoder, hook: str, rows: range, member: str, out: Path) -> None:
+              sae: SparseAutoencoder, hook: str, target: str, rows: range, member: str,
+              out: Path) -> None:
+    """features.json and the dashboard's data: contexts from the member's input `hook`, logit
+    effects of its decoder rows through the `target` hook it writes (a transcoder feature's
+    output reaches the logits from hook_mlp_out)."""
     from distributed_sae.eval.features import feature_report, unembedding, write_feature_report
 
     loaded, tokenizer = model
     try:
-        unembed = unembedding(loaded, hook)
+        unembed = unembedding(loaded, target)
     except ValueError as err:  # no LM head (BERT): contexts and densities only
         log.warning("%s", err)
         unembed = None

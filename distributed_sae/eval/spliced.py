@@ -23,7 +23,8 @@ them).
 from __future__ import annotations
 
 import logging
-from typing import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, Callable, ContextManager, Sequence
 
 import numpy as np
 import torch
@@ -106,6 +107,30 @@ def _batch_terms(logp: Tensor, logp_clean: Tensor, ids: Tensor, counted: Tensor
     return float(ce[counted].double().sum()), float(kl[counted].double().sum())
 
 
+# A splice: given one batch's token ids (batch, seq) and its keep mask (batch, seq; positions
+# that keep their clean activation), a context manager inside which the model's forward passes
+# run with the member spliced in. `Splice.zero` is the ablation baseline of the same place
+# (loss_recovered is measured against it); members with the same `zero_key` share its pass.
+PatchFactory = Callable[[Tensor, Tensor], ContextManager[None]]
+
+
+@dataclass(frozen=True)
+class Splice:
+    label: str  # the hook (or MLP layers) this splice replaces, for the log
+    patch: PatchFactory
+    zero: PatchFactory
+    zero_key: tuple[Any, ...]
+
+
+def sae_splice(loaded: LoadedModel, sae: SparseAutoencoder | None, hook: str,
+               max_norm: float | None = None) -> Splice:
+    """An SAE spliced in at `hook` (None: the zero ablation), its baseline the zero ablation."""
+    def at(member: SparseAutoencoder | None) -> PatchFactory:
+        return lambda ids, keep: patch_hook(loaded, hook, _splice_fn(member, keep, max_norm))
+
+    return Splice(hook, at(sae), at(None), ("hook", hook, max_norm))
+
+
 @torch.no_grad()
 def spliced_loss(loaded: LoadedModel, saes: Sequence[SparseAutoencoder], hook: str,
                  contexts: Tensor, batch_size: int = 8,
@@ -121,6 +146,17 @@ def spliced_loss(loaded: LoadedModel, saes: Sequence[SparseAutoencoder], hook: s
     ce_spliced, ce_zero, ce_delta (= spliced - clean), loss_recovered, kl_div, n_tokens.
     """
     check_hooks([hook], loaded.n_layers)
+    return splice_losses(loaded, [sae_splice(loaded, sae, hook, max_norm) for sae in saes],
+                         contexts, batch_size, ignore_token_ids)
+
+
+@torch.no_grad()
+def splice_losses(loaded: LoadedModel, splices: Sequence[Splice], contexts: Tensor,
+                  batch_size: int = 8, ignore_token_ids: Sequence[int] = ()
+                  ) -> list[dict[str, float | int]]:
+    """spliced_loss for any splices (sae_splice, eval/replacement.py's transcoder, CLT and
+    crosscoder splices): per batch one clean pass, one zero pass per distinct baseline, one
+    spliced pass per splice. Returns one dict per splice, in order (keys as spliced_loss)."""
     if not arch_spec(loaded.arch).causal:
         raise ValueError(f"spliced loss needs a causal LM, but {loaded.name} is {loaded.arch!r} "
                          f"(loaded without an LM head): evaluate such SAEs by FVU only")
@@ -130,40 +166,45 @@ def spliced_loss(loaded: LoadedModel, saes: Sequence[SparseAutoencoder], hook: s
     if batch_size <= 0:
         raise ValueError(f"batch_size must be positive, got {batch_size}")
     ignore = torch.as_tensor(list(ignore_token_ids), dtype=torch.long)
-    ce = np.zeros(len(saes) + 2)  # [clean, zero, sae_0, ...] sums of CE
-    kl = np.zeros(len(saes))
+    zeros = list(dict.fromkeys(s.zero_key for s in splices))
+    ce_clean, ce_zero = 0.0, np.zeros(len(zeros))
+    ce, kl = np.zeros(len(splices)), np.zeros(len(splices))
     n = 0
+    labels = ", ".join(dict.fromkeys(s.label for s in splices))
     # One bar for the bank: each batch runs the clean, zero and every member's spliced pass.
-    for start in tqdm(range(0, len(contexts), batch_size), desc=f"spliced loss {hook}",
+    for start in tqdm(range(0, len(contexts), batch_size), desc=f"spliced loss {labels}",
                       unit="batch", leave=False):
         ids = contexts[start:start + batch_size].long()  # (batch, seq)
         keep = torch.isin(ids, ignore)  # (batch, seq): ignored positions keep clean activations
         counted = ~keep[:, :-1] & ~keep[:, 1:]  # (batch, seq-1) predictions that count
         n += int(counted.sum())
         clean = _logprobs(loaded, ids)
-        ce[0] += _batch_terms(clean, clean, ids, counted)[0]
-        with patch_hook(loaded, hook, _splice_fn(None, keep, max_norm)):
-            ce[1] += _batch_terms(_logprobs(loaded, ids), clean, ids, counted)[0]
-        for i, sae in enumerate(saes):
-            with patch_hook(loaded, hook, _splice_fn(sae, keep, max_norm)):
+        ce_clean += _batch_terms(clean, clean, ids, counted)[0]
+        for j, key in enumerate(zeros):
+            first = next(s for s in splices if s.zero_key == key)
+            with first.zero(ids, keep):
+                ce_zero[j] += _batch_terms(_logprobs(loaded, ids), clean, ids, counted)[0]
+        for i, splice in enumerate(splices):
+            with splice.patch(ids, keep):
                 c, k = _batch_terms(_logprobs(loaded, ids), clean, ids, counted)
-            ce[i + 2] += c
+            ce[i] += c
             kl[i] += k
     if n == 0:
         raise ValueError("no prediction counted: every context is made of ignored tokens; "
                          "check ignore_token_ids")
-    ce_clean, ce_zero = ce[0] / n, ce[1] / n
+    out = [_loss_summary(ce_clean / n, ce_zero[zeros.index(s.zero_key)] / n, ce[i] / n,
+                         kl[i] / n, n) for i, s in enumerate(splices)]
+    log.info("spliced loss at %s on %d tokens: clean %.4f, spliced %s", labels, n,
+             ce_clean / n, ", ".join(f"{r['ce_spliced']:.4f}" for r in out))
+    return out
+
+
+def _loss_summary(ce_clean: float, ce_zero: float, ce_spliced: float, kl: float, n: int
+                  ) -> dict[str, float | int]:
     gap = ce_zero - ce_clean
-    out = []
-    for i in range(len(saes)):
-        ce_spliced = ce[i + 2] / n
-        out.append({
-            "ce_clean": ce_clean, "ce_spliced": ce_spliced, "ce_zero": ce_zero,
-            "ce_delta": ce_spliced - ce_clean,
+    return {"ce_clean": float(ce_clean), "ce_spliced": float(ce_spliced),
+            "ce_zero": float(ce_zero), "ce_delta": float(ce_spliced - ce_clean),
             # A gap of ~0 (zero-ablating changes nothing) makes the fraction meaningless.
-            "loss_recovered": (ce_zero - ce_spliced) / gap if abs(gap) > 1e-9 else float("nan"),
-            "kl_div": kl[i] / n, "n_tokens": n,
-        })
-    log.info("spliced loss at %s on %d tokens: clean %.4f, zero %.4f, spliced %s", hook, n,
-             ce_clean, ce_zero, ", ".join(f"{r['ce_spliced']:.4f}" for r in out))
-    return [{k: (v if k == "n_tokens" else float(v)) for k, v in r.items()} for r in out]
+            "loss_recovered": float((ce_zero - ce_spliced) / gap) if abs(gap) > 1e-9
+            else float("nan"),
+            "kl_div": float(kl), "n_tokens": n}

@@ -41,11 +41,26 @@ CARD_METRICS = (
 PLOTS = (("frontier.png", "frontier.png", "sparsity-fidelity frontier of the bank"),
          ("{member}/density.png", "density.png", "feature density"))
 REPO_PLACEHOLDER = "<org>/<repo>"
+FORM_WORDS = {"sae": "sparse autoencoder", "skip_transcoder": "skip-transcoder",
+              "clt": "cross-layer transcoder"}
+# Architectures SAELens 6.54 registers a class for (sae_lens/__init__.py's register_sae_class).
+SAELENS_ARCHITECTURES = ("standard", "topk", "jumprelu", "gated", "transcoder", "skip_transcoder",
+                         "jumprelu_transcoder", "jumprelu_skip_transcoder")
 
 
-def _load_lines(name: str, repo_id: str | None) -> list[str]:
-    """How to load member `name`; on the Hub every member is a sub-folder of the repo."""
+def _load_lines(name: str, repo_id: str | None, saelens: bool = True) -> list[str]:
+    """How to load member `name`; on the Hub every member is a sub-folder of the repo.
+    `saelens`: whether SAELens has a class for the folder's architecture."""
     repo = repo_id or REPO_PLACEHOLDER
+    ours = [
+        "## Load it", "", "With distributed-sae:", "", "```python", "from distributed_sae import SAE",
+        f'sae = SAE.load("path/to/{name}")                  # this folder',
+        f'sae = SAE.load("{repo}", member="{name}")  # from the Hub',
+        "features = sae.encode(activations)  # (batch, d_in) -> (batch, d_sae)", "```", ""]
+    if not saelens:
+        return ours + ["SAELens (6.54) has no class for this architecture; the files follow its "
+                       "layout (cfg.json + sae_weights.safetensors) and are read by "
+                       "distributed-sae's loader.", ""]
     return [
         "## Load it", "", "With distributed-sae:", "", "```python", "from distributed_sae import SAE",
         f'sae = SAE.load("path/to/{name}")                  # this folder',
@@ -64,14 +79,20 @@ def model_card(name: str, cfg: Mapping[str, Any], metrics: Mapping[str, Any] | N
     meta = cfg.get("metadata") or {}
     kind = meta.get("dsae_kind", cfg["architecture"])
     params = ", ".join(f"{k}={v}" for k, v in (meta.get("dsae_params") or {}).items())
-    rows = [("model", f"`{meta.get('model_name')}`"), ("hook", f"`{meta.get('hook_name')}`"),
+    form = (meta.get("dsae_form") or {}).get("name", "sae")
+    inputs = meta.get("dsae_inputs") or [meta.get("hook_name")]
+    targets = meta.get("dsae_targets") or inputs
+    hooks = (f"`{inputs[0]}`" if targets == inputs and len(inputs) == 1 else
+             f"{', '.join(f'`{h}`' for h in inputs)} -> {', '.join(f'`{h}`' for h in targets)}")
+    rows = [("model", f"`{meta.get('model_name')}`"), ("hooks", hooks), ("form", form),
             ("kind", f"{kind} ({params})" if params else kind),
             ("SAELens architecture", f"`{cfg['architecture']}`"),
-            ("d_in / d_sae", f"{cfg['d_in']} / {cfg['d_sae']}"),
+            ("d_in / d_sae / d_out", f"{cfg['d_in']} / {cfg['d_sae']} / "
+                                     f"{cfg.get('d_out', cfg['d_in'])}"),
             ("training tokens", meta.get("training_tokens")),
             ("dataset", f"`{meta.get('dataset_path')}`"), ("dtype", cfg.get("dtype"))]
     lines = [*FRONT_MATTER, f"# {name}", "",
-             f"A {kind} sparse autoencoder with {cfg['d_sae']} latents on `{meta.get('hook_name')}` "
+             f"A {kind} {FORM_WORDS.get(form, form)} with {cfg['d_sae']} latents on {hooks} "
              f"of `{meta.get('model_name')}`, trained with distributed-sae.", "",
              "| | |", "|---|---|", *(f"| {k} | {v} |" for k, v in rows), ""]
     if metrics:
@@ -82,7 +103,8 @@ def model_card(name: str, cfg: Mapping[str, Any], metrics: Mapping[str, Any] | N
         lines.append("")
     for file, caption in (plots or {}).items():
         lines += [f"![{caption}]({file})", ""]
-    return "\n".join(lines + _load_lines(name, repo_id))
+    known = cfg["architecture"] in SAELENS_ARCHITECTURES
+    return "\n".join(lines + _load_lines(name, repo_id, known))
 
 
 def export_member(src: Path, export_dir: Path, dtype: torch.dtype, eval_dir: Path | None,

@@ -2,7 +2,8 @@
 
 A transcoder's features read the MLP's input (`blocks.L.ln2.hook_normalized`) and write its output
 (`blocks.L.hook_mlp_out`). `patch_mlp` splices such a model in: inside the block, the output of
-each listed MLP is `fn(L, recorded)`, computed from the MLP inputs recorded so far in the pass. A
+each listed MLP is `fn(L, recorded, own)`, computed from the MLP inputs recorded so far in the
+pass (and the MLP's own output, which positions that must stay clean keep). A
 single-layer transcoder uses `recorded[L]` only; a cross-layer transcoder, whose output at layer L
 depends on the inputs of every covered layer <= L, uses them all.
 """
@@ -22,9 +23,11 @@ from distributed_sae.models.registry import LoadedModel
 
 @contextmanager
 def patch_mlp(
-    loaded: LoadedModel, layers: Sequence[int], fn: Callable[[int, dict[int, Tensor]], Tensor]
+    loaded: LoadedModel, layers: Sequence[int],
+    fn: Callable[[int, dict[int, Tensor], Tensor], Tensor],
 ) -> Iterator[None]:
-    """Inside the block, the MLP output of each layer L in `layers` is replaced by fn(L, recorded).
+    """Inside the block, the MLP output of each layer L in `layers` is replaced by
+    fn(L, recorded, own), `own` being what the MLP computed itself (batch, seq, d_model).
 
     On every forward pass the MLP input of each listed layer (batch, seq, d_model; what
     `blocks.L.ln2.hook_normalized` captures) is recorded; `recorded` is reset when the lowest listed
@@ -74,7 +77,7 @@ def patch_mlp(
             seen = {k: x for k, x in recorded.items() if k <= layer}
             in_fn[0] = True
             try:
-                new = _replaced(_first_tensor(output), lambda _old: fn(layer, seen), hook, "patch_mlp")
+                new = _replaced(_first_tensor(output), lambda old: fn(layer, seen, old), hook, "patch_mlp")
             finally:
                 in_fn[0] = False
             return (new, *output[1:]) if isinstance(output, tuple) else new

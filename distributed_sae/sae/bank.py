@@ -215,6 +215,10 @@ def _explicit(sae: SAEConfig, train: TrainConfig, hooks: Sequence[str],
     cls = sae_class(kind)
     form = str(entry.get("form", ""))
     inputs, targets = _entry_hooks(entry, form, hooks, where)
+    if form == "clt" and not cls.per_latent_codes:
+        raise ConfigError(f"{where}: a clt of kind {kind} would pick each token's codes across "
+                          f"layers, so layer l's features would read later layers (acausal): "
+                          f"use kind batchtopk, jumprelu, relu, gated or matryoshka")
     own = {k: v for k, v in entry.items() if k not in MEMBER_KEYS}
     values = config_values(sae=sae, train=train)
     for name in SWEEPABLE:

@@ -58,6 +58,10 @@ class SparseAutoencoder(nn.Module):
     default_lr: ClassVar[float] = 1e-3
     # The kind's parameters (sae/params.py): the constructor's keywords after (d_in, d_sae).
     Params: ClassVar[type[KindParams]] = KindParams
+    # Whether a latent's inference-time code depends on its own pre-activation only (False for
+    # TopK, whose per-token top-k compares all latents). A CLT needs True: its layer-l latents
+    # must not depend on later layers' inputs, which the replacement model has not computed yet.
+    per_latent_codes: ClassVar[bool] = True
     # Whether parallel/latent_shard.py can split it by latents, and why not (for the message).
     shardable: ClassVar[bool] = True
     unshardable_reason: ClassVar[str] = ""
@@ -97,6 +101,10 @@ class SparseAutoencoder(nn.Module):
         self.register_buffer("_zero_in", torch.zeros(d_in, dtype=dtype), persistent=False)
         if form.skip:  # (d_out, d_in) SAELens's layout; zeros until train/norm.py's least squares
             self.W_skip = nn.Parameter(torch.zeros(self.d_out, d_in, dtype=dtype))
+        if form.groups and not self.per_latent_codes:
+            raise ValueError(f"a clt of kind {self.kind} would select each token's codes across "
+                             f"layers (acausal): use a kind with per-latent codes, e.g. batchtopk, "
+                             f"jumprelu, relu")
         if form.groups:
             self.register_buffer("latent_group", torch.arange(d_sae) % form.groups)  # (d_sae,)
             self.set_latent_groups(self.latent_group)

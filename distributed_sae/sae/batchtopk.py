@@ -47,6 +47,7 @@ class BatchTopKSAE(TopKSAE):
     kind = "batchtopk"
     architecture = "jumprelu"
     Params = BatchTopKParams
+    per_latent_codes = True  # at inference, one threshold per latent
 
     def __init__(self, d_in: int, d_sae: int, k: int, *, auxk_coefficient: float = 1 / 32,
                  threshold_momentum: float = 0.99, seed: int = 0,

@@ -45,6 +45,7 @@ class TopKSAE(SparseAutoencoder):
     kind = "topk"
     architecture = "topk"
     Params = TopKParams
+    per_latent_codes = False  # a token's k largest over all latents
 
     def __init__(self, d_in: int, d_sae: int, k: int, *, auxk_coefficient: float = 1 / 32,
                  seed: int = 0, dtype: torch.dtype = torch.float32,
