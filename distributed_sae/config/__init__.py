@@ -7,6 +7,7 @@ from distributed_sae.config.schema import (
     EvalConfig,
     ExportConfig,
     HarvestConfig,
+    ModelBConfig,
     ModelConfig,
     RunConfig,
     SAEConfig,
@@ -18,5 +19,5 @@ from distributed_sae.config.schema import (
 
 __all__ = [
     "ClusterConfig", "ConfigError", "DataConfig", "EvalConfig", "ExportConfig", "HarvestConfig",
-    "ModelConfig", "RunConfig", "SAEConfig", "SteerConfig", "StoreConfig", "TrainConfig", "parse_hook",
+    "ModelBConfig", "ModelConfig", "RunConfig", "SAEConfig", "SteerConfig", "StoreConfig", "TrainConfig", "parse_hook",
 ]

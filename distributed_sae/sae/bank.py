@@ -1,18 +1,21 @@
 """A bank: the members one job trains together from one pass over the store, and its grammar.
 
-A member is data: the hook(s) it reads, the hook(s) it reconstructs, its kind, width, the kind's
-own parameters (sae/params.py), learning rate and seed. The config describes a bank either as a
-cross product
+A member is data: the hook(s) it reads, the hook(s) it reconstructs, its form (sae/forms.py:
+sae, transcoder, skip_transcoder, crosscoder, clt), kind, width, the kind's own parameters
+(sae/params.py), learning rate and seed. The config describes a bank either as a cross product
 
-    sae.hooks x sae.kinds x sae.widths x (each kind's swept parameters: sae.k, sae.l1_coefficient,
-    sae.l0_coefficient) x train.lr
+    sae.hooks x sae.forms x sae.kinds x sae.widths x (each kind's swept parameters: sae.k,
+    sae.l1_coefficient, sae.l0_coefficient) x train.lr
 
+(a transcoder form on a hook of layer L reads blocks.L.ln2.hook_normalized and reconstructs
+blocks.L.hook_mlp_out, so sae.forms=[sae,transcoder] over [blocks.15.hook_mlp_out] compares what
+the MLP writes with what it computes)
 (a list-valued key is swept, a scalar is shared; a parameter only multiplies the kinds that have
 it: sae.k=[16,64] gives two topk members per width but one relu member), or as an explicit list
 `sae.members=[{kind: topk, width: 2304, k: 16, hook: ...}, ...]` for banks that are not a product
 (missing keys come from the sae config's scalars).
 
-Member ids are folder names: `<kind>_w<width>[_k<k>][_<tag><value>...]_s<seed>`, where a tag
+Member ids are folder names: `[<form>_]<kind>_w<width>[_k<k>][_<tag><value>...]_s<seed>`, where a tag
 appears when that parameter takes more than one value among the bank's members of the kind (so
 a plain width sweep keeps `topk_w2304_k32_s0`), prefixed by the hook (`l15_mlp_out.`) when the
 bank spans several hooks. The same config always gives the same ids; a collision is refused.
@@ -31,31 +34,38 @@ from typing import Any, Mapping, Optional, Sequence
 import torch
 
 from distributed_sae.config import ConfigError, SAEConfig, TrainConfig
-from distributed_sae.config.checks import parse_hook
+from distributed_sae.config.checks import MODEL_B_PREFIX, bare_hook, is_model_b, parse_hook
 from distributed_sae.sae.base import SparseAutoencoder
 from distributed_sae.sae.forms import FORMS, Form
 from distributed_sae.sae.params import SWEEPABLE, KindParams, config_values
 from distributed_sae.sae.registry import k_kinds, sae_class
 
 
+# Folder-name tag of the second model's hooks: 'b/blocks.15.hook_resid_post' -> 'b_l15_resid_post'.
+B_TAG = "b_"
+
+
 def hook_tag(hook: str) -> str:
-    """'blocks.15.hook_resid_post' -> 'l15_resid_post', 'blocks.15.mlp.hook_post' -> 'l15_mlp_post'."""
-    m = re.match(r"^blocks\.(\d+)\.(.+)$", hook)
+    """'blocks.15.hook_resid_post' -> 'l15_resid_post', 'blocks.15.mlp.hook_post' -> 'l15_mlp_post',
+    the second model's 'b/blocks.15.hook_resid_post' -> 'b_l15_resid_post'."""
+    prefix = B_TAG if is_model_b(hook) else ""
+    m = re.match(r"^blocks\.(\d+)\.(.+)$", bare_hook(hook))
     if m is None:
         return re.sub(r"[^A-Za-z0-9_]+", "_", hook)
     rest = m.group(2).replace("hook_", "").replace(".", "_")
-    return f"l{m.group(1)}_{rest}"
+    return f"{prefix}l{m.group(1)}_{rest}"
 
 
 def hooks_tag(hooks: Sequence[str]) -> str:
-    """hook_tag of one hook; of consecutive layers' same hook 'l12-15_ln2_normalized'; else the
-    tags joined by '+'."""
+    """hook_tag of one hook; of consecutive layers' same hook of one model
+    'l12-15_ln2_normalized' ('b_l12-15_...'); else the tags joined by '+'."""
     tags = [hook_tag(h) for h in hooks]
-    parsed = [re.match(r"^l(\d+)_(.+)$", t) for t in tags]
-    if len(tags) > 1 and all(parsed) and len({m.group(2) for m in parsed}) == 1:  # type: ignore
-        layers = [int(m.group(1)) for m in parsed]  # type: ignore[union-attr]
+    parsed = [re.match(r"^((?:" + B_TAG + r")?)l(\d+)_(.+)$", t) for t in tags]
+    if len(tags) > 1 and all(parsed) and len({m.group(1, 3) for m in parsed}) == 1:  # type: ignore
+        layers = [int(m.group(2)) for m in parsed]  # type: ignore[union-attr]
         if layers == list(range(layers[0], layers[0] + len(layers))):
-            return f"l{layers[0]}-{layers[-1]}_{parsed[0].group(2)}"  # type: ignore[union-attr]
+            prefix, rest = parsed[0].group(1, 3)  # type: ignore[union-attr]
+            return f"{prefix}l{layers[0]}-{layers[-1]}_{rest}"
     return "+".join(tags)
 
 
@@ -139,16 +149,23 @@ def _lrs(train: TrainConfig) -> list[float | None]:
     return _as_list(train.lr)
 
 
-def mlp_io(layer: int) -> tuple[tuple[str, ...], tuple[str, ...]]:
-    """A transcoder of layer L's MLP: (its input after the norm,), (its output,)."""
-    return (f"blocks.{layer}.ln2.hook_normalized",), (f"blocks.{layer}.hook_mlp_out",)
+def mlp_io(layer: int, prefix: str = "") -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """A transcoder of layer L's MLP: (its input after the norm,), (its output,); prefix
+    MODEL_B_PREFIX: of the second model's layer L."""
+    block = f"{prefix}blocks.{layer}"
+    return (f"{block}.ln2.hook_normalized",), (f"{block}.hook_mlp_out",)
+
+
+def _layer_io(hook: str) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """mlp_io of `hook`'s layer, in `hook`'s model (a 'b/' hook: the second model's MLP)."""
+    return mlp_io(parse_hook(hook)[0], MODEL_B_PREFIX if is_model_b(hook) else "")
 
 
 def _form_hooks(form: str, hook: str) -> tuple[tuple[str, ...], tuple[str, ...]]:
     """(inputs, targets) of a product member of `form` on `hook`."""
     if form == "sae":
         return (hook,), ()
-    return mlp_io(parse_hook(hook)[0])  # a transcoder of the hook's layer's MLP
+    return _layer_io(hook)  # a transcoder of the hook's layer's MLP
 
 
 def _product(sae: SAEConfig, hooks: Sequence[str], train: TrainConfig) -> list[MemberSpec]:
@@ -196,7 +213,7 @@ def _entry_hooks(entry: Mapping[str, Any], form: str, hooks: Sequence[str],
     if form in ("transcoder", "skip_transcoder") and "inputs" not in entry:
         if "layer" in entry:
             return mlp_io(int(entry["layer"]))
-        return mlp_io(parse_hook(str(entry.get("hook", hooks[0])))[0])
+        return _layer_io(str(entry.get("hook", hooks[0])))
     inputs = tuple(_as_list(entry.get("inputs", entry.get("hook", hooks[0]))))
     targets = tuple(_as_list(entry.get("targets", ())))
     for hook in inputs + targets:

@@ -32,9 +32,10 @@ class ShardFiles:
 
     def __init__(self, root: Path, meta: dict, shard_rows: int, chunk_rows: int) -> None:
         self.root, self.shard_rows, self.chunk_rows = root, shard_rows, chunk_rows
-        # The store holding the array, for error messages: <store>/acts/<hook> or <store>/<name>
-        # (hook names have no "/").
-        self.store = root.parent.parent if root.parent.name == "acts" else root.parent
+        # The store holding the array, for error messages: <store>/acts/<hook>, <store>/acts/b/
+        # <hook> (the second model's hooks, 'b/...') or <store>/<name>.
+        up = [p for p in root.parents if p.name == "acts"][:1]
+        self.store = up[0].parent if up else root.parent
         self.dtype = np.dtype(meta["data_type"])
         self.row_shape = tuple(meta["shape"][1:])
         self.row_bytes = self.dtype.itemsize * int(np.prod(self.row_shape, dtype=np.int64))

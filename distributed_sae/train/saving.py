@@ -51,7 +51,9 @@ def provenance(cfg: RunConfig, store: ActivationStore, hook: str) -> dict[str, A
     return {"model_name": meta["model_name"], "model_revision": meta.get("model_revision"),
             "hook_name": hook, "hook_head_index": None,
             "context_size": meta["context_size"], "prepend_bos": meta["corpus"]["prepend_bos"],
-            "dataset_path": meta["corpus"]["name"], "store_path": str(store.path)}
+            "dataset_path": meta["corpus"]["name"], "store_path": str(store.path),
+            # the second model of a model diff, when the store holds its 'b/...' hooks
+            **{k: meta.get(k) for k in ("model_b_name", "model_b_revision") if k in meta}}
 
 
 def member_scales(spec: MemberSpec, norms: Mapping[str, InputNorm], store: ActivationStore
