@@ -671,3 +671,39 @@ def test_clt_member_builds_the_clt_form():
                                                                       (g + 1) * CLT_IN))
         assert dec[i].nonzero().squeeze(1).tolist() == list(range(g * CLT_OUT,
                                                                   CLT_LAYERS * CLT_OUT))
+
+
+def test_crosscoder_over_hooks_of_different_widths() -> None:
+    # The hooks are concatenated, so no kind needs equal widths (e.g. a residual stream of 8 and
+    # MLP neurons of 20): per-hook slices of the decoder rows have each hook's own width.
+    torch.manual_seed(0)
+    from distributed_sae.sae import TopKSAE
+
+    sae = TopKSAE(28, 32, k=4, form=Form("crosscoder", (8, 20)))
+    x = torch.randn(16, 28)
+    out = sae.loss(x)
+    assert out.x_hat.shape == (16, 28) and torch.isfinite(out.loss)
+    out.loss.backward()
+    assert sae.W_dec.grad is not None and sae.W_dec.grad[:, 8:].abs().sum() > 0
+
+
+def test_placement_cost_counts_every_hook_of_a_member() -> None:
+    # A crosscoder over 3 hooks reads and writes 3 x d: 3x an SAE's FLOPs and ~3x its state; a
+    # skip-transcoder adds its d x d map to both.
+    from distributed_sae.parallel.placed import spec_cost
+    from distributed_sae.parallel.placement import member_cost
+    from distributed_sae.sae.bank import MemberSpec
+    from distributed_sae.sae.topk import TopKParams
+
+    hooks = tuple(f"blocks.{l}.hook_resid_post" for l in range(3))
+    dims = {h: 576 for h in hooks} | {"blocks.3.ln2.hook_normalized": 576,
+                                      "blocks.3.hook_mlp_out": 576}
+    sae = spec_cost(MemberSpec("topk", 4608, TopKParams(), hooks[:1]), dims)
+    xc = spec_cost(MemberSpec("topk", 4608, TopKParams(), hooks), dims)
+    assert sae == member_cost(576, 4608)
+    assert xc.flops_per_token == pytest.approx(3 * sae.flops_per_token)
+    assert 2.9 * sae.state_bytes < xc.state_bytes < 3.1 * sae.state_bytes
+    skip = spec_cost(MemberSpec("topk", 4608, TopKParams(), ("blocks.3.ln2.hook_normalized",),
+                                ("blocks.3.hook_mlp_out",), form="skip_transcoder"), dims)
+    assert skip.flops_per_token == pytest.approx(sae.flops_per_token + 6 * 576 * 576)
+    assert skip.state_bytes > sae.state_bytes

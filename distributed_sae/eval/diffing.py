@@ -31,6 +31,7 @@ from typing import Any, Mapping, Sequence
 import torch
 from torch import Tensor
 
+from distributed_sae.sae.bank import hook_tag
 from distributed_sae.sae.base import SparseAutoencoder
 
 log = logging.getLogger(__name__)
@@ -126,11 +127,12 @@ def plot_decoder_norms(report: Mapping[str, Any], out: str | Path) -> Path:
         for j, h in enumerate(hooks):
             share = torch.tensor(report["shares"][h])[live]
             ax.hist(share.tolist(), bins=BINS, range=(0.0, 1.0), histtype="step",
-                    color=f"C{j % 10}", label=h)
+                    color=f"C{j % 10}", label=hook_tag(h))
         ax.set_xlabel("share of each hook in a feature's decoder norm", fontsize=8)
         ax.legend(fontsize=7)
-    ex = ", ".join(f"{v:.0%}" for v in report["exclusive"].values())
-    ax.set_title(f"{report['member']}: exclusive {ex}, shared {report['shared']:.0%} "
+    names = ["A", "B"] if len(hooks) == 2 else [hook_tag(h) for h in hooks]  # short, for the title
+    ex = ", ".join(f"{n} only {v:.0%}" for n, v in zip(names, report["exclusive"].values()))
+    ax.set_title(f"{report['member']}\n{ex}, shared {report['shared']:.0%} "
                  f"({report['n_counted']} {report['counted']} features)", fontsize=9)
     ax.set_ylabel("features")
     ax.grid(True, alpha=0.3)

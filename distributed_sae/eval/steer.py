@@ -97,6 +97,22 @@ def steer_feature(sae_folder: str | Path, feature: int, scale: float, prompt: st
     return out
 
 
+def _member_model(cfg: Any, member_cfg: dict[str, Any], folder: Path) -> Any:
+    """The model a member steers: model, or model_b for a member of the second model's hook
+    ('b/...', model diffing), whose steering must patch that model."""
+    from distributed_sae.config import ConfigError
+    from distributed_sae.config.checks import is_model_b
+
+    hook = str((member_cfg.get("metadata") or {}).get("hook_name") or "")
+    if not is_model_b(hook):
+        return cfg.model
+    if not cfg.model_b.name:
+        stored = (member_cfg.get("metadata") or {}).get("model_b_name")
+        raise ConfigError(f"{folder.name} is a member of the second model's {hook}: set "
+                          f"model_b.name={stored or '<the second model>'} to steer it")
+    return cfg.model_b
+
+
 def steer_stage(cfg: Any) -> dict[str, Any]:
     """`dsae-steer`: steer with cfg.steer.feature of a trained member (cfg.steer.member, default
     the bank's first) and write out_dir/steer/<member>_f<feature>_x<scale>.json."""
@@ -115,12 +131,14 @@ def steer_stage(cfg: Any) -> dict[str, Any]:
             raise FileNotFoundError(f"steer.member={st.member!r} is neither a folder nor a member "
                                     f"of {cfg.out_dir}/train (members: {names})")
         folder = members[names.index(st.member)] if st.member else members[0]
-    d_sae = int(json.loads((folder / "cfg.json").read_text())["d_sae"])
+    member_cfg = json.loads((folder / "cfg.json").read_text())
+    d_sae = int(member_cfg["d_sae"])
+    model_cfg = _member_model(cfg, member_cfg, folder)
     if st.feature >= d_sae:  # before the model load: a typo should not cost a minute
         raise ConfigError(f"steer.feature={st.feature} is out of range for {folder.name} "
                           f"(d_sae={d_sae}): use 0..{d_sae - 1}")
     out = steer_feature(folder, st.feature, st.scale, st.prompt, st.max_new_tokens,
-                        load_model(cfg.model), load_tokenizer(cfg.model),
+                        load_model(model_cfg), load_tokenizer(model_cfg),
                         temperature=st.temperature, seed=cfg.train.seed)
     path = Path(cfg.out_dir) / "steer" / f"{folder.name}_f{st.feature}_x{st.scale:g}.json"
     path.parent.mkdir(parents=True, exist_ok=True)

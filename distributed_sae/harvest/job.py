@@ -12,9 +12,9 @@ un-commits the damaged ones with a warning naming them, and re-harvests exactly 
 repair that StoreDamagedError's message names.
 
 Model diffing (RunConfig.model_b, hooks 'b/...'): the contexts are packed with model's tokenizer
-and the same ids run through both models, so model_b's tokenizer must be the same (vocabulary,
-BOS and EOS ids); that is checked before the store is touched or any actor starts. The store's
-metadata records model_b's name and revision next to model's.
+and the same ids run through both models, so model_b's tokenizer must have the same vocabulary;
+that is checked before the store is touched or any actor starts. The store's metadata records
+model_b's name and revision next to model's.
 """
 
 from __future__ import annotations
@@ -99,24 +99,25 @@ def _hook_dims(cfg: RunConfig) -> dict[str, int]:
 
 
 def tokenizer_difference(a: Any, b: Any) -> str | None:
-    """What keeps two tokenizers from reading the same token ids as the same tokens, or None:
-    the vocabulary (every token string and its id, added tokens included) and the BOS and EOS
-    ids that packing inserts (data/packing.py). Other special tokens (padding, ...) do not
-    change the stored ids; their rows are excluded for both models (`excluded_ids`)."""
+    """Why two tokenizers would not read the same token ids as the same tokens, or None: their
+    vocabularies (every token string and its id, added and special tokens included) differ."""
     va, vb = a.get_vocab(), b.get_vocab()
-    if va != vb:
-        differ = set(va.items()) ^ set(vb.items())  # (token, id) pairs in one vocabulary only
-        token, idx = min(differ, key=lambda t: (t[1], t[0]))
-        return (f"vocabularies of {len(va)} and {len(vb)} tokens differ in {len(differ)} "
-                f"(token, id) pairs, e.g. {token!r} = {idx} in only one")
-    if bos_eos_ids(a) != bos_eos_ids(b):
-        return f"(BOS, EOS) ids {bos_eos_ids(a)} and {bos_eos_ids(b)}"
-    return None
+    if va == vb:
+        return None
+    differ = set(va.items()) ^ set(vb.items())  # (token, id) pairs in one vocabulary only
+    token, idx = min(differ, key=lambda t: (t[1], t[0]))
+    return (f"vocabularies of {len(va)} and {len(vb)} tokens differ in {len(differ)} (token, id) "
+            f"pairs, e.g. {token!r} = {idx} in only one")
 
 
 def check_model_b_tokenizer(cfg: RunConfig, tokenizer: Any) -> Any:
     """model_b's tokenizer, refused (a one-line ConfigError) unless it reads the ids that
-    model's `tokenizer` packs as the same tokens; None without the second model's hooks."""
+    model's `tokenizer` packs as the same tokens; None without the second model's hooks.
+
+    With the same vocabulary, other BOS and EOS tokens (a base model and its chat fine-tune) only
+    warn: packing inserts model's (data/packing.py), the same strings in both vocabularies, so
+    the rows still line up; model_b then reads model's document markers instead of its own, and
+    the rows of every special token of either tokenizer are excluded (`excluded_ids`)."""
     if not cfg.harvests_model_b:
         return None
     other = load_tokenizer(cfg.model_b)
@@ -126,6 +127,10 @@ def check_model_b_tokenizer(cfg: RunConfig, tokenizer: Any) -> Any:
             f"model.name={cfg.model.name!r} and model_b.name={cfg.model_b.name!r} have different "
             f"tokenizers ({diff}): the same token ids would not line up as the same tokens in "
             f"both models; give model_b a model with model.name's tokenizer")
+    if bos_eos_ids(tokenizer) != bos_eos_ids(other):
+        log.warning("model %s and model_b %s share a vocabulary but not their (BOS, EOS) ids, %s "
+                    "and %s: contexts carry model's, which model_b reads too", cfg.model.name,
+                    cfg.model_b.name, bos_eos_ids(tokenizer), bos_eos_ids(other))
     return other
 
 
