@@ -67,7 +67,9 @@ def test_a_matching_store_passes(store_path):
     (dict(hooks=(HOOK, "blocks.3.hook_mlp_out"), sae_hook="blocks.3.hook_mlp_out"),
      "sae.hook wants blocks.3.hook_mlp_out"),
     (dict(members=[{"width": 64}, {"width": 64, "hook": "blocks.3.hook_mlp_out"}]),
-     "sae.members[1] wants blocks.3.hook_mlp_out"),
+     # refused when the config is built: the member's hook is not among harvest.hooks
+     "member l3_mlp_out.topk_w64_k32_s1 (sae) reads or reconstructs ['blocks.3.hook_mlp_out'], "
+     "not harvested: add it to harvest.hooks="),
 ])
 def test_a_store_that_does_not_match_is_refused(store_path, kwargs, message):
     with pytest.raises(ConfigError) as err:
