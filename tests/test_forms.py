@@ -497,6 +497,10 @@ def test_saelens_transcoder_files(kind, form_name, tmp_path):
 # ---- 6. latent-sharded transcoders ----------------------------------------------------------
 SHARD_KINDS = ("topk", "relu", "jumprelu")  # relu is april_2024: its global gradient clip too
 SHARDS = 2
+# Transcoders of every shard kind, and CLTs of the per-latent ones (their latent_group and block
+# masks are sliced with the latents).
+SHARD_CASES = [(k, f) for k in SHARD_KINDS for f in TRANSCODERS] + [("relu", "clt"),
+                                                                     ("jumprelu", "clt")]
 
 
 def shard_case(kind: str, form_name: str) -> tuple:
@@ -545,12 +549,26 @@ def _shard_worker(rank: int, world: int, port: int, out_dir: str) -> None:
     try:
         comm = ShardComm()  # the default group: both ranks are the member's shards
         res = {}
-        for kind in SHARD_KINDS:
-            for form_name in TRANSCODERS:
-                full, x, y, dead = shard_case(kind, form_name)
-                model = LatentShardedSAE.from_full(full, comm)
-                local_dead = None if dead is None else dead[model.start:model.stop]
-                res[(kind, form_name)] = one_step(model, x, y, local_dead)
+        for kind, form_name in SHARD_CASES:
+            full, x, y, dead = shard_case(kind, form_name)
+            model = LatentShardedSAE.from_full(full, comm)
+            local_dead = None if dead is None else dead[model.start:model.stop]
+            res[(kind, form_name)] = one_step(model, x, y, local_dead)
+        # A fresh CLT shard (the engine's builder, never the whole member) holds the whole
+        # member's layer groups of its latents, with its forbidden blocks zero.
+        from distributed_sae.parallel.sharded_plan import sharded_member_builder
+        from distributed_sae.sae.bank import MemberSpec
+        from distributed_sae.sae.jumprelu import JumpReLUParams
+
+        ins = tuple(f"blocks.{l}.ln2.hook_normalized" for l in range(CLT_LAYERS))
+        outs = tuple(f"blocks.{l}.hook_mlp_out" for l in range(CLT_LAYERS))
+        spec = MemberSpec("jumprelu", N, JumpReLUParams(), ins, outs, form="clt")
+        shard = sharded_member_builder(comm)(spec, {**{h: CLT_IN for h in ins},
+                                                    **{h: CLT_OUT for h in outs}})
+        enc, dec = shard.local.clt_masks()
+        res["fresh_clt"] = {"groups": shard.local.latent_group.clone(),
+                            "forbidden": float(shard.W_enc[~enc].abs().sum()
+                                               + shard.W_dec[~dec].abs().sum())}
         torch.save(res, os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
         destroy_group()
@@ -566,8 +584,16 @@ def sharded_runs(tmp_path_factory) -> list[dict]:
     return [torch.load(out / f"rank{r}.pt") for r in range(SHARDS)]
 
 
-@pytest.mark.parametrize("form_name", TRANSCODERS)
-@pytest.mark.parametrize("kind", SHARD_KINDS)
+def test_fresh_clt_shards_hold_the_members_layer_groups(sharded_runs):
+    from distributed_sae.parallel.latent_shard import shard_range
+
+    for r, got in enumerate(s["fresh_clt"] for s in sharded_runs):
+        start, stop = shard_range(N, SHARDS, r)
+        assert torch.equal(got["groups"], torch.arange(start, stop) % CLT_LAYERS)
+        assert got["forbidden"] == 0.0
+
+
+@pytest.mark.parametrize("kind, form_name", SHARD_CASES)
 def test_latent_sharded_transcoder_matches_unsharded(sharded_runs, kind, form_name):
     from distributed_sae.parallel.latent_shard import latent_axis, shard_range, slice_latents
 
