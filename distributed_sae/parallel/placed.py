@@ -22,7 +22,6 @@ import logging
 from pathlib import Path
 from typing import Any, Mapping
 
-import torch
 import torch.distributed as dist
 
 from distributed_sae.config import RunConfig
