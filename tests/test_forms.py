@@ -426,3 +426,25 @@ def test_placement_cost_counts_every_hook_of_a_member() -> None:
                                 ("blocks.3.hook_mlp_out",), form="skip_transcoder"), dims)
     assert skip.flops_per_token == pytest.approx(sae.flops_per_token + 6 * 576 * 576)
     assert skip.state_bytes > sae.state_bytes
+
+
+@pytest.mark.parametrize("entry, words", [
+    ({"form": "sae", "hook": "blocks.0.hook_resid_post", "targets": ["blocks.0.hook_mlp_out"]},
+     "an sae reads one hook and reconstructs it"),
+    ({"form": "crosscoder", "inputs": ["blocks.0.hook_resid_post"]},
+     "a crosscoder reads two or more hooks"),
+    ({"form": "transcoder", "inputs": ["blocks.0.hook_resid_post", "blocks.1.hook_resid_post"],
+      "targets": ["blocks.0.hook_mlp_out"]}, "a transcoder reads one hook and writes one other"),
+    ({"form": "clt", "inputs": ["blocks.0.ln2.hook_normalized", "blocks.1.ln2.hook_normalized"],
+      "targets": ["blocks.0.hook_mlp_out"]}, "a clt reads one MLP input per layer"),
+])
+def test_a_member_whose_hooks_do_not_fit_its_form_is_refused(entry, words):
+    # Refused when the config is built (exit code 2 through the CLI), not when training starts.
+    hooks = ["blocks.0.hook_resid_post", "blocks.1.hook_resid_post", "blocks.0.hook_mlp_out",
+             "blocks.0.ln2.hook_normalized", "blocks.1.ln2.hook_normalized"]
+    kind = "jumprelu" if entry["form"] == "clt" else "topk"
+    with pytest.raises(ConfigError) as err:
+        RunConfig(harvest=HarvestConfig(hooks=hooks), sae=SAEConfig(
+            widths=[N], k=4, members=[{"kind": kind, "width": N, **entry}]))
+    message = str(err.value)
+    assert message.startswith("sae.members[0]") and words in message and "\n" not in message

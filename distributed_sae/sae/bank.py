@@ -56,6 +56,18 @@ def hook_tag(hook: str) -> str:
     return f"{prefix}l{m.group(1)}_{rest}"
 
 
+# What each form reads and writes, for the message refusing a member that does not fit.
+FORM_SHAPES = {"sae": "an sae reads one hook and reconstructs it (give `hook`)",
+               "crosscoder": "a crosscoder reads two or more hooks and reconstructs them (give "
+                             "`inputs`)",
+               "transcoder": "a transcoder reads one hook and writes one other (give `layer`, or "
+                             "`inputs` and `targets` of one hook each)",
+               "skip_transcoder": "a skip_transcoder reads one hook and writes one other (give "
+                                  "`layer`, or `inputs` and `targets` of one hook each)",
+               "clt": "a clt reads one MLP input per layer and writes one MLP output per layer "
+                      "(give `layers`, two or more)"}
+
+
 def hooks_tag(hooks: Sequence[str]) -> str:
     """hook_tag of one hook; of consecutive layers' same hook of one model
     'l12-15_ln2_normalized' ('b_l12-15_...'); else the tags joined by '+'."""
@@ -94,6 +106,16 @@ class MemberSpec:
             object.__setattr__(self, "form", derived)
         if self.form in ("sae", "crosscoder") and self.targets == self.inputs:
             object.__setattr__(self, "targets", ())
+        n_in, n_out = len(self.inputs), len(self.targets)
+        shape_ok = {"sae": n_in == 1 and n_out == 0, "crosscoder": n_in >= 2 and n_out == 0,
+                    "transcoder": (n_in, n_out) == (1, 1),
+                    "skip_transcoder": (n_in, n_out) == (1, 1),
+                    "clt": n_in == n_out >= 2}.get(self.form)
+        if shape_ok is None:
+            raise ValueError(f"form={self.form!r} is not one of {', '.join(FORMS)}")
+        if not shape_ok:
+            raise ValueError(f"a {self.form} cannot read {list(self.inputs)} and write "
+                             f"{list(self.targets) or list(self.inputs)}: {FORM_SHAPES[self.form]}")
 
     @property
     def hook(self) -> str:
