@@ -17,7 +17,6 @@ import logging
 from pathlib import Path
 from typing import Any
 
-import torch
 from tqdm.auto import tqdm
 
 from distributed_sae.config import ConfigError, RunConfig
@@ -27,7 +26,7 @@ from distributed_sae.eval.metrics import evaluate_saes
 from distributed_sae.sae import SparseAutoencoder, load_sae
 from distributed_sae.eval.replacement import member_io
 from distributed_sae.store import ActivationReader, ActivationStore, split_rows
-from distributed_sae.store.bank_reader import BankReader
+from distributed_sae.store.bank_reader import BankReader, cat_hooks
 
 log = logging.getLogger(__name__)
 
@@ -150,8 +149,8 @@ def _reader(cfg: RunConfig, store: ActivationStore, rows: range, inputs: tuple[s
     class Pairs:  # re-iterable, as evaluate_saes and _universality each take a pass
         def __iter__(self) -> Any:
             for batch in bank.iter_epoch(0):
-                x = torch.cat([batch[h] for h in inputs], 1)  # (batch, d_in)
-                yield x, torch.cat([batch[h] for h in outputs], 1)  # (batch, d_out)
+                # (batch, d_in), (batch, d_out)
+                yield cat_hooks(batch, inputs), cat_hooks(batch, outputs)
 
     class Inputs:  # the inputs alone (what a member encodes), re-iterable too
         def __iter__(self) -> Any:

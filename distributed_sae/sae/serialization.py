@@ -145,8 +145,9 @@ def _read_cfg(folder: Path) -> dict[str, Any]:
     return cfg
 
 
-def _kind_and_params(cfg: dict[str, Any], path: Path) -> tuple[str, dict[str, Any]]:
-    """The class to rebuild and its constructor keywords; refuses a cfg.json at odds with itself."""
+def _kind_and_params(cfg: dict[str, Any], path: Path) -> tuple[str, dict[str, Any], Form]:
+    """The class to rebuild, its constructor keywords and its form; refuses a cfg.json at odds
+    with itself."""
     meta = cfg.get("metadata") or {}
     arch = cfg["architecture"]
     kind = meta.get("dsae_kind") or ARCHITECTURE_KINDS.get(arch)
@@ -170,7 +171,7 @@ def _kind_and_params(cfg: dict[str, Any], path: Path) -> tuple[str, dict[str, An
     if expected != arch:
         raise ValueError(f"{path}: architecture {arch!r} disagrees with kind {kind!r}, which "
                          f"exports as {expected!r}")
-    return kind, params
+    return kind, params, form
 
 
 def _check_sha(folder: Path, cfg: dict[str, Any]) -> None:
@@ -188,7 +189,7 @@ def load_sae(folder: str | Path) -> tuple[SparseAutoencoder, dict[str, Any]]:
     returns (sae, cfg). Refuses files whose cfg.json and tensors disagree, naming the mismatch."""
     folder = Path(folder)
     cfg = _read_cfg(folder)
-    kind, params = _kind_and_params(cfg, folder / CFG_FILE)
+    kind, params, form = _kind_and_params(cfg, folder / CFG_FILE)
     try:
         tensors = load_file(str(folder / WEIGHTS_FILE))
     except Exception:
@@ -196,7 +197,7 @@ def load_sae(folder: str | Path) -> tuple[SparseAutoencoder, dict[str, Any]]:
         raise
     d_in, d_sae = cfg["d_in"], cfg["d_sae"]
     dtype = tensors["W_enc"].dtype if "W_enc" in tensors else torch.float32
-    sae = sae_class(kind)(d_in, d_sae, **params, dtype=dtype, form=_form(cfg, folder / CFG_FILE))
+    sae = sae_class(kind)(d_in, d_sae, **params, dtype=dtype, form=form)
     # Expected names and shapes come from the kind built at cfg.json's sizes.
     want = {name: tuple(t.shape) for name, t in sae.saelens_tensors().items()}
     if set(tensors) != set(want):

@@ -25,6 +25,14 @@ from distributed_sae.store.reader import ActivationReader
 Batch = dict[str, torch.Tensor]  # hook -> (batch, d_hook) float32, the same rows in every hook
 
 
+def cat_hooks(batch: Mapping[str, torch.Tensor], hooks: Sequence[str]) -> torch.Tensor:
+    """(batch, sum of the hooks' widths): the hooks' rows side by side, in order (what a member
+    reading or writing several hooks sees); one hook: the batch's own tensor, no copy."""
+    if len(hooks) == 1:
+        return batch[hooks[0]]
+    return torch.cat([batch[h] for h in hooks], 1)
+
+
 class BankReader:
     """Batches of every hook of `hooks` over the same rows; `scales` per hook (input norm)."""
 

@@ -18,6 +18,7 @@ from torch import nn
 
 from distributed_sae.config import RunConfig
 from distributed_sae.sae import MemberSpec, SparseAutoencoder, build_sae, member_lr
+from distributed_sae.store.bank_reader import cat_hooks
 from distributed_sae.train.resampling import resample_dead
 
 log = logging.getLogger(__name__)
@@ -69,11 +70,6 @@ class Member:
         return counts, tokens
 
 
-def of_hook(value: Any, hook: str) -> Any:
-    """value[hook] for a per-hook mapping, else the value itself (shared by every hook)."""
-    return value[hook] if isinstance(value, Mapping) else value
-
-
 def lr_at(step: int, total: int, cfg: RunConfig, base: float) -> float:
     """`base` (a member's peak, sae.bank.member_lr) times the schedule: linear warm-up, then
     constant, then linear decay to 0 over the last 20% of steps."""
@@ -95,10 +91,8 @@ def member_batch(spec: MemberSpec, batch: Mapping[str, torch.Tensor]
                  ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """(input (batch, d_in), target (batch, d_out) or None for an SAE): the member's hooks of
     the batch, concatenated in the spec's order (one hook: the batch's own tensor, no copy)."""
-    def cat(hooks: tuple[str, ...]) -> torch.Tensor:
-        return batch[hooks[0]] if len(hooks) == 1 else torch.cat([batch[h] for h in hooks], 1)
-
-    return cat(spec.inputs), (cat(spec.targets) if spec.targets else None)
+    return cat_hooks(batch, spec.inputs), (cat_hooks(batch, spec.targets) if spec.targets
+                                           else None)
 
 
 def member_init(spec: MemberSpec, init: Any) -> torch.Tensor:
