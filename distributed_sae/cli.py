@@ -2,7 +2,7 @@
 
     dsae-harvest   model -> store            dsae-eval     train/ + store -> eval/
     dsae-train     store -> out_dir/train    dsae-export   train/ + eval/ -> export/
-    dsae-run       all four in order
+    dsae-run       all four in order (stream=true: harvest and train at once, then the rest)
     dsae-steer     a trained member's feature added at its hook while the model generates
 
 Each stage reads the previous stage's output, so stages can run one by one with the same
@@ -139,6 +139,9 @@ def _stage_fn(name: str) -> Callable[[RunConfig], object]:
     if name == "steer":
         from distributed_sae.eval.steer import steer_stage
         return steer_stage
+    if name == "stream":
+        from distributed_sae.train.streaming import stream
+        return stream
     from distributed_sae.export import export
     return export
 
@@ -156,8 +159,12 @@ STEER_SHORT = ("member", "feature", "scale", "prompt", "max_new_tokens", "temper
 
 
 def run_stages(cfg: RunConfig, stages: tuple[str, ...]) -> None:
-    """Run stages in order on a typed config (also the programmatic entry point)."""
-    if "harvest" in stages:
+    """Run stages in order on a typed config (also the programmatic entry point). With
+    stream=true, harvest and train run at once as one stage (train/streaming.py)."""
+    if cfg.stream and {"harvest", "train"} <= set(stages):
+        stages = ("stream",) + tuple(s for s in stages if s not in ("harvest", "train"))
+        check_model(cfg)
+    elif "harvest" in stages:
         check_model(cfg)  # the harvest makes the store, which then matches the config
     elif set(stages) & STORE_STAGES:
         check_store(cfg)

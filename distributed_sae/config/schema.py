@@ -174,6 +174,11 @@ class StoreConfig:
     compression: str = "none"
     # Delete an existing store at `path` that was made with other settings instead of refusing.
     overwrite: bool = False
+    # With stream=true: the most bytes the store may hold (0 = unbounded: every unit is kept and
+    # the store can be reused as a cache). A training unit is deleted once every member has
+    # trained on it and a checkpoint past it is written; the harvest waits while the store is
+    # full. Held-out units are kept, and count.
+    max_bytes: int = 0
 
     def __post_init__(self) -> None:
         if not self.path:
@@ -181,6 +186,8 @@ class StoreConfig:
         _choice("store", "dtype", self.dtype, DTYPES)
         _choice("store", "compression", self.compression, COMPRESSIONS)
         _positive("store", chunk_tokens=self.chunk_tokens)
+        if self.max_bytes < 0:
+            raise ConfigError(f"store.max_bytes must be >= 0 (0 = unbounded), got {self.max_bytes}")
 
 
 @dataclass
@@ -217,6 +224,9 @@ class RunConfig:
     out_dir: str = "runs/default"
     # Python logging level of the package.
     log_level: str = "INFO"
+    # dsae-run: harvest and train at once on one Ray cluster, the trainer reading each work unit
+    # as it is committed (train/streaming.py); false: harvest everything, then train.
+    stream: bool = False
 
     def __post_init__(self) -> None:
         from distributed_sae.sae.registry import sae_class
@@ -263,6 +273,7 @@ class RunConfig:
                               f"bank over {len(self.bank_hooks)} hooks is not supported yet (each "
                               f"hook would drop other rows): set train.outlier_norm_ratio=0 or "
                               f"train one hook per job")
+        self._check_stream()
         if self.harvest.sharding == "device_map" and self.model.device_map is None:
             raise ConfigError("harvest.sharding=device_map needs model.device_map (e.g. auto)")
         unit_rows = self.harvest.contexts_per_unit * self.data.context_size
@@ -271,6 +282,39 @@ class RunConfig:
                 f"store.chunk_tokens={self.store.chunk_tokens} must divide the rows of a work unit "
                 f"(harvest.contexts_per_unit * data.context_size = {unit_rows})"
             )
+
+    @property
+    def train_rows(self) -> int:
+        """Training rows of the store this config harvests (split_rows's cut, from the plan)."""
+        d, h = self.data, self.harvest
+        n_contexts = -(-d.n_tokens // d.context_size)  # ceil, as harvest.job.plan
+        n_units = -(-n_contexts // h.contexts_per_unit)
+        total = n_units * h.contexts_per_unit * d.context_size
+        chunk = self.store.chunk_tokens
+        return int(total * (1.0 - self.train.holdout_fraction)) // chunk * chunk
+
+    def _check_stream(self) -> None:
+        """store.max_bytes needs stream=true, and a bounded store holds one pass only."""
+        from distributed_sae.sae.registry import sae_class
+
+        bound = self.store.max_bytes
+        if bound and not self.stream:
+            raise ConfigError(f"store.max_bytes={bound} bounds the store of a streamed run: set "
+                              f"stream=true, or store.max_bytes=0 to keep every unit")
+        if not bound:
+            return
+        if self.train.tokens > self.train_rows:
+            raise ConfigError(
+                f"train.tokens={self.train.tokens} is more than the {self.train_rows} training "
+                f"tokens harvested: a second epoch needs the units a bounded store deletes; set "
+                f"store.max_bytes=0 (keep every unit), or data.n_tokens >= "
+                f"{-(-self.train.tokens // (1 - self.train.holdout_fraction))}, or train.tokens "
+                f"<= {self.train_rows}")
+        resampled = [s.member_id for s in self.bank() if sae_class(s.kind).resamples(s.params)]
+        if resampled and self.train.resample_steps:
+            raise ConfigError(f"member {resampled[0]} resamples dead features from training rows "
+                              f"drawn over the whole store, which store.max_bytes={bound} deletes: "
+                              f"set train.resample_steps=[] or store.max_bytes=0")
 
     @property
     def harvests_model_b(self) -> bool:

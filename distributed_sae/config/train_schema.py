@@ -46,6 +46,10 @@ class TrainConfig:
     skip_init: str = "lstsq"
     # Device the SAEs train on.
     device: str = "cpu"
+    # CPU threads of each training process, also what a Ray Train worker reserves; None: torch's
+    # default (every core) and 1 CPU per Ray Train worker, and with stream=true the local cores
+    # that the harvest actors leave (at least 1).
+    cpus: Optional[int] = None
     # Fraction of the store's tokens (its tail) held out for evaluation, never trained on.
     holdout_fraction: float = 0.1
     # Seed of the batch order.
@@ -97,6 +101,8 @@ class TrainConfig:
         _positive("train", batch_size=self.batch_size, log_every=self.log_every,
                   dead_tokens=self.dead_tokens, dead_report_tokens=self.dead_report_tokens)
         _positive("train", workers=self.workers, latent_shards=self.latent_shards)
+        if self.cpus is not None:
+            _positive("train", cpus=self.cpus)
         if self.skip_init not in ("lstsq", "zeros"):
             raise ConfigError(f"train.skip_init={self.skip_init!r} is not one of lstsq, zeros")
         if self.outlier_norm_ratio and not self.outlier_norm_ratio > 1:

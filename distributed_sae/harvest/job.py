@@ -22,15 +22,17 @@ from __future__ import annotations
 import logging
 import math
 import shutil
+import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 from distributed_sae.config import ConfigError, RunConfig, parse_hook
 from distributed_sae.config.checks import is_model_b
 from distributed_sae.data import iter_unit_contexts
 from distributed_sae.data.packing import bos_eos_ids
-from distributed_sae.harvest.pool import run_pool
+from distributed_sae.harvest.pool import PoolResult, run_pool
 from distributed_sae.harvest.worker import HarvestWorker
 from distributed_sae.models import load_tokenizer, model_dims
 from distributed_sae.parallel import check_fits, init_ray
@@ -202,37 +204,65 @@ def _worker_factory(cfg: RunConfig, exclude: list[int]) -> Callable[[], list[Any
                                   model_b=model_b)]
 
 
-def harvest(cfg: RunConfig) -> ActivationStore:
-    """Run the harvest stage; returns the complete store."""
+@dataclass
+class HarvestJob:
+    """A harvest ready to run: its store (writer lock held by the caller), the units to do in
+    order, and how many workers of which actors run them."""
+
+    store: ActivationStore
+    units: Iterator[tuple[int, Any]]
+    n_todo: int
+    n_workers: int
+    make_worker: Callable[[], list[Any]]
+
+
+def prepare(cfg: RunConfig) -> HarvestJob:
+    """Open or create the store, repair it, plan the units left and start Ray; the caller holds
+    the store's WriterLock."""
     tokenizer = load_tokenizer(cfg.model)
     tokenizer_b = check_model_b_tokenizer(cfg, tokenizer)  # before the store or any actor
     exclude = excluded_ids(cfg, tokenizer, tokenizer_b)
     want = plan(cfg)
-    Path(cfg.store.path).parent.mkdir(parents=True, exist_ok=True)
-    with WriterLock(cfg.store.path):
-        store = open_or_create(cfg, want, exclude)
-        repair(store)
-        committed = set(store.commits)
-        n_todo = want["n_units"] - len(committed)
-        if n_todo == 0:
-            log.info("store %s is complete (%d tokens): nothing to harvest", store.path, store.n_tokens)
-            return store
-        log.info("harvesting %d of %d units (%d tokens) into %s", n_todo, want["n_units"],
-                 n_todo * want["unit_rows"], store.path)
-        blocks = iter_unit_contexts(cfg.data, tokenizer, cfg.harvest.contexts_per_unit,
-                                    want["n_units"])
-        units = ((u, c) for u, c in enumerate(blocks) if u not in committed)
+    store = open_or_create(cfg, want, exclude)
+    repair(store)
+    committed = set(store.commits)
+    n_todo = want["n_units"] - len(committed)
+    blocks = iter_unit_contexts(cfg.data, tokenizer, cfg.harvest.contexts_per_unit,
+                                want["n_units"])
+    units = ((u, c) for u, c in enumerate(blocks) if u not in committed)
+    h = cfg.harvest
+    slots = h.group_size if h.sharding == "deepspeed" else 1
+    n_workers = max(1, min(h.num_actors // slots, math.ceil(n_todo / slots)))
+    if n_todo:
         init_ray(cfg.cluster)
-        h = cfg.harvest
-        slots = h.group_size if h.sharding == "deepspeed" else 1
-        n_workers = max(1, min(h.num_actors // slots, math.ceil(n_todo / slots)))
         gpus = actor_gpus(cfg)
-        log.info("%d worker(s) of %d actor(s), each reserving %s CPU and %s GPU", n_workers,
-                 slots, h.cpus_per_actor, gpus)
+        log.info("harvesting %d of %d units (%d tokens) into %s: %d worker(s) of %d actor(s), "
+                 "each reserving %s CPU and %s GPU", n_todo, want["n_units"],
+                 n_todo * want["unit_rows"], store.path, n_workers, slots, h.cpus_per_actor, gpus)
         check_fits(n_workers * slots, h.cpus_per_actor, gpus, "harvest",
                    on_cluster=bool(cfg.cluster.address))
-        result = run_pool(store, units, n_todo, n_workers, _worker_factory(cfg, exclude))
+    return HarvestJob(store, units, n_todo, n_workers, _worker_factory(cfg, exclude))
+
+
+def run_job(job: HarvestJob, gate: Any = None, stop: threading.Event | None = None
+            ) -> PoolResult:
+    """Harvest the job's units (see run_pool for gate and stop)."""
+    result = run_pool(job.store, job.units, job.n_todo, job.n_workers, job.make_worker,
+                      gate=gate, stop=stop)
     log.info("harvested %d tokens at %.0f tokens/s (%d worker restarts)", result.tokens,
              result.tokens_per_s, result.retries)
-    store.refresh()
-    return store
+    job.store.refresh()
+    return result
+
+
+def harvest(cfg: RunConfig) -> ActivationStore:
+    """Run the harvest stage; returns the complete store."""
+    Path(cfg.store.path).parent.mkdir(parents=True, exist_ok=True)
+    with WriterLock(cfg.store.path):
+        job = prepare(cfg)
+        if job.n_todo == 0:
+            log.info("store %s is complete (%d tokens): nothing to harvest", job.store.path,
+                     job.store.n_tokens)
+            return job.store
+        run_job(job)
+    return job.store

@@ -13,6 +13,7 @@ MAX_ATTEMPTS workers stops the job, since the unit itself is then the likely cau
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections import deque
 from dataclasses import dataclass, field
@@ -27,6 +28,7 @@ from distributed_sae.store import ActivationStore, commit_unit
 log = logging.getLogger(__name__)
 
 MAX_ATTEMPTS = 3
+WAIT_S = 0.5  # seconds between looks at the disk bound or the stop flag while waiting
 Unit = tuple[int, np.ndarray]  # (unit index, contexts (n_ctx, ctx) int64)
 
 
@@ -124,26 +126,49 @@ def start_workers(make_worker: Callable[[], list[Any]], n: int) -> list[list[Any
     return workers
 
 
+def _fill(pool: _Pool, idle: deque, gate: Any) -> bool:
+    """Give units to idle workers while the gate admits them; True if the gate refused."""
+    while idle:
+        n = len(pool.workers[idle[0]])
+        if gate is not None and not gate.admit(len(pool.in_flight), n):
+            return True
+        batch = pool.take(n)
+        if not batch:
+            return False
+        pool.submit(idle.popleft(), batch)
+    return False
+
+
 def run_pool(store: ActivationStore, units: Iterator[Unit], n_todo: int, n_workers: int,
-             make_worker: Callable[[], list[Any]]) -> PoolResult:
-    """Run every unit of `units` on `n_workers` workers and commit each into `store`."""
+             make_worker: Callable[[], list[Any]], gate: Any = None,
+             stop: threading.Event | None = None) -> PoolResult:
+    """Run every unit of `units` on `n_workers` workers and commit each into `store`.
+
+    gate: a streamed run's disk bound (store/budget.py's DiskBudget: admit(in_flight, n) before
+    units start, committed(unit, record) after); stop: set by a streamed run whose trainer failed,
+    which ends the harvest early (units in flight are dropped, uncommitted).
+    """
     import ray
     from ray.exceptions import RayActorError, RayTaskError
 
     workers = start_workers(make_worker, n_workers)
     pool = _Pool(make_worker, workers, units, outstanding=[0] * n_workers)
     idle = deque(range(n_workers))
-    bar = tqdm(total=n_todo * store.unit_rows, unit="tok", unit_scale=True, desc="harvest")
+    bar = tqdm(total=n_todo * store.unit_rows, unit="tok", unit_scale=True, desc="harvest",
+               position=0)
     start, done_units, retries = time.perf_counter(), 0, 0
-    while True:
-        while idle:
-            batch = pool.take(len(pool.workers[idle[0]]))
-            if not batch:
-                break
-            pool.submit(idle.popleft(), batch)
+    while stop is None or not stop.is_set():
+        blocked = _fill(pool, idle, gate)
         if not pool.in_flight:
-            break
-        ref = ray.wait(list(pool.in_flight), num_returns=1)[0][0]
+            if not blocked:
+                break  # every unit is done
+            (stop or threading.Event()).wait(WAIT_S)  # for the trainer to free room
+            continue
+        ready = ray.wait(list(pool.in_flight), num_returns=1,
+                         timeout=WAIT_S if blocked or stop is not None else None)[0]
+        if not ready:
+            continue
+        ref = ready[0]
         unit, ctx, w = pool.in_flight.pop(ref)
         pool.outstanding[w] -= 1
         try:
@@ -163,11 +188,15 @@ def run_pool(store: ActivationStore, units: Iterator[Unit], n_todo: int, n_worke
             commit_unit(store.path, unit, record)
             done_units += 1
             bar.update(store.unit_rows)
+            if gate is not None:
+                gate.committed(unit, record)
+                bar.set_postfix_str(gate.describe(), refresh=False)
         if pool.outstanding[w] == 0:
             idle.append(w)
     bar.close()
     actors = [actor for worker in pool.workers for actor in worker]
-    ray.get([actor.shutdown.remote() for actor in actors])  # a ZeRO-3 rank must leave its group
+    if not pool.in_flight:  # stopped early: units in flight are dropped with their actors
+        ray.get([actor.shutdown.remote() for actor in actors])  # a ZeRO-3 rank leaves its group
     for actor in actors:
         ray.kill(actor)
     return PoolResult(done_units, done_units * store.unit_rows, time.perf_counter() - start, retries)

@@ -83,6 +83,11 @@ class Plan:
         """Every rank's `obj` on rank 0 (None elsewhere)."""
         return [obj]
 
+    def agree(self, flag: bool) -> bool:
+        """Whether every rank's `flag` is set (collective): ranks that act on what each sees
+        for itself (a file, its own reader position) must act alike."""
+        return flag
+
     # ---- the bank and its data -----------------------------------------------------------
     def local_batch(self, batch_size: int) -> int:
         return batch_size
@@ -169,6 +174,13 @@ class GroupCollectives:
         out: list[Any] | None = [None] * self.world if self.rank == 0 else None
         dist.gather_object(obj, out, dst=0)
         return out
+
+    def agree(self, flag: bool) -> bool:
+        import torch.distributed as dist
+
+        t = torch.tensor([int(flag)], device="cuda" if dist.get_backend() == "nccl" else "cpu")
+        dist.all_reduce(t, op=dist.ReduceOp.MIN)
+        return bool(t.item())
 
 
 def check_resumable(path: Path, state: dict[str, Any], bank_ids: list[str],

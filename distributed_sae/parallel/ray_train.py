@@ -44,7 +44,8 @@ def train_ray(cfg: RunConfig) -> list[Path]:
         _ray_worker, train_loop_config={
             "cfg": cfg,
             "env": {k: v for k, v in os.environ.items() if k.startswith("DSAE_FAULT_")}},
-        scaling_config=ScalingConfig(num_workers=cfg.train.workers, use_gpu=use_gpu),
+        scaling_config=ScalingConfig(num_workers=cfg.train.workers, use_gpu=use_gpu,
+                                     resources_per_worker={"CPU": cfg.train.cpus or 1}),
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
         run_config=RayRunConfig(storage_path=str(Path(cfg.out_dir).resolve() / "train" / "ray"),
                                 name="dp",

@@ -19,21 +19,13 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from distributed_sae.sae.base import SparseAutoencoder
+from distributed_sae.store.commits import fsync_path
 from distributed_sae.sae.forms import Form
 from distributed_sae.sae.registry import sae_class
 
 CFG_FILE = "cfg.json"
 WEIGHTS_FILE = "sae_weights.safetensors"
 SAELENS_FORMAT_VERSION = "6.0.0"
-
-
-def fsync_path(path: Path) -> None:
-    """Flush a file (or a folder's entries) to the disk."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def atomic_write(path: Path, write: Callable[[Path], None]) -> None:

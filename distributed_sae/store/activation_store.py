@@ -40,6 +40,7 @@ from distributed_sae.store.commits import (
     COMMITS_DIR, read_commit, read_commits, record_path, scan_commits, uncommit,
 )
 from distributed_sae.store.integrity import Damage, check_contents, fingerprint, size_problem
+from distributed_sae.store.stream_files import consumed_error, consumed_units, mark_consumed
 
 log = logging.getLogger(__name__)
 
@@ -178,12 +179,14 @@ class ActivationStore:
         """Rows of committed units (all rows once the store is complete)."""
         return len(self.commits) * self.unit_rows
 
-    def stats(self, hook: str) -> dict[str, Any]:
-        """Running statistics over committed, non-excluded rows: mean (d,), mean_sq_norm, count."""
+    def stats(self, hook: str, units: Iterable[int] | None = None) -> dict[str, Any]:
+        """Running statistics over committed, non-excluded rows (of `units` only, when given):
+        mean (d,), mean_sq_norm, count. From the commit records, which outlive a consumed unit."""
         self._check_hook(hook)
         total = np.zeros(self.d(hook), dtype=np.float64)
         sq, count = 0.0, 0
-        for rec in self.commits.values():
+        records = self.commits if units is None else {u: self.commits[u] for u in units}
+        for rec in records.values():
             s = rec["stats"][hook]
             total += np.asarray(s["sum"], dtype=np.float64)
             sq += float(s["sum_sq_norm"])
@@ -262,6 +265,8 @@ class ActivationStore:
             if entry is not None:
                 path = self._file(name, unit)
                 problem = size_problem(path, entry)
+                if problem and unit in consumed_units(self.path):  # listed on failure only
+                    raise consumed_error(self.path, unit)
                 if problem:
                     raise Damage(unit, Path(path), problem).error(self.path)
             self._sized.add((name, unit))
@@ -286,6 +291,8 @@ class ActivationStore:
         hold one, and not at all where they hold neither.
         """
         records, damaged = scan_commits(self.path)
+        gone = consumed_units(self.path)  # deleted on purpose by a bounded streamed run
+        records = {u: r for u, r in records.items() if u not in gone}
         want = None if units is None else set(units)
         arrays = set(self.arrays)
         checks = []  # (unit, shard file, its record entry)
@@ -295,6 +302,17 @@ class ActivationStore:
                 checks += [(unit, path, recorded[name])
                            for name, path in self.unit_files(unit, recorded).items()]
         return [d for d in damaged if want is None or d.unit in want] + check_contents(checks)
+
+    def delete_units(self, units: Iterable[int]) -> list[int]:
+        """Delete consumed units' rows (a bounded streamed run, stream_files.py): mark them,
+        then unlink their shard files; their commit records stay. Idempotent (a crash between
+        the two steps is finished by the next call). Returns the units."""
+        units = sorted(set(units))
+        mark_consumed(self.path, units)
+        for unit in units:
+            for path in self.unit_files(unit).values():
+                path.unlink(missing_ok=True)
+        return units
 
     def uncommit(self, damage: Iterable[Damage]) -> list[int]:
         """Un-commit the damaged units so that the next harvest writes them again: remove their

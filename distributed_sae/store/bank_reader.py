@@ -68,6 +68,15 @@ class BankReader:
         """Every hook's reader position (identical positions: kept per hook to check on load)."""
         return {"hooks": {h: r.state_dict() for h, r in self.readers.items()}}
 
+    def rows_ledger(self) -> tuple[int, str]:
+        """(rows yielded, digest hex) of the bank's batches (ActivationReader.rows_ledger): the
+        hooks' readers yield the same rows, so one ledger stands for all of them."""
+        ledgers = {h: r.rows_ledger() for h, r in self.readers.items()}
+        first = ledgers[self.hooks[0]]
+        if any(other != first for other in ledgers.values()):  # lockstep broken: never expected
+            raise RuntimeError(f"the hooks' readers yielded different rows: ledgers {ledgers}")
+        return first
+
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Resume at `state`; a single-hook reader's own state (older checkpoints) is accepted
         for a bank of that one hook."""

@@ -7,7 +7,8 @@ cut into consecutive batches; a batch that straddles two buffers takes the tail 
 head of the next, so no row is dropped or repeated and nothing but the cut position carries over.
 
 The producer hands over a buffer as blocks already cut at batch boundaries, each a float32 tensor
-of at most `batch_size` rows from a BlockPool (reused once the consumer drops it: no page faults).
+of at most `batch_size` rows from a BlockPool (reused once the consumer drops it: no page faults)
+with the global store row index of each of its rows (the reader's ledger of rows yielded).
 A block is gathered and cast tile by tile (TILE rows): np.take copies whole rows in the storage
 dtype into a small reused array that stays in cache, and one torch copy casts it to float32.
 Measured on the 2-core build machine (float16, d 576, one thread): torch.index_select then a cast
@@ -31,9 +32,10 @@ from zarr.core.buffer.cpu import NDBuffer
 from distributed_sae.store.activation_store import ActivationStore
 from distributed_sae.store.block_pool import BlockPool
 from distributed_sae.store.shard_files import ShardFiles
+from distributed_sae.store.stream_files import check_harvest_alive
 
 __all__ = ["BlockPool", "BufferFiller", "BufferSpec", "Filled", "Loaded", "RowSource",
-           "ShardFiles", "UnitWaiter", "cuts", "loads", "row_order", "spans_of"]
+           "ShardFiles", "UnitWaiter", "cuts", "loads", "row_order", "span_rows", "spans_of"]
 
 log = logging.getLogger(__name__)
 
@@ -134,11 +136,12 @@ class BufferSpec:
 
 @dataclass
 class Filled:
-    """One buffer, shuffled and cut: blocks[i] = (row offset after it, (<= batch, d) float32)."""
+    """One buffer, shuffled and cut: blocks[i] = (row offset after it, (<= batch, d) float32,
+    (<= batch,) int64 global store rows of the block's rows, in the tensor's order)."""
 
     index: int
     rows: int
-    blocks: list[tuple[int, torch.Tensor]]
+    blocks: list[tuple[int, torch.Tensor, np.ndarray]]
 
 
 def spans_of(starts: Sequence[int], spec: BufferSpec) -> list[tuple[int, int]]:
@@ -151,6 +154,13 @@ def spans_of(starts: Sequence[int], spec: BufferSpec) -> list[tuple[int, int]]:
         else:
             spans.append((s, e))
     return spans
+
+
+def span_rows(spans: Sequence[tuple[int, int]]) -> np.ndarray:
+    """Global store row of every buffer position: (rows,) int64, the spans one after another."""
+    if not spans:
+        return np.empty(0, dtype=np.int64)
+    return np.concatenate([np.arange(s, e, dtype=np.int64) for s, e in spans])
 
 
 def row_order(keep: np.ndarray | None, rows: int, spec: BufferSpec, index: int
@@ -172,6 +182,7 @@ class Loaded:
     index: int
     raw: np.ndarray  # (rows, d) storage dtype: one of the filler's reused slots
     order: np.ndarray | None  # (kept rows,) int64 buffer positions in batch order; None: all
+    spans: list[tuple[int, int]]  # the [start, stop) store rows that raw holds, in order
 
 
 class BufferFiller:
@@ -209,7 +220,7 @@ class BufferFiller:
         if self.spec.max_norm is not None:
             small = self._row_norms(raw) <= self.spec.max_norm
             keep = small if keep is None else keep & small
-        return Loaded(index, raw, row_order(keep, rows, self.spec, index))
+        return Loaded(index, raw, row_order(keep, rows, self.spec, index), spans)
 
     def _row_norms(self, raw: np.ndarray) -> np.ndarray:
         """(rows,) float32 norms of raw's rows, computed tile by tile in float32."""
@@ -230,7 +241,12 @@ class BufferFiller:
         n = len(raw) if order is None else len(order)
         first = spec.batch_size - filled_rows if filled_rows else spec.batch_size
         edges = [skip, *range(skip + first, n, spec.batch_size), n] if skip < n else [n]
-        blocks = [(b, self._convert(raw, order, a, b)) for a, b in zip(edges, edges[1:])]
+        # One int64 per buffer row, built here (the producer), so the consumer only concatenates
+        # a straddling batch's two parts: a slice per block unshuffled, a gather of it shuffled.
+        ids = span_rows(loaded.spans)  # (rows,) int64
+        blocks = [(b, self._convert(raw, order, a, b),
+                   ids[a:b] if order is None else ids[order[a:b]])  # (b - a,) int64
+                  for a, b in zip(edges, edges[1:])]
         return Filled(loaded.index, n, blocks)
 
     def _convert(self, raw: np.ndarray, order: np.ndarray | None, a: int, b: int) -> torch.Tensor:
@@ -287,6 +303,7 @@ class UnitWaiter:
             missing = sorted(need - self._committed)
             if not missing:
                 break
+            check_harvest_alive(self.store.path)  # a streamed harvest that failed: say so
             if deadline is not None and time.monotonic() >= deadline:
                 raise TimeoutError(
                     f"units {missing[:5]} of {self.store.path} were not committed within "

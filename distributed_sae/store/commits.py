@@ -55,15 +55,20 @@ def commit_unit(root: Path, unit: int, record: dict[str, Any]) -> None:
     _atomic_write_json(record_path(root, unit), {"unit": unit, **record})
 
 
-def uncommit(record: Path) -> None:
-    """Remove a commit record, durably: unlink is atomic (a reader sees the record or none), and
-    the folder's fsync makes the removal outlive a crash before the unit is written again."""
-    record.unlink(missing_ok=True)
-    fd = os.open(record.parent, os.O_RDONLY)
+def fsync_path(path: str | Path) -> None:
+    """Flush a file (or a folder's entries) to the disk."""
+    fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def uncommit(record: Path) -> None:
+    """Remove a commit record, durably: unlink is atomic (a reader sees the record or none), and
+    the folder's fsync makes the removal outlive a crash before the unit is written again."""
+    record.unlink(missing_ok=True)
+    fsync_path(record.parent)
 
 
 def _unit_of(entry: Path) -> int:

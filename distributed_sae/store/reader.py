@@ -9,6 +9,9 @@ Every random choice is a pure function of (seed, epoch, index): the chunk order 
 row permutation of each buffer. A saved position (epoch, buffer, row offset) therefore resumes
 bit-exactly by rebuilding one buffer, without reading the ones before it.
 
+A ledger of the rows yielded over the reader's life (count, order-independent digest: ledger.py)
+is saved with the position: a resumed run can be checked to yield the rows of a clean one.
+
 follow=True reads a store that a harvest job is still writing: only committed units, sleeping
 until the chunks it needs next are committed. Its first epoch shuffles chunks within windows of
 `window_units` consecutive units rather than globally (a global order would wait for most of the
@@ -32,11 +35,16 @@ from distributed_sae.store.block_pool import BlockPool, single_threaded_torch
 from distributed_sae.store.buffers import (
     BufferFiller, BufferSpec, Filled, RowSource, UnitWaiter, cuts, loads,
 )
+from distributed_sae.store.ledger import (
+    MASK, combine_ledgers, digest_hex, parse_digest, row_sum, rows_digest,
+)
 
 log = logging.getLogger(__name__)
 
 STATE_VERSION = 1
 T = TypeVar("T")
+__all__ = ["ActivationReader", "Prefetcher", "STATE_VERSION", "combine_ledgers", "rows_digest",
+           "split_rows"]
 
 
 def split_rows(store: ActivationStore, holdout_fraction: float, *,
@@ -188,6 +196,10 @@ class ActivationReader:
     window_units: int | None = None
     _pos: _Position = field(default_factory=_Position, init=False, repr=False)
     _armed: bool = field(default=False, init=False, repr=False)
+    # The ledger of every batch yielded over the reader's life (epochs and resumes included):
+    # rows, and the sum mod 2**64 of splitmix64 of their global store rows (see rows_ledger).
+    rows_seen: int = field(default=0, init=False, repr=False)
+    rows_digest: int = field(default=0, init=False, repr=False)
 
     def __post_init__(self) -> None:
         total = int(self.store.metadata["total_rows"])
@@ -255,16 +267,25 @@ class ActivationReader:
                 "chunk_rows": self.store.chunk_rows}
 
     def state_dict(self) -> dict[str, Any]:
-        """A small JSON-able dict: the position after the last batch yielded, and the config."""
+        """A small JSON-able dict: the position after the last batch yielded, the ledger of the
+        rows yielded so far (rows_seen; rows_digest as 16 hex digits), and the config."""
         p = self._pos
         return {"version": STATE_VERSION, "epoch": p.epoch, "batch": p.batch,
-                "buffer": p.buffer, "offset": p.offset, **self._config()}
+                "buffer": p.buffer, "offset": p.offset, "rows_seen": self.rows_seen,
+                "rows_digest": digest_hex(self.rows_digest), **self._config()}
+
+    def rows_ledger(self) -> tuple[int, str]:
+        """(rows yielded, digest hex) over the reader's life: equal for two readers that yielded
+        the same multiset of global store rows, in any order or batching (ledger.py)."""
+        return self.rows_seen, digest_hex(self.rows_digest)
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Resume at `state`: the next iter_batches(), or iter_epoch(state['epoch']), continues
         with exactly the batches an uninterrupted reader would have yielded next.
 
         Each rank saves and loads its own state (with excluded tokens, ranks' cursors differ).
+        The ledger is restored too; a state older than the ledger (no rows_seen, rows_digest)
+        starts it from 0: it then counts only the rows yielded since.
         """
         if state.get("version") != STATE_VERSION:
             raise ValueError(f"reader state version {state.get('version')!r} is not "
@@ -279,6 +300,8 @@ class ActivationReader:
                     f"reader state does not match this reader: {key} is {got!r} in the state but "
                     f"{want!r} here; build the reader with the saved {key} to resume exactly")
         self._pos = _Position(*(int(state[k]) for k in ("epoch", "batch", "buffer", "offset")))
+        self.rows_seen = int(state.get("rows_seen", 0))
+        self.rows_digest = parse_digest(state.get("rows_digest", digest_hex(0)))
         self._armed = True
 
     # ---- iteration -----------------------------------------------------------------------
@@ -311,20 +334,24 @@ class ActivationReader:
             self._check_committed()
         stream, close = self._stream(epoch, buffers, start)
         pending: list[torch.Tensor] = []  # blocks of the batch being assembled, (<= batch, d)
+        ids: list[np.ndarray] = []  # their global store rows, (<= batch,) int64 each
         rows = 0
         try:
             for buf in stream:
-                for end, x in buf.blocks:
+                for end, x, r in buf.blocks:
                     pending.append(x)
+                    ids.append(r)
                     rows += len(x)
                     if rows < self.batch_size:
                         continue
                     out = pending[0] if len(pending) == 1 else self._cat(pending)  # (batch, d)
-                    pending, rows, batch = [], 0, batch + 1
                     done = end == buf.rows
-                    self._pos = _Position(epoch, batch, buf.index + done, 0 if done else end)
+                    self._count(ids)  # with the position: a state after it covers this batch
+                    self._pos = _Position(epoch, batch + 1, buf.index + done, 0 if done else end)
+                    pending, ids, rows, batch = [], [], 0, batch + 1
                     yield out
             if pending and not self.drop_last:
+                self._count(ids)
                 self._pos = _Position(epoch, batch + 1, len(buffers), 0)
                 yield self._cat(pending)  # (rows < batch, d)
         finally:
@@ -335,6 +362,11 @@ class ActivationReader:
         """Blocks of one batch (a batch straddling two buffers) joined into a pooled array."""
         assert self._pool is not None
         return torch.cat(blocks, out=self._pool.take(sum(len(x) for x in blocks)))  # (rows, d)
+
+    def _count(self, ids: list[np.ndarray]) -> None:
+        """Add one batch's global rows (its blocks' parts) to the ledger: a sum, so no concat."""
+        self.rows_seen += sum(len(r) for r in ids)
+        self.rows_digest = (self.rows_digest + sum(row_sum(r) for r in ids)) & MASK
 
     def _stream(self, epoch: int, buffers: list[np.ndarray], start: _Position
                 ) -> tuple[Iterator[Filled], Callable[[], None]]:

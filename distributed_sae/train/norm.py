@@ -24,10 +24,12 @@ log = logging.getLogger(__name__)
 SAMPLE_CHUNKS = 64  # chunks read, evenly spaced, to set the outlier threshold and the scale
 
 
-def input_scale(store: ActivationStore, hook: str) -> tuple[float, torch.Tensor]:
+def input_scale(store: ActivationStore, hook: str, units: Sequence[int] | None = None
+                ) -> tuple[float, torch.Tensor]:
     """Scale that brings the mean squared norm to d_in, and the scaled mean (b_dec's start), from
-    the store's statistics (every row but special tokens)."""
-    stats = store.stats(hook)
+    the store's statistics (every row but special tokens; of `units` only, when given: a streamed
+    run's first units, train/stream_source.py)."""
+    stats = store.stats(hook, units)
     scale = math.sqrt(store.d(hook) / stats["mean_sq_norm"])
     return scale, torch.as_tensor(stats["mean"], dtype=torch.float32) * scale
 
@@ -43,7 +45,7 @@ class InputNorm:
 
 
 def input_norm(cfg: RunConfig, store: ActivationStore, rows: range,
-               hook: str | None = None) -> InputNorm:
+               hook: str | None = None, units: Sequence[int] | None = None) -> InputNorm:
     """The scale that brings the mean squared norm of training rows of `hook` (default: the
     bank's one hook) to d_in.
 
@@ -51,12 +53,12 @@ def input_norm(cfg: RunConfig, store: ActivationStore, rows: range,
     train.outlier_norm_ratio, from SAMPLE_CHUNKS chunks spread over `rows` (special tokens
     dropped): the threshold is that ratio times their median norm, and the scale and mean are
     those of the rows under it. A pure function of the store and the config, so a resumed job
-    gets the same numbers.
+    gets the same numbers. `units`: the statistics of those units only (see input_scale).
     """
     hook = hook if hook is not None else cfg.sae_hook
     ratio = cfg.train.outlier_norm_ratio
     if not ratio:
-        return InputNorm(*input_scale(store, hook))
+        return InputNorm(*input_scale(store, hook, units))
     starts = list(range(rows.start, rows.stop, store.chunk_rows))
     picks = np.unique(np.linspace(0, len(starts) - 1, min(SAMPLE_CHUNKS, len(starts))).astype(int))
     exclude = store.metadata["exclude_token_ids"]
@@ -72,13 +74,14 @@ def input_norm(cfg: RunConfig, store: ActivationStore, rows: range,
     scale = math.sqrt(store.d(hook) / float(kept.pow(2).sum(1).mean()))
     log.info("outliers: rows with norm > %.4g (%.3g x the median) dropped: %.3f%% of %d sampled "
              "rows; input scale %.4g (store statistics, every row: %.4g)", max_norm, ratio,
-             100 * (1 - len(kept) / len(x)), len(x), scale, input_scale(store, hook)[0])
+             100 * (1 - len(kept) / len(x)), len(x), scale, input_scale(store, hook, units)[0])
     return InputNorm(scale, kept.mean(0) * scale, max_norm)
 
 
-def input_norms(cfg: RunConfig, store: ActivationStore, rows: range) -> dict[str, InputNorm]:
+def input_norms(cfg: RunConfig, store: ActivationStore, rows: range,
+                units: Sequence[int] | None = None) -> dict[str, InputNorm]:
     """One InputNorm per hook the bank reads or reconstructs."""
-    return {hook: input_norm(cfg, store, rows, hook) for hook in cfg.bank_hooks}
+    return {hook: input_norm(cfg, store, rows, hook, units) for hook in cfg.bank_hooks}
 
 
 SKIP_SAMPLE_CHUNKS = 16  # chunks spread over the training rows for the least-squares skip map

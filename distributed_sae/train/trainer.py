@@ -15,7 +15,7 @@ from __future__ import annotations
 import logging
 import time
 from pathlib import Path
-from typing import Mapping
+from typing import Any, Mapping
 
 import torch
 from tqdm.auto import tqdm
@@ -29,6 +29,7 @@ from distributed_sae.train.metrics_log import MetricsLog
 from distributed_sae.train.norm import (InputNorm, input_norm, input_norms, input_scale,
                                         member_inits)
 from distributed_sae.train.saving import save_members
+from distributed_sae.train.stream_source import StreamControl, stream_inits
 
 log = logging.getLogger(__name__)
 
@@ -47,33 +48,53 @@ def train(cfg: RunConfig) -> list[Path]:
 
 
 def _source(cfg: RunConfig, plan: Plan, store: ActivationStore, rows: range,
-            norms: Mapping[str, InputNorm]) -> BankReader:
-    """The batches this process reads: its share of every global batch, every hook."""
-    hooks = list(norms)
-    max_norm = norms[hooks[0]].max_norm if len(hooks) == 1 else None
+            norms: Mapping[str, InputNorm] | None) -> BankReader:
+    """The batches this process reads: its share of every global batch, every hook; a streamed
+    run's reader follows the store as it is harvested. norms=None: unscaled (its geometry only)."""
+    hooks = cfg.bank_hooks if norms is None else list(norms)
+    max_norm = norms[hooks[0]].max_norm if norms is not None and len(hooks) == 1 else None
+    scales = {h: 1.0 if norms is None else norms[h].scale for h in hooks}
     return BankReader(store, hooks, rows, plan.local_batch(cfg.train.batch_size),
-                      seed=cfg.train.seed, scales={h: n.scale for h, n in norms.items()},
-                      max_norm=max_norm, exclude_token_ids=store.metadata["exclude_token_ids"],
-                      rank=plan.read_rank, world_size=plan.read_world)
+                      seed=cfg.train.seed, scales=scales, max_norm=max_norm,
+                      exclude_token_ids=store.metadata["exclude_token_ids"],
+                      rank=plan.read_rank, world_size=plan.read_world, follow=cfg.stream)
+
+
+def _norms(cfg: RunConfig, plan: Plan, store: ActivationStore, rows: range
+           ) -> tuple[dict[str, InputNorm], Any]:
+    """Each hook's input norm and the members' starts: from the whole store, or, streaming,
+    from the units of the reader's first window (train/stream_source.py)."""
+    if cfg.stream:
+        window = next(iter(_source(cfg, plan, store, rows, None).readers.values())).window
+        return stream_inits(cfg, store, rows, window)
+    norms = input_norms(cfg, store, rows)
+    return norms, member_inits(cfg, store, rows, norms)
 
 
 def run(cfg: RunConfig, plan: Plan) -> list[Path] | None:
     """Train the bank under `plan` on this process; returns the folders this process saved."""
     torch.manual_seed(cfg.train.seed)
+    if cfg.train.cpus:
+        torch.set_num_threads(cfg.train.cpus)
     store = ActivationStore.open(cfg.store.path)
-    train_rows, _ = split_rows(store, cfg.train.holdout_fraction)
-    norms = input_norms(cfg, store, train_rows)
+    train_rows, _ = split_rows(store, cfg.train.holdout_fraction, require_complete=not cfg.stream)
+    norms, inits = _norms(cfg, plan, store, train_rows)
     source = _source(cfg, plan, store, train_rows, norms)
     total = max(1, (cfg.train.tokens or len(train_rows)) // cfg.train.batch_size)
-    bank = plan.build_bank({h: store.d(h) for h in norms},
-                           member_inits(cfg, store, train_rows, norms), total)
+    bank = plan.build_bank({h: store.d(h) for h in norms}, inits, total)
     plan.resume(bank, source)
+    control = StreamControl(cfg, plan, store, train_rows, source)
     if plan.is_logger:
         log.info("training %d members %s on %s (%s, %d workers): %d steps of %d tokens (from "
                  "step %d)", len(plan.bank_ids), plan.bank_ids, list(norms), plan.name,
                  plan.world, total, cfg.train.batch_size, bank.step_count)
+    first = bank.step_count
     _loop(cfg, plan, bank, source, lambda hook: _resample_inputs(
-        cfg, store, train_rows, norms[hook], hook, bank.step_count), total)
+        cfg, store, train_rows, norms[hook], hook, bank.step_count), total, control)
+    if control.bounded:  # the run is over: one last checkpoint, then no training unit is needed
+        if bank.step_count > first:  # else the checkpoint resumed from is that one
+            plan.checkpoint(bank, source)
+        control.after_checkpoint(done=True)
 
     def write(members: list[Member], bank_ids: list[str]) -> list[Path]:
         return save_members(cfg, store, members, norms, bank.tokens_seen, bank_ids)
@@ -82,36 +103,56 @@ def run(cfg: RunConfig, plan: Plan) -> list[Path] | None:
 
 
 def _loop(cfg: RunConfig, plan: Plan, bank: BankTrainer, source: BankReader,
-          sample_inputs, total: int) -> None:
+          sample_inputs, total: int, control: StreamControl) -> None:
     """Step until `total`: log every train.log_every steps (and the last), then checkpoint every
     train.checkpoint_every steps (logging first, so a resumed job's density windows continue
-    from the same counts)."""
+    from the same counts), and whenever a bounded streamed harvest waits for room."""
     metrics = MetricsLog(cfg) if plan.is_logger else None
-    bar = tqdm(total=total, initial=bank.step_count, desc="train", unit="step",
-               disable=not plan.is_logger)
+    bar = _bar(cfg, plan, bank, total)
     start, start_tokens = time.perf_counter(), bank.tokens_seen
-    batches = source.iter_batches()
+    batches = control.batches()
     device = cfg.train.device
+    logged = bank.step_count
     while bank.step_count < total:
-        batch = {h: x.to(device) for h, x in next(batches).items()}
+        batch = control.next_batch(batches)
+        if batch is None:  # a bounded stream's one pass is over (excluded tokens make it short)
+            break
+        batch = {h: x.to(device) for h, x in batch.items()}
         # A one-hook bank steps on the bare tensor (BankTrainer.step takes either).
         bank.step(batch if len(batch) > 1 else next(iter(batch.values())),
                   record=bank.logs_next())
-        bar.update(1)
+        bar.update(cfg.train.batch_size if cfg.stream else 1)
         plan.after_step(bank.step_count)
         if bank.resample_due():
             bank.resample(sample_inputs)
         if bank.step_count % cfg.train.log_every == 0 or bank.step_count == total:
             rate = (bank.tokens_seen - start_tokens) / (time.perf_counter() - start)
             records = plan.records(bank, rate)
+            logged = bank.step_count
             if metrics is not None:
                 metrics.emit(records, bank.step_count)
         every = cfg.train.checkpoint_every
-        if every and bank.step_count % every == 0 and bank.step_count < total:
+        wanted = control.checkpoint_wanted()  # collective: every rank asks every step
+        if (wanted or every and bank.step_count % every == 0) and bank.step_count < total:
             plan.checkpoint(bank, source)
+            control.after_checkpoint()
+    if logged < bank.step_count:  # ended before `total`: the last step's metrics still go out
+        records = plan.records(bank, (bank.tokens_seen - start_tokens) / (
+            time.perf_counter() - start))
+        if metrics is not None:
+            metrics.emit(records, bank.step_count)
     bar.close()
     if metrics is not None:
         metrics.close()
+
+
+def _bar(cfg: RunConfig, plan: Plan, bank: BankTrainer, total: int) -> tqdm:
+    """Steps, or trained tokens when streaming (beside the harvest's bar of harvested ones)."""
+    if cfg.stream:
+        return tqdm(total=total * cfg.train.batch_size, initial=bank.tokens_seen, unit="tok",
+                    unit_scale=True, desc="train", disable=not plan.is_logger, position=1)
+    return tqdm(total=total, initial=bank.step_count, desc="train", unit="step",
+                disable=not plan.is_logger)
 
 
 def _resample_inputs(cfg: RunConfig, store: ActivationStore, rows: range, norm: InputNorm,
