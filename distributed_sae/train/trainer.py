@@ -12,6 +12,7 @@ gathered, who writes which part of a checkpoint, who saves. This file holds no c
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from pathlib import Path
@@ -24,6 +25,7 @@ from distributed_sae.config import RunConfig
 from distributed_sae.parallel.plan import Plan
 from distributed_sae.store import ActivationReader, ActivationStore, split_rows
 from distributed_sae.store.bank_reader import BankReader
+from distributed_sae.store.ledger import combine_ledgers
 from distributed_sae.train.bank_trainer import BankTrainer, Member
 from distributed_sae.train.metrics_log import MetricsLog
 from distributed_sae.train.norm import (InputNorm, input_norm, input_norms, input_scale,
@@ -32,6 +34,8 @@ from distributed_sae.train.saving import save_members
 from distributed_sae.train.stream_source import StreamControl, stream_inits
 
 log = logging.getLogger(__name__)
+
+LEDGER_FILE = "trained_rows.json"
 
 __all__ = ["InputNorm", "input_norm", "input_scale", "run", "train"]
 
@@ -96,6 +100,8 @@ def run(cfg: RunConfig, plan: Plan) -> list[Path] | None:
             plan.checkpoint(bank, source)
         control.after_checkpoint(done=True)
 
+    _write_ledger(cfg, plan, source, bank)
+
     def write(members: list[Member], bank_ids: list[str]) -> list[Path]:
         return save_members(cfg, store, members, norms, bank.tokens_seen, bank_ids)
 
@@ -144,6 +150,21 @@ def _loop(cfg: RunConfig, plan: Plan, bank: BankTrainer, source: BankReader,
     bar.close()
     if metrics is not None:
         metrics.close()
+
+
+def _write_ledger(cfg: RunConfig, plan: Plan, source: BankReader, bank: BankTrainer) -> None:
+    """out_dir/train/trained_rows.json: how many store rows the final weights were trained on
+    and their order-free digest (store/ledger.py), over every share of the store. It survives a
+    resume (the reader's checkpointed state holds it), so two runs that trained on the same
+    multiset of rows, one of them killed and resumed, write the same file."""
+    shares = plan.gather((plan.read_rank, source.rows_ledger()))  # collective
+    if shares is None or not plan.is_logger:
+        return
+    rows, digest = combine_ledgers(dict(shares).values())  # one ledger per share
+    path = Path(cfg.out_dir) / "train" / LEDGER_FILE
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"rows": rows, "digest": digest, "steps": bank.step_count,
+                                "tokens_seen": bank.tokens_seen}, indent=1))
 
 
 def _bar(cfg: RunConfig, plan: Plan, bank: BankTrainer, total: int) -> tqdm:

@@ -1,0 +1,207 @@
+"""dsae-run stream=true: harvest and train at once, on real Ray actors, real zarr stores and the
+tiny Llama (tests/conftest.py), with and without a bound on the store.
+
+The reference for every fault is a clean bounded streamed run (module fixture): an interrupted
+run must train on the same multiset of store rows (train/trained_rows.json, the reader's ledger:
+nothing lost, nothing twice) and end with bit-identical weights.
+
+Note: test_sigkill_of_a_harvest_actor kills a process titled ray::HarvestWorker, as
+tests/test_harvest.py does: do not run it beside a real harvest on the same machine.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+from safetensors.torch import load_file
+
+from distributed_sae.cli import run_stages
+from distributed_sae.config import ConfigError
+from distributed_sae.store import ActivationStore, split_rows
+from distributed_sae.store.budget import store_bytes
+from distributed_sae.store.stream_files import consumed_units
+from test_harvest import _actor_pids, _wait_for_commits
+from test_pipeline import compose_run
+
+BOUND = 300_000  # bytes: about half the full store (60 units of ~8.9 kB + records)
+MEMBER = "topk_w64_k4_s0"
+
+
+def overrides(model_dir: str, out: Path, bound: int = BOUND) -> list[str]:
+    # 60 units of 4 contexts x 32 tokens; 40 steps of 128 rows: fewer than one pass holds once
+    # the BOS rows are dropped, so bounded and unbounded runs train on the same batches.
+    return [f"model.name={model_dir}", f"out_dir={out}", "stream=true",
+            f"store.max_bytes={bound}", "data.context_size=32", "data.n_tokens=7680",
+            "data.seed=1", "harvest.hooks=[blocks.1.hook_resid_post]",
+            "harvest.contexts_per_unit=4", "harvest.batch_size=2", "harvest.num_actors=1",
+            "store.chunk_tokens=64", "sae.widths=[64]", "sae.k=4", "train.batch_size=128",
+            "train.tokens=5120", "train.cpus=1", "train.log_every=5"]
+
+
+class PeakBytes:
+    """Samples a store's bytes on disk every few milliseconds in a thread; .peak is the most."""
+
+    def __init__(self, path: str) -> None:
+        self.path, self.peak, self._stop = path, 0, threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            if Path(self.path).exists():
+                self.peak = max(self.peak, store_bytes(self.path))
+            self._stop.wait(0.005)
+
+    def stop(self) -> int:
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, store_bytes(self.path))
+        return self.peak
+
+
+def weights(cfg) -> dict:
+    return load_file(str(Path(cfg.out_dir) / "train" / MEMBER / "sae_weights.safetensors"))
+
+
+def ledger(cfg) -> dict:
+    return json.loads((Path(cfg.out_dir) / "train" / "trained_rows.json").read_text())
+
+
+def assert_same_training(a, b) -> None:
+    la, lb = ledger(a), ledger(b)
+    assert (la["rows"], la["digest"], la["steps"]) == (lb["rows"], lb["digest"], lb["steps"])
+    wa, wb = weights(a), weights(b)
+    assert wa.keys() == wb.keys()
+    for k in wa:
+        assert wa[k].equal(wb[k]), k
+
+
+@pytest.fixture(scope="module")
+def bounded(tmp_path_factory, ray_local, tiny_llama_dir):
+    cfg = compose_run(overrides(tiny_llama_dir, tmp_path_factory.mktemp("bounded")))
+    watch = PeakBytes(cfg.store.path)
+    run_stages(cfg, ("harvest", "train", "eval", "export"))
+    return cfg, watch.stop()
+
+
+@pytest.fixture(scope="module")
+def unbounded(tmp_path_factory, ray_local, tiny_llama_dir):
+    cfg = compose_run(overrides(tiny_llama_dir, tmp_path_factory.mktemp("unbounded"), 0))
+    run_stages(cfg, ("harvest", "train"))
+    return cfg
+
+
+def test_a_bounded_stream_completes_evaluates_and_exports_under_its_bound(bounded):
+    cfg, peak = bounded
+    assert 0 < peak <= BOUND
+    out = Path(cfg.out_dir)
+    assert (out / "eval" / "summary.md").is_file()
+    assert (out / "export" / MEMBER).is_dir()
+    store = ActivationStore.open(cfg.store.path)
+    train_rows, held_out = split_rows(store, cfg.train.holdout_fraction)
+    # Every unit wholly of training rows went once trained on; the held-out ones are all kept.
+    assert consumed_units(store.path) == set(range(train_rows.stop // store.unit_rows))
+    assert store.verify() == [] and store.is_complete
+    assert store.read(cfg.sae.hook or "blocks.1.hook_resid_post", held_out.start,
+                      held_out.stop).abs().sum() > 0
+    assert ledger(cfg)["rows"] == ledger(cfg)["tokens_seen"] == 40 * 128
+
+
+def test_a_bound_changes_nothing_that_is_trained(bounded, unbounded):
+    assert_same_training(bounded[0], unbounded)
+
+
+def test_an_unbounded_stream_keeps_a_store_the_cached_path_reuses(unbounded, tmp_path):
+    store = ActivationStore.open(unbounded.store.path)
+    assert store.is_complete and not consumed_units(store.path) and store.verify() == []
+    cached = compose_run([a for a in overrides(unbounded.model.name, tmp_path, 0)
+                          if not a.startswith("stream=")] + [f"store.path={store.path}"])
+    run_stages(cached, ("train",))
+    assert ledger(cached)["rows"] == 40 * 128  # another order (one global shuffle), same count
+
+
+def test_sigkill_of_a_harvest_actor_while_streaming_changes_nothing_trained(
+        bounded, tiny_llama_dir, tmp_path, caplog):
+    cfg = compose_run(overrides(tiny_llama_dir, tmp_path))
+    caplog.set_level("WARNING")
+    failure: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            run_stages(cfg, ("harvest", "train"))
+        except BaseException as err:  # noqa: BLE001 - reported below
+            failure.append(err)
+
+    thread = threading.Thread(target=run)
+    watch = PeakBytes(cfg.store.path)
+    thread.start()
+    _wait_for_commits(Path(cfg.store.path), 3)
+    victims = _actor_pids("HarvestWorker")
+    assert victims, "no harvest actor process found"
+    os.kill(victims[0], signal.SIGKILL)
+    thread.join(timeout=600)
+    assert not thread.is_alive() and not failure, failure
+    assert "died" in caplog.text and "re-queueing" in caplog.text
+    assert watch.stop() <= BOUND
+    assert_same_training(cfg, bounded[0])
+
+
+def _checkpointed(out: Path) -> bool:
+    return any((p / "state.json").is_file() for p in (out / "train" / "checkpoints").glob("step_*"))
+
+
+def test_sigkill_of_the_job_while_streaming_resumes_bit_identically(bounded, tiny_llama_dir,
+                                                                     tmp_path):
+    """The whole job (driver, trainer and its Ray instance) is killed after its first
+    checkpoint, which a bounded store deletes units behind; started again, it finishes with
+    the clean run's rows and weights."""
+    out = tmp_path / "job"
+    args = overrides(tiny_llama_dir, out) + ["train.checkpoint_every=4"]
+    cmd = [sys.executable, "-c", "from distributed_sae.cli import run_main; run_main()", *args]
+    env = dict(os.environ, RAY_AUTH_MODE="disabled")
+    first = subprocess.Popen(cmd, env=env, start_new_session=True,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 600
+        while not _checkpointed(out) and first.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+    finally:
+        os.killpg(first.pid, signal.SIGKILL)
+        first.wait()
+    assert _checkpointed(out) and not (out / "train" / MEMBER).exists()
+    assert not (out / "train" / "trained_rows.json").exists()
+    second = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert "resumed from" in second.stdout + second.stderr
+    cfg = compose_run(args)
+    assert_same_training(cfg, bounded[0])
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["stream=false"], "store.max_bytes=300000 bounds the store of a streamed run"),
+    (["train.tokens=100000"], "a second epoch needs the units a bounded store deletes"),
+    (["sae.kind=relu", "train.resample_steps=[10]"], "resamples dead features"),
+    (["store.max_bytes=-1"], "store.max_bytes must be >= 0"),
+])
+def test_bounded_streaming_refuses_what_it_cannot_do(tmp_path, extra, message):
+    with pytest.raises(ConfigError, match=message):
+        compose_run(overrides("/nowhere", tmp_path) + extra)
+
+
+def test_a_bound_too_small_to_stream_is_one_line_and_exit_2(tiny_llama_dir, tmp_path):
+    args = overrides(tiny_llama_dir, tmp_path, bound=50_000)
+    cmd = [sys.executable, "-c", "from distributed_sae.cli import run_main; run_main()", *args]
+    proc = subprocess.run(cmd, env=dict(os.environ, RAY_AUTH_MODE="disabled"),
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    lines = [ln for ln in (proc.stdout + proc.stderr).splitlines() if "ERROR" in ln]
+    assert len(lines) == 1 and "store.max_bytes=50000 is under the" in lines[0], lines
+    assert not list((tmp_path / "store" / "_commits").glob("u*.json"))  # nothing harvested
