@@ -205,3 +205,22 @@ def test_a_bound_too_small_to_stream_is_one_line_and_exit_2(tiny_llama_dir, tmp_
     lines = [ln for ln in (proc.stdout + proc.stderr).splitlines() if "ERROR" in ln]
     assert len(lines) == 1 and "store.max_bytes=50000 is under the" in lines[0], lines
     assert not list((tmp_path / "store" / "_commits").glob("u*.json"))  # nothing harvested
+
+
+def test_a_bounded_stream_trains_on_ray_train_workers(tiny_llama_dir, tmp_path):
+    """train.workers=2: the engine's ranks run as Ray Train workers beside the harvest actor on
+    one Ray instance (3 logical CPUs: 1 actor + 2 workers); they agree each step on the end of
+    the pass and on checkpoints, rank 0 deletes, and the store stays under its bound."""
+    out = tmp_path / "workers"
+    args = overrides(tiny_llama_dir, out) + ["train.workers=2", "cluster.num_cpus=3"]
+    cmd = [sys.executable, "-c", "from distributed_sae.cli import run_main; run_main()", *args]
+    watch = PeakBytes(str(out / "store"))
+    proc = subprocess.run(cmd, env=dict(os.environ, RAY_AUTH_MODE="disabled"),
+                          capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+    assert watch.stop() <= BOUND
+    cfg = compose_run(args)
+    store = ActivationStore.open(cfg.store.path)
+    train_rows, _ = split_rows(store, cfg.train.holdout_fraction)
+    assert consumed_units(store.path) == set(range(train_rows.stop // store.unit_rows))
+    assert ledger(cfg)["rows"] == 40 * 128 and (out / "eval" / "summary.md").is_file()

@@ -310,6 +310,13 @@ class RunConfig:
                 f"store.max_bytes=0 (keep every unit), or data.n_tokens >= "
                 f"{-(-self.train.tokens // (1 - self.train.holdout_fraction))}, or train.tokens "
                 f"<= {self.train_rows}")
+        t = self.train
+        if t.workers > 1 and t.latent_shards == 1 and (t.placement != "cost"
+                                                       or t.data_parallel != "ddp"):
+            raise ConfigError(f"store.max_bytes={bound} deletes units behind checkpoints, and with "
+                              f"train.workers > 1 checkpoints need train.placement=cost and "
+                              f"train.data_parallel=ddp (got {t.placement}, {t.data_parallel}): "
+                              f"change them, or set store.max_bytes=0")
         resampled = [s.member_id for s in self.bank() if sae_class(s.kind).resamples(s.params)]
         if resampled and self.train.resample_steps:
             raise ConfigError(f"member {resampled[0]} resamples dead features from training rows "

@@ -87,9 +87,10 @@ class DiskBudget:
             return self._other + sum(self._live.values())
 
     def admit(self, in_flight: int, n: int = 1) -> bool:
-        """Whether n more units may start while `in_flight` are being written."""
+        """Whether n more units may start while `in_flight` are being written (always, with
+        max_bytes 0: the budget then only reports the store's fill)."""
         need = self.used() + (in_flight + n) * self.estimate
-        ok = need <= self.max_bytes
+        ok = need <= self.max_bytes or not self.max_bytes
         if ok:
             self.peak = max(self.peak, need)
         self.waiting = not ok
@@ -105,8 +106,9 @@ class DiskBudget:
 
     def describe(self) -> str:
         """The buffer's fill, for the harvest's progress bar."""
-        return (f"store {self.used() / 1e6:.1f}/{self.max_bytes / 1e6:.1f} MB, "
-                f"{len(self._live)} units{', waiting for room' if self.waiting else ''}")
+        bound = f"/{self.max_bytes / 1e6:.1f}" if self.max_bytes else ""
+        return (f"store {self.used() / 1e6:.1f}{bound} MB, {len(self._live)} units"
+                f"{', waiting for room' if self.waiting else ''}")
 
 
 def chunks_before(buffers: Sequence[np.ndarray], state: Mapping[str, Any]) -> np.ndarray:

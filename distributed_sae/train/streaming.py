@@ -26,7 +26,6 @@ import os
 import threading
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
 
 from distributed_sae.config import ConfigError, RunConfig
 from distributed_sae.harvest.job import HarvestJob, prepare, run_job
@@ -40,10 +39,19 @@ log = logging.getLogger(__name__)
 BUFFER_CHUNKS = 16  # the reader's default buffer (store/reader.py), which sets its window
 
 
+def read_shares(cfg: RunConfig) -> int:
+    """How many shares of the store the plan reads (parallel/plan.py's read_world): latent-
+    sharded replicas, replicated ranks, or one for one process and for members placed by cost
+    (every rank reads every row)."""
+    t = cfg.train
+    if t.latent_shards > 1:
+        return t.workers // t.latent_shards
+    return t.workers if t.workers > 1 and t.placement != "cost" else 1
+
+
 def window_units(cfg: RunConfig, store: ActivationStore) -> int:
-    """Units of one shuffling window of the followed reader (ActivationReader.window), for
-    train.workers readers at most (an upper bound: placed members read the batch as one share)."""
-    need = cfg.train.workers * BUFFER_CHUNKS * store.chunk_rows
+    """Units of one shuffling window of the followed reader (ActivationReader.window)."""
+    need = read_shares(cfg) * BUFFER_CHUNKS * store.chunk_rows
     return max(1, -(-need // store.unit_rows))
 
 
@@ -88,7 +96,7 @@ def train_cpus(cfg: RunConfig, job: HarvestJob) -> int:
     return cpus
 
 
-def _harvest(job: HarvestJob, gate: DiskBudget | None, stop: threading.Event,
+def _harvest(job: HarvestJob, gate: DiskBudget, stop: threading.Event,
              failure: dict[str, BaseException]) -> None:
     """The harvest thread: run the pool; a failure is recorded for the readers that wait."""
     try:
@@ -108,17 +116,16 @@ def stream(cfg: RunConfig) -> list[Path]:
         job = prepare(cfg)
         clear_stream_state(job.store.path)
         cfg = replace(cfg, train=replace(cfg.train, cpus=train_cpus(cfg, job)))
-        gate = None
         if cfg.store.max_bytes:
             check_bound(cfg, job.store)
-            gate = DiskBudget(job.store, cfg.store.max_bytes)
+        gate = DiskBudget(job.store, cfg.store.max_bytes)  # unbounded: reports the fill only
         stop, failure = threading.Event(), {}
         thread = threading.Thread(target=_harvest, args=(job, gate, stop, failure),
                                   name="stream-harvest", daemon=True)
         thread.start()
         log.info("streaming: %d unit(s) to harvest, training with %d CPU thread(s)%s",
                  job.n_todo, cfg.train.cpus,
-                 f", store bound {cfg.store.max_bytes} bytes" if gate else "")
+                 f", store bound {cfg.store.max_bytes} bytes" if cfg.store.max_bytes else "")
         try:
             folders = train(cfg)
         except BaseException:
@@ -134,9 +141,9 @@ def stream(cfg: RunConfig) -> list[Path]:
     return folders
 
 
-def _report(cfg: RunConfig, job: HarvestJob, gate: Any) -> None:
+def _report(cfg: RunConfig, job: HarvestJob, gate: DiskBudget) -> None:
     now = store_bytes(job.store.path)
-    if gate is None:
+    if not cfg.store.max_bytes:
         log.info("streaming done: store %s holds %d bytes (unbounded: reusable as a cache)",
                  job.store.path, now)
         return
