@@ -39,13 +39,16 @@ def record_bytes(record: Mapping[str, Any]) -> int:
 
 
 def unit_bytes_bound(store: ActivationStore) -> int:
-    """An upper bound of one unit's bytes: its rows uncompressed in every array, plus each shard's
-    index (16 bytes per chunk and a crc32c)."""
+    """An upper bound of what one unit adds to the disk: its rows uncompressed in every array,
+    each shard's index (16 bytes per chunk and a crc32c), and its commit record twice (the
+    record and the temporary file it is renamed from). A record holds each hook's statistics:
+    d float64 sums as JSON, ~24 bytes each (a 576-wide hook's record: 13.5 kB)."""
     itemsize = np.dtype(str(store.metadata["storage_dtype"])).itemsize
     width = sum(store.d(h) for h in store.hook_points)
     chunks = store.unit_rows // store.chunk_rows
     arrays = len(store.hook_points) + 1
-    return store.unit_rows * (width * itemsize + 4) + arrays * (16 * chunks + 4)
+    record = 1024 + 24 * width + 256 * arrays
+    return store.unit_rows * (width * itemsize + 4) + arrays * (16 * chunks + 4) + 2 * record
 
 
 def store_bytes(path: str | Path) -> int:

@@ -28,7 +28,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from distributed_sae.config import ConfigError, RunConfig
-from distributed_sae.harvest.job import HarvestJob, prepare, run_job
+from distributed_sae.harvest.job import HarvestJob, actor_gpus, prepare, run_job
 from distributed_sae.store import ActivationStore, WriterLock
 from distributed_sae.store.budget import DiskBudget, store_bytes, unit_bytes_bound
 from distributed_sae.store.stream_files import clear_stream_state, set_failed
@@ -93,7 +93,22 @@ def train_cpus(cfg: RunConfig, job: HarvestJob) -> int:
             f"and training's {cfg.train.workers} x train.cpus={cpus} need {need:g} CPUs, "
             f"{where} has {have:g}: lower harvest.num_actors, harvest.cpus_per_actor or "
             f"train.cpus")
+    if cfg.train.workers > 1 and cfg.train.device.startswith("cuda"):
+        _check_gpus(cfg, slots * actor_gpus(cfg) if job.n_todo else 0.0)
     return cpus
+
+
+def _check_gpus(cfg: RunConfig, harvest_gpus: float) -> None:
+    """Ray Train workers on GPUs reserve one each beside the harvest actors' GPUs."""
+    import ray
+
+    have = float(ray.cluster_resources().get("GPU", 0))
+    need = harvest_gpus + cfg.train.workers
+    if need > have and not cfg.cluster.address:
+        raise ConfigError(
+            f"stream=true: the harvest's {harvest_gpus:g} GPU(s) and train.workers="
+            f"{cfg.train.workers} GPU workers need {need:g} GPUs, the Ray instance has {have:g}: "
+            f"lower harvest.num_actors or train.workers, or train on the CPU (train.device=cpu)")
 
 
 def _harvest(job: HarvestJob, gate: DiskBudget, stop: threading.Event,
