@@ -264,5 +264,10 @@ def harvest(cfg: RunConfig) -> ActivationStore:
             log.info("store %s is complete (%d tokens): nothing to harvest", job.store.path,
                      job.store.n_tokens)
             return job.store
-        run_job(job)
+        gate = None
+        if cfg.stream and cfg.store.max_bytes:  # a dsae-train stream=true job frees the room
+            from distributed_sae.store.budget import DiskBudget
+
+            gate = DiskBudget(job.store, cfg.store.max_bytes)
+        run_job(job, gate=gate)
     return job.store

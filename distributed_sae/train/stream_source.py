@@ -25,7 +25,7 @@ from typing import Any, Iterator, Mapping
 
 import torch
 
-from distributed_sae.config import RunConfig
+from distributed_sae.config import ConfigError, RunConfig
 from distributed_sae.store import ActivationStore, split_rows
 from distributed_sae.store.bank_reader import BankReader
 from distributed_sae.store.budget import (chunks_before, deletable_units, record_bytes,
@@ -134,7 +134,11 @@ class StreamControl:
             self._buffers = reader.buffers(0)  # this rank's first-epoch plan
             self._window_rows = reader.window * store.unit_rows
             slots = cfg.harvest.num_actors
-            spare = cfg.store.max_bytes - min_bytes(cfg, store, reader.window, slots)
+            need = min_bytes(cfg, store, reader.window, slots)
+            spare = cfg.store.max_bytes - need
+            if spare < 0:  # dsae-run checked this already; a dsae-train following a harvest not
+                raise ConfigError(f"store.max_bytes={cfg.store.max_bytes} is under the {need} "
+                                  f"bytes this streamed run needs: set store.max_bytes >= {need}")
             self._every = max(1, spare // window_bytes(store, reader.window))  # windows
             log.info("streaming into a bound of %d bytes: a checkpoint every %d window(s) of "
                      "%d units frees the units behind it", cfg.store.max_bytes, self._every,
