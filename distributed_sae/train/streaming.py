@@ -29,15 +29,12 @@ from pathlib import Path
 
 from distributed_sae.config import ConfigError, RunConfig
 from distributed_sae.harvest.job import HarvestJob, actor_gpus, prepare, run_job
-from distributed_sae.store import ActivationStore, WriterLock
+from distributed_sae.store import ActivationReader, ActivationStore, WriterLock
 from distributed_sae.store.budget import DiskBudget, store_bytes, unit_bytes_bound
 from distributed_sae.store.stream_files import clear_stream_state, set_failed
 from distributed_sae.train.stream_source import min_bytes
 
 log = logging.getLogger(__name__)
-
-BUFFER_CHUNKS = 16  # the reader's default buffer (store/reader.py), which sets its window
-
 
 def read_shares(cfg: RunConfig) -> int:
     """How many shares of the store the plan reads (parallel/plan.py's read_world): latent-
@@ -51,7 +48,7 @@ def read_shares(cfg: RunConfig) -> int:
 
 def window_units(cfg: RunConfig, store: ActivationStore) -> int:
     """Units of one shuffling window of the followed reader (ActivationReader.window)."""
-    need = read_shares(cfg) * BUFFER_CHUNKS * store.chunk_rows
+    need = read_shares(cfg) * ActivationReader.buffer_chunks * store.chunk_rows  # default
     return max(1, -(-need // store.unit_rows))
 
 
