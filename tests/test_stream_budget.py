@@ -10,22 +10,24 @@ import torch
 from distributed_sae.harvest.worker import unit_stats
 from distributed_sae.store import ActivationStore, commit_unit
 from distributed_sae.store.bank_reader import BankReader
-from distributed_sae.store.budget import (DiskBudget, chunks_before, deletable_units, store_bytes,
-                                          unit_bytes_bound)
+from distributed_sae.store.budget import (DiskBudget, chunks_before, deletable_units,
+                                          record_bytes_bound, store_bytes, unit_bytes_bound)
+from distributed_sae.store.commits import record_path
 from distributed_sae.store.stream_files import UnitConsumedError, consumed_units
 
 HOOK = "blocks.0.hook_resid_post"
 UNIT, CHUNK, UNITS = 512, 128, 8
 
 
-def make_store(path) -> ActivationStore:
-    """8 committed units of 512 rows (4 chunks each), with file sizes in their records."""
+def make_store(path, units: int = UNITS) -> ActivationStore:
+    """`units` of 8 committed units of 512 rows (4 chunks each), with file sizes in their
+    records."""
     store = ActivationStore.create(
         path, hook_dims={HOOK: 16}, n_units=UNITS, unit_rows=UNIT, chunk_rows=CHUNK,
         dtype="float32", compression="none",
         metadata={"context_size": 64, "exclude_token_ids": [], "model_name": "synthetic"})
     g = torch.Generator().manual_seed(0)
-    for u in range(UNITS):
+    for u in range(units):
         x = torch.randn(UNIT, 16, generator=g) + 1
         files = store.write_unit(u, {HOOK: x}, np.arange(UNIT))
         keep = torch.ones(UNIT, dtype=torch.bool)
@@ -84,3 +86,18 @@ def test_the_budget_admits_units_while_they_fit(tmp_path):
     assert budget.admit(1, 1)  # the deleted units' bytes came back (a bound counts records too)
     assert DiskBudget(store, 0).admit(10**6, 10**6)  # 0: no bound, it only reports
 
+
+
+def test_the_minimum_bound_does_not_depend_on_how_far_the_harvest_has_got(tmp_path):
+    """The start-up check runs before any unit, a trainer after some (and after a resume, after
+    all): they must agree, or a bound accepted at start-up stops the trainer later. Commit
+    records stay after their units go, so the minimum counts every record of the run."""
+    from types import SimpleNamespace
+
+    from distributed_sae.train.stream_source import min_bytes
+    cfg = SimpleNamespace(train=SimpleNamespace(holdout_fraction=0.125))
+    needs = [min_bytes(cfg, make_store(tmp_path / f"s{n}", n), 1, 1) for n in (0, 3, UNITS)]
+    assert needs[0] == needs[1] == needs[2], needs
+    store = ActivationStore.open(tmp_path / f"s{UNITS}")
+    sizes = [record_path(store.path, u).stat().st_size for u in range(UNITS)]
+    assert max(sizes) <= record_bytes_bound(store) < 2 * max(sizes), sizes

@@ -28,8 +28,8 @@ import torch
 from distributed_sae.config import ConfigError, RunConfig
 from distributed_sae.store import ActivationStore, split_rows
 from distributed_sae.store.bank_reader import BankReader
-from distributed_sae.store.budget import (chunks_before, deletable_units, record_bytes,
-                                          store_bytes, unit_bytes_bound)
+from distributed_sae.store.budget import (chunks_before, deletable_units, fixed_bytes,
+                                          record_bytes_bound, unit_bytes_bound)
 from distributed_sae.store.buffers import UnitWaiter
 from distributed_sae.train.checkpoint import STATE, latest_checkpoint
 from distributed_sae.train.norm import InputNorm, MemberInit, input_norms, member_inits
@@ -99,14 +99,17 @@ def window_bytes(store: ActivationStore, window: int) -> int:
 
 
 def min_bytes(cfg: RunConfig, store: ActivationStore, window: int, slots: int) -> int:
-    """The least store.max_bytes with which a streamed run cannot stall: what is on disk besides
-    units, the held-out units, and two windows (the one being trained on, the next being
-    harvested) plus the `slots` units the actors write at once."""
+    """The least store.max_bytes with which a streamed run cannot stall: the store's metadata,
+    every commit record the run will write (they stay after their units go: a resume and
+    verify() read them), the held-out units, and two windows (the one being trained on, the
+    next being harvested) plus the `slots` units the actors write at once. A function of the
+    config and the store's geometry only, not of how far the harvest has got: the start-up
+    check and every rank's trainer (started later, after a resume) agree."""
     _, held_out = split_rows(store, cfg.train.holdout_fraction, require_complete=False)
     holdout_units = len(store.units_of(held_out.start, held_out.stop))
-    other = store_bytes(store.path) - sum(record_bytes(r) for r in store.commits.values())
-    return max(0, other) + (holdout_units + slots) * unit_bytes_bound(store) + 2 * window_bytes(
-        store, window)
+    records = int(store.metadata["n_units"]) * record_bytes_bound(store)
+    return (fixed_bytes(store.path) + records + (holdout_units + slots) * unit_bytes_bound(store)
+            + 2 * window_bytes(store, window))
 
 
 class StreamControl:
