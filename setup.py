@@ -40,8 +40,10 @@ EXTRAS = {
     "wandb": ["wandb==0.31.0"],
     # SLURM jobs from Hydra (conf/cluster/slurm.yaml).
     "slurm": ["hydra-submitit-launcher==1.2.0"],
+    # `ray job submit` (scripts/submit_ray_job.sh) needs the head's dashboard and job server.
+    "cluster": ["ray[default,train]==2.60.0", "hydra-submitit-launcher==1.2.0"],
     "dev": ["pytest>=8", "deepspeed==0.19.8", "triton==3.9.0", "wandb==0.31.0",
-            "hydra-submitit-launcher==1.2.0"],
+            "hydra-submitit-launcher==1.2.0", "ray[default,train]==2.60.0"],
 }
 
 setup(

@@ -13,6 +13,7 @@ folder); point store.path at one folder to share a store across a sweep.
 from __future__ import annotations
 
 import logging
+import os
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable
@@ -184,7 +185,8 @@ def _main(dcfg: DictConfig, stages: tuple[str, ...]) -> None:
     except Exception as err:
         if not is_user_error(err):
             raise
-        log.error("%s", err)
+        # DSAE_TRACEBACK=1: the traceback too (a file missing deep inside a stage).
+        log.error("%s", err, exc_info=bool(os.environ.get("DSAE_TRACEBACK")))
         sys.exit(2)
 
 

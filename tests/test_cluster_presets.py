@@ -3,6 +3,7 @@ script refuses to run without a cluster address."""
 
 from __future__ import annotations
 
+import os
 import subprocess
 from pathlib import Path
 
@@ -49,3 +50,18 @@ def test_submit_script_needs_an_address():
     res = subprocess.run(["bash", str(ROOT / "scripts" / "submit_ray_job.sh"), "sae.k=8"],
                          capture_output=True, text=True, env={"PATH": "/usr/bin:/bin"})
     assert res.returncode == 2 and "--address http://HEAD:8265" in res.stderr
+
+
+def test_placement_and_slurm_cpus(monkeypatch):
+    from distributed_sae.config import ClusterConfig, ConfigError
+    from distributed_sae.parallel.cluster import local_cpus, ray_strategy
+
+    assert ray_strategy(ClusterConfig()) == "SPREAD"
+    assert ray_strategy(ClusterConfig(), packed=True) == "PACK"  # a latent-sharded bank
+    assert ray_strategy(ClusterConfig(placement="pack")) == "PACK"
+    with pytest.raises(ConfigError, match="cluster.placement='nodes'"):
+        ClusterConfig(placement="nodes")
+    monkeypatch.setenv("SLURM_CPUS_PER_TASK", "3")
+    assert local_cpus() == 3  # what SLURM gave the job, not the node's CPUs
+    monkeypatch.delenv("SLURM_CPUS_PER_TASK")
+    assert 1 <= local_cpus() <= os.cpu_count()

@@ -196,12 +196,22 @@ class ClusterConfig:
 
     # Address of a running Ray cluster ('auto', 'ray://host:10001'); None = start a local one.
     address: Optional[str] = None
-    # CPUs of the local Ray instance; None = all CPUs of this machine.
+    # CPUs of the local Ray instance; None = all CPUs of this machine, or inside a SLURM job
+    # the CPUs SLURM gave it (SLURM_CPUS_PER_TASK): two 1-CPU jobs on one node must not each
+    # start a Ray instance with every CPU of the node.
     num_cpus: Optional[int] = None
+    # Where Ray puts harvest actors and Ray Train workers over the nodes: 'spread' (one per node
+    # in turn: a lost node takes the fewest with it, and every node's CPUs work) or 'pack'
+    # (fill a node first: fewer cross-node hops for data-parallel gradients). A latent-sharded
+    # bank's workers are always packed (its shards all_gather every step), and a DeepSpeed
+    # harvest group's actors stay on one node.
+    placement: str = "spread"
 
     def __post_init__(self) -> None:
         if self.num_cpus is not None and self.num_cpus <= 0:
             raise ConfigError(f"cluster.num_cpus must be positive, got {self.num_cpus}")
+        if self.placement not in ("spread", "pack"):
+            raise ConfigError(f"cluster.placement={self.placement!r}: use 'spread' or 'pack'")
 
 
 @dataclass

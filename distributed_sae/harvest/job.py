@@ -36,6 +36,7 @@ from distributed_sae.harvest.pool import PoolResult, run_pool
 from distributed_sae.harvest.worker import HarvestWorker
 from distributed_sae.models import load_tokenizer, model_dims
 from distributed_sae.parallel import check_fits, init_ray
+from distributed_sae.parallel.cluster import ray_strategy
 from distributed_sae.store import ActivationStore, WriterLock
 
 log = logging.getLogger(__name__)
@@ -197,7 +198,11 @@ def _worker_factory(cfg: RunConfig, exclude: list[int]) -> Callable[[], list[Any
         return lambda: create_deepspeed_group(
             cfg.model, list(h.hooks), cfg.store.path, h.batch_size, exclude, h.group_size,
             h.cpus_per_actor, gpus)
-    remote = ray.remote(num_cpus=h.cpus_per_actor, num_gpus=gpus)(HarvestWorker)
+    # SPREAD: Ray places each new actor on the least loaded node, so a replacement for an actor
+    # of a lost node lands on a live one; PACK is Ray's default.
+    strategy = "SPREAD" if ray_strategy(cfg.cluster) == "SPREAD" else "DEFAULT"
+    remote = ray.remote(num_cpus=h.cpus_per_actor, num_gpus=gpus,
+                        scheduling_strategy=strategy)(HarvestWorker)
     model_b = cfg.model_b if cfg.harvests_model_b else None
     return lambda: [remote.remote(cfg.model, list(h.hooks), cfg.store.path, h.batch_size,
                                   exclude, threads=max(1, int(h.cpus_per_actor)),

@@ -24,9 +24,25 @@ def init_ray(cfg: ClusterConfig) -> None:
         log.info("joining the Ray cluster at %s", cfg.address)
         ray.init(address=cfg.address, logging_level=logging.WARNING)
     else:
-        num_cpus = cfg.num_cpus or os.cpu_count() or 1
+        num_cpus = cfg.num_cpus or local_cpus()
         log.info("starting a local Ray instance with %d CPUs", num_cpus)
         ray.init(num_cpus=num_cpus, include_dashboard=False, logging_level=logging.WARNING)
+
+
+def local_cpus() -> int:
+    """CPUs for a local Ray instance: a SLURM job's allocation (SLURM_CPUS_PER_TASK, else the
+    CPUs it may run on), else the machine's."""
+    slurm = os.environ.get("SLURM_CPUS_PER_TASK")
+    if slurm and slurm.isdigit():
+        return int(slurm)
+    return len(os.sched_getaffinity(0)) or os.cpu_count() or 1
+
+
+def ray_strategy(cfg: ClusterConfig, packed: bool = False) -> str:
+    """Ray's scheduling strategy for actors and its placement strategy for Ray Train workers:
+    SPREAD or PACK (cluster.placement; `packed` forces PACK, for workers that must share a
+    node)."""
+    return "PACK" if packed or cfg.placement == "pack" else "SPREAD"
 
 
 def check_fits(n_actors: int, cpus: float, gpus: float, what: str, on_cluster: bool) -> None:

@@ -29,6 +29,7 @@ import json
 import logging
 import os
 import signal
+import time
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
@@ -210,7 +211,8 @@ def checkpoint_dir(cfg: RunConfig) -> Path:
 def inject_fault(cfg: RunConfig, step: int, rank: int) -> None:
     """A testing aid for the restart path: with DSAE_FAULT_AT_STEP=n (and DSAE_FAULT_RANK, default
     1), that rank dies hard (os._exit; SIGKILL of itself with DSAE_FAULT_SIGNAL=KILL) at step n,
-    once per out_dir, like a preempted worker."""
+    once per out_dir, like a preempted worker. DSAE_FAULT_SIGNAL=HOLD makes it hang there
+    instead, so that a test can take its node (or another rank's) away at a known step."""
     at = os.environ.get("DSAE_FAULT_AT_STEP")
     if at is None or step != int(at) or rank != int(os.environ.get("DSAE_FAULT_RANK", "1")):
         return
@@ -219,8 +221,11 @@ def inject_fault(cfg: RunConfig, step: int, rank: int) -> None:
         return
     marker.write_text(f"rank {rank} killed at step {step}\n")
     log.warning("DSAE_FAULT_AT_STEP: rank %d exits at step %d", rank, step)
-    if os.environ.get("DSAE_FAULT_SIGNAL") == "KILL":  # as the kernel's OOM killer or a preemption
+    how = os.environ.get("DSAE_FAULT_SIGNAL")
+    if how == "KILL":  # as the kernel's OOM killer or a preemption
         os.kill(os.getpid(), signal.SIGKILL)
+    while how == "HOLD":  # until this process is killed (its group restarted)
+        time.sleep(1)
     os._exit(1)
 
 

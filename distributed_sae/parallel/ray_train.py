@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from distributed_sae.config import RunConfig
+from distributed_sae.parallel.cluster import ray_strategy
 
 log = logging.getLogger(__name__)
 
@@ -44,8 +45,11 @@ def train_ray(cfg: RunConfig) -> list[Path]:
         _ray_worker, train_loop_config={
             "cfg": cfg,
             "env": {k: v for k, v in os.environ.items() if k.startswith("DSAE_FAULT_")}},
-        scaling_config=ScalingConfig(num_workers=cfg.train.workers, use_gpu=use_gpu,
-                                     resources_per_worker={"CPU": cfg.train.cpus or 1}),
+        scaling_config=ScalingConfig(
+            num_workers=cfg.train.workers, use_gpu=use_gpu,
+            resources_per_worker={"CPU": cfg.train.cpus or 1},
+            # A latent-sharded replica's shards all_gather every step: keep them on one node.
+            placement_strategy=ray_strategy(cfg.cluster, packed=cfg.train.latent_shards > 1)),
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
         run_config=RayRunConfig(storage_path=str(Path(cfg.out_dir).resolve() / "train" / "ray"),
                                 name="dp",
