@@ -25,8 +25,11 @@ need_packages() {
     exit 3
   fi
   # ~9 s on the build machine: the daemons, the client and munge, no recommends.
-  DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends \
-    slurmctld slurmd slurm-client munge >"$dir/apt.log" 2>&1 || {
+  local pkgs=(slurmctld slurmd slurm-client munge)
+  export DEBIAN_FRONTEND=noninteractive
+  { apt-get install -y -q --no-install-recommends "${pkgs[@]}" \
+      || { apt-get update -q && apt-get install -y -q --no-install-recommends "${pkgs[@]}"; }
+  } >"$dir/apt.log" 2>&1 || {
       echo "slurm_local.sh: apt-get install of slurm-wlm failed: see $dir/apt.log" >&2; exit 3; }
 }
 
