@@ -45,7 +45,7 @@ def sweep_args(model_dir: str, out: Path) -> list[str]:
             "store.chunk_tokens=64", "sae.widths=[64]", "train.batch_size=128",
             "train.tokens=2560", "train.log_every=5", "eval.spliced_tokens=256",
             "cluster=slurm", "hydra.launcher.gpus_per_node=0", "hydra.launcher.cpus_per_task=1",
-            "hydra.launcher.mem_gb=4", "hydra.launcher.timeout_min=20", "sae.k=4,8",
+            "hydra.launcher.mem_gb=4", "hydra.launcher.timeout_min=20", "sae.k=16,32",
             "--multirun"]
 
 
@@ -57,8 +57,8 @@ def test_a_slurm_sweep_runs_one_job_per_point_and_both_land(slurm, tiny_llama_di
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=1200)
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
     banks = sorted(tmp_path.glob("multirun/*/*/train/bank.json"))
-    assert [json.loads(b.read_text())["members"] for b in banks] == [["topk_w64_k4_s0"],
-                                                                     ["topk_w64_k8_s0"]]
+    assert [json.loads(b.read_text())["members"] for b in banks] == [["topk_w64_k16_s0"],
+                                                                     ["topk_w64_k32_s0"]]
     for bank in banks:
         job = bank.parent.parent
         assert (job / "eval" / "summary.md").is_file(), job
