@@ -199,7 +199,8 @@ def _worker_factory(cfg: RunConfig, exclude: list[int]) -> Callable[[], list[Any
             cfg.model, list(h.hooks), cfg.store.path, h.batch_size, exclude, h.group_size,
             h.cpus_per_actor, gpus)
     # SPREAD: Ray places each new actor on the least loaded node, so a replacement for an actor
-    # of a lost node lands on a live one; PACK is Ray's default.
+    # of a lost node lands on a live one; cluster.placement=pack keeps Ray's default (fill a
+    # node before the next).
     strategy = "SPREAD" if ray_strategy(cfg.cluster) == "SPREAD" else "DEFAULT"
     remote = ray.remote(num_cpus=h.cpus_per_actor, num_gpus=gpus,
                         scheduling_strategy=strategy)(HarvestWorker)
