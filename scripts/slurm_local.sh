@@ -19,9 +19,9 @@ conf="$dir/slurm.conf"
 need_packages() {
   command -v slurmctld >/dev/null && command -v slurmd >/dev/null && command -v sbatch >/dev/null \
     && command -v munged >/dev/null && return 0
-  if ! command -v apt-get >/dev/null; then
-    echo "slurm_local.sh: slurmctld/slurmd/sbatch/munged are missing and there is no apt-get:" \
-         "install slurm-wlm and munge" >&2
+  if ! command -v apt-get >/dev/null || [[ $(id -u) != 0 ]]; then
+    echo "slurm_local.sh: slurmctld/slurmd/sbatch/munged are missing and cannot be installed" \
+         "here (apt-get as root): install slurm-wlm and munge" >&2
     exit 3
   fi
   # ~9 s on the build machine: the daemons, the client and munge, no recommends.
@@ -87,8 +87,8 @@ start() {
   fi
   pgrep -f "slurmctld -f $conf" >/dev/null || slurmctld -f "$conf"
   pgrep -f "slurmd -f $conf" >/dev/null || slurmd -f "$conf"
-  # The node registers within a few seconds; wait for it (up to 2 minutes on a busy machine).
-  for _ in $(seq 240); do
+  # The node registered at once here; wait for it (up to 10 minutes on a busy machine).
+  for _ in $(seq 1200); do
     case "$(node_state)" in
       idle*|mixed*|allocated*) echo "slurm_local.sh: up (SLURM_CONF=$conf)"; return 0 ;;
       down*|drain*) SLURM_CONF="$conf" scontrol update nodename=localhost state=resume || true ;;

@@ -73,7 +73,9 @@ def run_args(model_dir: str, out: Path, n_units: int) -> list[str]:
 
 def test_a_submitted_ray_job_runs_on_the_cluster_and_its_results_land(ray_cluster,
                                                                       tiny_llama_dir, tmp_path):
-    assert node_cpus(ray_cluster["address"]) == {"head": 1.0, "worker": 2.0}
+    # Both nodes registered (each a raylet of its own, with its own CPUs).
+    wait_for("both nodes", lambda: node_cpus(ray_cluster["address"]) == {"head": 1.0,
+                                                                          "worker": 2.0}, 300)
     out = tmp_path / "job"
     proc = subprocess.run(
         ["bash", str(ROOT / "scripts" / "submit_ray_job.sh"), "--address",

@@ -22,12 +22,10 @@ SCRIPT = ROOT / "scripts" / "slurm_local.sh"
 @pytest.fixture(scope="module")
 def slurm(tmp_path_factory):
     pytest.importorskip("hydra_plugins.hydra_submitit_launcher")
-    if os.geteuid() != 0:
-        pytest.skip("SLURM's daemons need root here (scripts/slurm_local.sh)")
     env = dict(os.environ, DSAE_SLURM_DIR=str(tmp_path_factory.mktemp("slurm")))
     up = subprocess.run(["bash", str(SCRIPT), "start"], env=env, capture_output=True, text=True,
                         timeout=600)
-    if up.returncode == 3:  # the packages are missing and cannot be installed
+    if up.returncode == 3:  # the packages are missing and cannot be installed (no apt, no root)
         pytest.skip(up.stderr.strip())
     assert up.returncode == 0, up.stdout + up.stderr
     conf = subprocess.run(["bash", str(SCRIPT), "conf"], env=env, capture_output=True,

@@ -59,27 +59,16 @@ def unit_bytes_bound(store: ActivationStore) -> int:
             + 2 * record_bytes_bound(store))
 
 
-def fixed_bytes(path: str | Path) -> int:
-    """Bytes of the store's own files (array metadata), which no unit adds or removes: every
-    file but shard files (under a `c/` folder), commit records and consumed markers. The same
-    at any moment of a run, unlike store_bytes, which counts whatever is written by then."""
-    total = 0
-    for folder, dirs, files in os.walk(path):
-        rel = Path(folder).relative_to(path).parts
-        if rel and rel[0] in ("_commits", "_consumed") or "c" in rel:
-            continue
-        for name in files:
-            try:
-                total += os.stat(os.path.join(folder, name)).st_size
-            except FileNotFoundError:
-                continue
-    return total
-
-
-def store_bytes(path: str | Path) -> int:
-    """Apparent size of every file under `path`."""
+def store_bytes(path: str | Path, metadata_only: bool = False) -> int:
+    """Apparent size of every file under `path`. metadata_only: only the store's own files
+    (array metadata), which no unit adds or removes: every file but shard files (under a `c/`
+    folder), commit records and consumed markers; the same at any moment of a run, unlike the
+    whole, which counts whatever is written by then."""
     total = 0
     for folder, _, files in os.walk(path):
+        rel = Path(folder).relative_to(path).parts
+        if metadata_only and (rel and rel[0] in ("_commits", "_consumed") or "c" in rel):
+            continue
         for name in files:
             try:
                 total += os.stat(os.path.join(folder, name)).st_size

@@ -28,8 +28,8 @@ import torch
 from distributed_sae.config import ConfigError, RunConfig
 from distributed_sae.store import ActivationStore, split_rows
 from distributed_sae.store.bank_reader import BankReader
-from distributed_sae.store.budget import (chunks_before, deletable_units, fixed_bytes,
-                                          record_bytes_bound, unit_bytes_bound)
+from distributed_sae.store.budget import (chunks_before, deletable_units,
+                                          record_bytes_bound, store_bytes, unit_bytes_bound)
 from distributed_sae.store.buffers import UnitWaiter
 from distributed_sae.train.checkpoint import STATE, latest_checkpoint
 from distributed_sae.train.norm import InputNorm, MemberInit, input_norms, member_inits
@@ -108,7 +108,8 @@ def min_bytes(cfg: RunConfig, store: ActivationStore, window: int, slots: int) -
     _, held_out = split_rows(store, cfg.train.holdout_fraction, require_complete=False)
     holdout_units = len(store.units_of(held_out.start, held_out.stop))
     records = int(store.metadata["n_units"]) * record_bytes_bound(store)
-    return (fixed_bytes(store.path) + records + (holdout_units + slots) * unit_bytes_bound(store)
+    return (store_bytes(store.path, metadata_only=True) + records
+            + (holdout_units + slots) * unit_bytes_bound(store)
             + 2 * window_bytes(store, window))
 
 
