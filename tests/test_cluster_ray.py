@@ -1,7 +1,8 @@
 """A real two-node Ray cluster on loopback (scripts/ray_local_cluster.sh: a head with 1 CPU and
 a worker node with 2, each its own raylet): `scripts/submit_ray_job.sh` submits a real dsae-run
 with `ray job submit`, and a run whose worker node is SIGKILLed mid-harvest and mid-training
-(then replaced, as a preempted node is) finishes with a clean run's store and weights.
+(then replaced, as a preempted node is) finishes with a clean run's store and weights, and a
+harvest whose worker node is lost for good finishes on the head.
 
 In the `cluster` group (pytest -m cluster): its nodes are Ray processes of their own, so it runs
 apart from the tests that start local Ray instances or kill `ray::` processes by name."""
@@ -149,3 +150,43 @@ def test_losing_the_worker_node_mid_harvest_and_mid_training_changes_nothing(
     wa = load_file(str(clean / "train" / MEMBER / "sae_weights.safetensors"))
     wb = load_file(str(out / "train" / MEMBER / "sae_weights.safetensors"))
     assert wa.keys() == wb.keys() and all(wa[k].equal(wb[k]) for k in wa)
+
+
+def test_a_worker_node_lost_for_good_leaves_the_harvest_to_the_head(
+        ray_cluster, tiny_llama_dir, tmp_path, smollm2_tokenizer):
+    """The worker node is SIGKILLed mid-harvest and no node replaces it: the actor lost with it
+    gets a replacement that no live node has room for (the head's one CPU runs the other
+    actor), so it waits unplaced while the head's actor harvests every unit left; the store
+    holds each token once, in order. (Last in this file: it restarts the worker node after.)"""
+    from distributed_sae.config import DataConfig
+    from distributed_sae.data import load_contexts
+
+    n_units = 400
+    wait_for("both nodes", lambda: node_cpus(ray_cluster["address"]) == {"head": 1.0,
+                                                                          "worker": 2.0}, 300)
+    out = tmp_path / "lost"
+    cmd = [sys.executable, "-c", "from distributed_sae.cli import harvest_main; harvest_main()",
+           *run_args(tiny_llama_dir, out, n_units), f"cluster.address={ray_cluster['address']}"]
+    log_path = tmp_path / "lost.log"
+    try:
+        with open(log_path, "w") as sink:
+            job = subprocess.Popen(cmd, env=cluster_env(), stdout=sink, stderr=subprocess.STDOUT)
+        try:
+            wait_for("20 commits", lambda: commits(out) >= 20)
+            assert commits(out) < n_units, "the harvest finished before the node could be lost"
+            script("kill-worker")
+            wait_for("the worker node declared dead",  # and not replaced
+                     lambda: node_cpus(ray_cluster["address"]) == {"head": 1.0}, 300)
+            job.wait(timeout=1200)
+        finally:
+            job.kill()
+    finally:
+        script("start-worker")
+    log = log_path.read_text()
+    assert job.returncode == 0, log[-4000:]
+    assert "re-queueing" in log
+    store = ActivationStore.open(out / "store")
+    assert store.is_complete and store.verify() == []
+    data = DataConfig(context_size=32, n_tokens=128 * n_units, seed=1)
+    want = load_contexts(data, smollm2_tokenizer, n_units * 4).reshape(-1)
+    assert np.array_equal(store.tokens(0, store.n_tokens), want)

@@ -45,6 +45,31 @@ def expected_tokens(cfg: RunConfig, tokenizer) -> np.ndarray:
     return load_contexts(cfg.data, tokenizer, n_ctx).reshape(-1)
 
 
+def _wait_loaded(caplog, n: int, timeout: float = 600.0) -> None:
+    """Until n harvest workers have loaded their model (each then runs units; a kill before
+    that is the died-while-loading path, tested on its own)."""
+    deadline = time.time() + timeout
+    while caplog.text.count("loaded") < n:
+        assert time.time() < deadline, f"{n} harvest workers did not load in {timeout} s"
+        time.sleep(0.05)
+
+
+def _kill_an_actor_mid_harvest(harvest_fn, cfg: RunConfig, caplog) -> dict:
+    """Run harvest_fn in a thread; once both actors have loaded and 3 units are committed,
+    SIGKILL one actor; wait for the harvest to end. Returns {"out": its result} if it did."""
+    caplog.set_level("DEBUG", logger="distributed_sae.harvest.pool")
+    result: dict = {}
+    thread = threading.Thread(target=lambda: result.setdefault("out", harvest_fn()))
+    thread.start()
+    _wait_loaded(caplog, 2)
+    _wait_for_commits(Path(cfg.store.path), 3)
+    victims = _actor_pids("HarvestWorker")
+    assert len(victims) == 2, victims
+    os.kill(victims[0], signal.SIGKILL)
+    thread.join(timeout=900)
+    return result
+
+
 def _actor_pids(name: str) -> list[int]:
     """PIDs of live Ray worker processes whose title names `name` (Ray sets 'ray::<Class>...')."""
     pids = []
@@ -88,16 +113,8 @@ def test_sigkill_of_an_actor_loses_and_duplicates_nothing(ray_local, tiny_llama_
     # 400 tiny units: enough that the kill after 3 commits lands while most are still to run
     # (with 40, the harvest sometimes finished first and nothing died: 2 of 6 runs).
     cfg = tiny_cfg(tiny_llama_dir, tmp_path / "store", n_units=400, num_actors=2)
-    caplog.set_level("WARNING")
-    result: dict = {}
-    thread = threading.Thread(target=lambda: result.setdefault("store", harvest(cfg)))
-    thread.start()
-    _wait_for_commits(Path(cfg.store.path), 3)
-    victims = _actor_pids("HarvestWorker")
-    assert victims, "no harvest actor process found"
-    os.kill(victims[0], signal.SIGKILL)
-    thread.join(timeout=300)
-    assert "store" in result, "harvest did not finish after an actor was killed"
+    result = _kill_an_actor_mid_harvest(lambda: harvest(cfg), cfg, caplog)
+    assert "out" in result, "harvest did not finish after an actor was killed"
     assert "died" in caplog.text and "re-queueing" in caplog.text
     store = ActivationStore.open(cfg.store.path)
     assert store.is_complete
@@ -206,12 +223,21 @@ def test_deepspeed_sharded_harvest_equals_the_plain_one(ray_local, tiny_llama_di
         assert torch.allclose(store.read(hook, 0, store.n_tokens), plain[hook], atol=1e-5)
 
 
-def test_an_actor_that_dies_while_loading_is_started_again(ray_local, tmp_path, caplog):
-    """A worker whose actor dies before its `ready` returns (here: the first one built exits in
-    its constructor, as a SIGKILL while loading the model would) is replaced, not fatal."""
+def _drain_loading(pool) -> None:
     import ray
 
-    from distributed_sae.harvest.pool import start_workers
+    while pool.loading:
+        pool.loaded(ray.wait(list(pool.loading), num_returns=1)[0][0])
+
+
+def test_an_actor_that_dies_while_loading_is_started_again(ray_local, caplog):
+    """A worker whose actor dies before its `ready` returns (here: it exits in its constructor,
+    as a SIGKILL while loading the model would) is started again, not fatal; a slot whose
+    model dies MAX_ATTEMPTS times in a row is given up while another worker lives, and the job
+    stops only when none is left."""
+    import ray
+
+    from distributed_sae.harvest.pool import MAX_ATTEMPTS, _Pool
 
     @ray.remote(num_cpus=0)
     class Flaky:
@@ -223,7 +249,51 @@ def test_an_actor_that_dies_while_loading_is_started_again(ray_local, tmp_path, 
             return True
 
     caplog.set_level("WARNING")
-    dies = iter([True, False, False])  # the first actor built dies, its replacement lives
-    workers = start_workers(lambda: [Flaky.remote(next(dies))], 2)
-    assert len(workers) == 2 and all(ray.get(w[0].ready.remote()) for w in workers)
+    for deaths, alive in (([True, False, False], [0, 1]),  # slot 0 dies once, then lives
+                          ([True, False, True, True], [1])):  # slot 0 dies 3 times: given up
+        it = iter(deaths)
+        pool = _Pool(lambda: [Flaky.remote(next(it))], iter([]))
+        pool.launch(0)
+        pool.launch(1)
+        _drain_loading(pool)
+        assert sorted(pool.idle) == alive and sorted(pool.workers) == alive
+        assert all(ray.get(pool.workers[w][0].ready.remote()) for w in alive)
+        pool.close(finished=False)
     assert "died while loading the model" in caplog.text
+    assert "going on with 1 worker(s)" in caplog.text
+    pool = _Pool(lambda: [Flaky.remote(True)], iter([]))
+    pool.launch(0)
+    with pytest.raises(RuntimeError, match=f"{MAX_ATTEMPTS} times and no other worker is left"):
+        _drain_loading(pool)
+
+
+def test_a_replacement_that_cannot_be_placed_does_not_stall_the_harvest(
+        ray_local, tiny_llama_dir, tmp_path, smollm2_tokenizer, caplog):
+    """As on a cluster whose node is lost for good: one of two actors is SIGKILLed and its
+    replacement needs a resource no node has (so Ray never places it); the other actor
+    harvests every unit, with nothing lost or duplicated, and the pending actor is cancelled."""
+    import ray
+
+    from distributed_sae.harvest.job import prepare, run_job
+
+    @ray.remote(resources={"a_lost_node": 1})
+    class Unplaceable:
+        def ready(self) -> bool:
+            return True
+
+    cfg = tiny_cfg(tiny_llama_dir, tmp_path / "store", n_units=200, num_actors=2)
+    with WriterLock(cfg.store.path):
+        job = prepare(cfg)
+        made, real = [], job.make_worker
+        job.make_worker = lambda: made.append(1) or (real() if len(made) <= 2
+                                                     else [Unplaceable.remote()])
+        result = _kill_an_actor_mid_harvest(lambda: run_job(job), cfg, caplog)
+    assert result["out"].retries == 1 and len(made) == 3  # one replacement, never placed
+    assert "re-queueing" in caplog.text
+    store = ActivationStore.open(cfg.store.path)
+    assert store.is_complete and store.verify() == []
+    assert np.array_equal(store.tokens(0, store.n_tokens), expected_tokens(cfg, smollm2_tokenizer))
+    deadline = time.time() + 120  # none left behind (ray.kill returns before the exit)
+    while _actor_pids("HarvestWorker") and time.time() < deadline:
+        time.sleep(0.1)
+    assert not _actor_pids("HarvestWorker")

@@ -231,6 +231,10 @@ def test_layout_validation():
     assert ParallelLayout.for_world(8, 2) == ParallelLayout(8, 4, 2)
     lay = ParallelLayout(8, 4, 2)
     assert lay.coords(5) == (2, 1) and lay.tp_ranks(2) == [4, 5] and lay.dp_ranks(1) == [1, 3, 5, 7]
+    # Ranks numbered node by node: 4 workers on each of 2 nodes keep every replica whole; 3 + 5
+    # split replica 1 (ranks 2, 3) over both.
+    assert lay.split_replicas(["a"] * 4 + ["b"] * 4) == {}
+    assert lay.split_replicas(["a"] * 3 + ["b"] * 5) == {1: ["a", "b"]}
     with pytest.raises(ValueError, match=r"dp=3 x tp=2 = 6 workers does not match world_size=8"):
         ParallelLayout(8, 3, 2)
     with pytest.raises(ValueError, match=r"tp must divide world_size=8"):

@@ -5,9 +5,13 @@ device_map-sharded model, `group_size` actors for a DeepSpeed ZeRO-3 group (one 
 each rank feeding its own unit; a round with fewer units than ranks is padded with unit -1, which
 runs the forward pass but writes nothing, because ZeRO-3's all-gathers are collective).
 
-A worker that dies (SIGKILL, out of memory, preemption; for a group: any of its actors) is
-killed whole and rebuilt, and its units go back to the front of the queue; a unit that has killed
-MAX_ATTEMPTS workers stops the job, since the unit itself is then the likely cause.
+Each worker slot is *loading* (its actors' `ready` calls in flight), idle or busy. Nothing waits
+on one slot: a worker that dies (SIGKILL, out of memory, a lost node; for a group: any of its
+actors) is killed whole, its units go back to the front of the queue, and its replacement loads
+while the other workers go on. A replacement that Ray cannot place (its node is gone and no
+other node has room) stays *loading* and the harvest finishes on the workers left; the job only
+stops for a unit that has killed MAX_ATTEMPTS workers (the unit is then the likely cause), or
+when every slot's model died while loading MAX_ATTEMPTS times in a row.
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ log = logging.getLogger(__name__)
 
 MAX_ATTEMPTS = 3
 WAIT_S = 0.5  # seconds between looks at the disk bound or the stop flag while waiting
+STALL_LOG_S = 60.0  # how often to say that no worker is running while replacements wait
 Unit = tuple[int, np.ndarray]  # (unit index, contexts (n_ctx, ctx) int64)
 
 
@@ -49,22 +54,75 @@ class PoolResult:
 @dataclass
 class _Pool:
     make_worker: Callable[[], list[Any]]
-    workers: list[list[Any]]
     units: Iterator[Unit]
+    workers: dict[int, list[Any]] = field(default_factory=dict)  # slot -> its actors
+    loading: dict[Any, int] = field(default_factory=dict)  # an actor's `ready` ref -> slot
+    load_failures: dict[int, int] = field(default_factory=dict)  # slot -> deaths in a row
+    idle: deque = field(default_factory=deque)  # loaded slots without units
     retry: deque = field(default_factory=deque)  # units to run again, first
     attempts: dict[int, int] = field(default_factory=dict)
     in_flight: dict[Any, tuple[int, np.ndarray, int]] = field(default_factory=dict)
-    outstanding: list[int] = field(default_factory=list)
+    outstanding: dict[int, int] = field(default_factory=dict)
+    started: float | None = None  # when the first worker finished loading
+
+    def launch(self, w: int) -> None:
+        """Start slot w's actors; the slot turns idle once every actor's `ready` returns."""
+        self.workers[w] = self.make_worker()
+        self.outstanding[w] = 0
+        for actor in self.workers[w]:
+            self.loading[actor.ready.remote()] = w
+
+    def is_loaded(self, w: int) -> bool:
+        return w in self.workers and w not in self.loading.values()
+
+    def loaded(self, ref: Any) -> None:
+        """One `ready` call of a loading slot returned (or its actor died)."""
+        import ray
+        from ray.exceptions import RayActorError
+
+        w = self.loading.pop(ref)
+        try:
+            ray.get(ref)
+        except RayActorError as err:
+            self._load_failed(w, err)
+            return
+        if self.is_loaded(w):
+            self.load_failures.pop(w, None)
+            self.started = self.started or time.perf_counter()
+            self.idle.append(w)
+            log.debug("harvest worker %d loaded", w)
+
+    def _load_failed(self, w: int, err: BaseException) -> None:
+        import ray
+
+        self.loading = {r: s for r, s in self.loading.items() if s != w}
+        for actor in self.workers.pop(w):
+            ray.kill(actor)
+        n = self.load_failures[w] = self.load_failures.get(w, 0) + 1
+        if n < MAX_ATTEMPTS:
+            log.warning("harvest worker %d died while loading the model (%s); starting it "
+                        "again (try %d of %d)", w, type(err).__name__, n + 1, MAX_ATTEMPTS)
+            self.launch(w)
+        elif not self.workers:
+            raise RuntimeError(f"harvest worker {w} died while loading the model "
+                               f"{MAX_ATTEMPTS} times and no other worker is left; last "
+                               f"error: {err}") from err
+        else:
+            log.warning("harvest worker %d died while loading the model %d times; going on "
+                        "with %d worker(s)", w, n, len(self.workers))
+
+    def has_units(self) -> bool:
+        """Whether any unit is left to hand out (peeks one from the iterator into retry)."""
+        if not self.retry:
+            unit = next(self.units, None)
+            if unit is not None:
+                self.retry.append(unit)
+        return bool(self.retry)
 
     def take(self, n: int) -> list[Unit]:
         out = []
-        while len(out) < n and self.retry:
+        while len(out) < n and self.has_units():
             out.append(self.retry.popleft())
-        while len(out) < n:
-            unit = next(self.units, None)
-            if unit is None:
-                break
-            out.append(unit)
         return out
 
     def submit(self, w: int, batch: list[Unit]) -> None:
@@ -74,7 +132,7 @@ class _Pool:
             self.outstanding[w] += 1
 
     def rebuild(self, w: int, cause: BaseException) -> None:
-        """Kill worker w whole, requeue its units, start a new one."""
+        """Kill worker w whole, requeue its units, start loading a new one."""
         import ray
 
         lost = [(u, c) for ref, (u, c, g) in list(self.in_flight.items()) if g == w]
@@ -91,52 +149,63 @@ class _Pool:
             self.retry.appendleft((unit, ctx))
         log.warning("worker %d died (%s); restarting it and re-queueing units %s", w,
                     type(cause).__name__, [u for u, _ in lost if u >= 0])
-        self.workers[w] = start_workers(self.make_worker, 1)[0]
-        self.outstanding[w] = 0
+        self.launch(w)
 
+    def close(self, finished: bool) -> None:
+        """Kill every actor; after a finished run the loaded ones first leave their group
+        (a ZeRO-3 rank). Units in flight of a stopped run are dropped with their actors, and a
+        replacement still waiting to be placed is cancelled."""
+        import ray
+        from ray.exceptions import RayActorError
 
-def start_workers(make_worker: Callable[[], list[Any]], n: int) -> list[list[Any]]:
-    """n workers whose actors have all loaded the model (in parallel). A worker with an actor
-    that dies while it loads (preemption, out of memory, SIGKILL: before its `ready` returns) is
-    killed whole and started again, up to MAX_ATTEMPTS rounds; loading is not harvest time."""
-    import ray
-    from ray.exceptions import RayActorError
-
-    workers = [make_worker() for _ in range(n)]
-    for attempt in range(1, MAX_ATTEMPTS + 1):
-        waits = [[a.ready.remote() for a in w] for w in workers]  # every worker loads at once
-        failed = []
-        for i, refs in enumerate(waits):
-            try:
-                ray.get(refs)
-            except RayActorError as err:
-                failed.append((i, err))
-        if not failed:
-            return workers
-        for i, err in failed:
-            for actor in workers[i]:
+        if finished:
+            live = [a for w, actors in self.workers.items() if self.is_loaded(w) for a in actors]
+            for ref in [actor.shutdown.remote() for actor in live]:
+                try:
+                    ray.get(ref)
+                except RayActorError:  # died idle (its node was lost after its last unit)
+                    pass
+        for actors in self.workers.values():
+            for actor in actors:
                 ray.kill(actor)
-            if attempt == MAX_ATTEMPTS:
-                raise RuntimeError(f"harvest worker {i} died while loading the model "
-                                   f"{MAX_ATTEMPTS} times; last error: {err}") from err
-            log.warning("harvest worker %d died while loading the model (%s); starting it "
-                        "again (round %d of %d)", i, type(err).__name__, attempt + 1,
-                        MAX_ATTEMPTS)
-            workers[i] = make_worker()
-    return workers
 
 
-def _fill(pool: _Pool, idle: deque, gate: Any) -> bool:
+def _fill(pool: _Pool, gate: Any) -> bool:
     """Give units to idle workers while the gate admits them; True if the gate refused."""
-    while idle:
-        n = len(pool.workers[idle[0]])
+    while pool.idle:
+        n = len(pool.workers[pool.idle[0]])
         if gate is not None and not gate.admit(len(pool.in_flight), n):
             return True
         batch = pool.take(n)
         if not batch:
             return False
-        pool.submit(idle.popleft(), batch)
+        pool.submit(pool.idle.popleft(), batch)
     return False
+
+
+def _lost(pool: _Pool, ref: Any, err: BaseException) -> None:
+    """A unit's call failed: a dead actor (or a group whose peer died) rebuilds its worker;
+    non-finite activations and a plain worker's own exception (a bug) stop the job."""
+    from ray.exceptions import RayTaskError
+
+    unit, ctx, w = pool.in_flight[ref]
+    cause = getattr(err, "cause", None)
+    if isinstance(cause, NonFiniteActivationError):
+        raise cause from None
+    if isinstance(err, RayTaskError) and len(pool.workers[w]) == 1:
+        raise err
+    pool.rebuild(w, err)  # requeues this unit with the worker's others
+
+
+def _stalled(pool: _Pool, last: float) -> float:
+    """Say, once a minute, that no worker is running while replacements wait for a node."""
+    now = time.perf_counter()
+    if pool.started is None or pool.in_flight or pool.idle or now - last < STALL_LOG_S:
+        return last
+    waiting = sorted(set(pool.loading.values()))
+    log.warning("no harvest worker is running: worker(s) %s wait for Ray to place them (a lost "
+                "node not replaced yet? `ray status` lists the pending demand)", waiting)
+    return now
 
 
 def run_pool(store: ActivationStore, units: Iterator[Unit], n_todo: int, n_workers: int,
@@ -151,39 +220,37 @@ def run_pool(store: ActivationStore, units: Iterator[Unit], n_todo: int, n_worke
     import ray
     from ray.exceptions import RayActorError, RayTaskError
 
-    workers = start_workers(make_worker, n_workers)
-    pool = _Pool(make_worker, workers, units, outstanding=[0] * n_workers)
-    idle = deque(range(n_workers))
+    pool = _Pool(make_worker, units)
+    for w in range(n_workers):  # every worker loads at once; each starts work once loaded
+        pool.launch(w)
     bar = tqdm(total=n_todo * store.unit_rows, unit="tok", unit_scale=True, desc="harvest",
                position=0)
-    start, done_units, retries = time.perf_counter(), 0, 0
+    done_units, retries, stall_logged = 0, 0, time.perf_counter()
     while stop is None or not stop.is_set():
-        blocked = _fill(pool, idle, gate)
-        if not pool.in_flight:
-            if not blocked:
-                break  # every unit is done
+        blocked = _fill(pool, gate)
+        if not pool.in_flight and not blocked and not pool.has_units():
+            break  # every unit is done
+        refs = [*pool.in_flight, *pool.loading]
+        if not refs:
             (stop or threading.Event()).wait(WAIT_S)  # for the trainer to free room
             continue
-        ready = ray.wait(list(pool.in_flight), num_returns=1,
-                         timeout=WAIT_S if blocked or stop is not None else None)[0]
+        ready = ray.wait(refs, num_returns=1, timeout=WAIT_S if blocked or stop is not None
+                         else STALL_LOG_S)[0]
         if not ready:
+            stall_logged = _stalled(pool, stall_logged)
             continue
         ref = ready[0]
-        unit, ctx, w = pool.in_flight.pop(ref)
-        pool.outstanding[w] -= 1
+        if ref in pool.loading:
+            pool.loaded(ref)
+            continue
         try:
             record = ray.get(ref)
         except (RayActorError, RayTaskError) as err:
-            pool.in_flight[ref] = (unit, ctx, w)  # rebuild() requeues it with the others
-            cause = getattr(err, "cause", None)
-            if isinstance(cause, NonFiniteActivationError):
-                raise cause from None
-            if isinstance(err, RayTaskError) and len(pool.workers[w]) == 1:
-                raise  # a plain worker's exception is a bug, not a lost machine
-            pool.rebuild(w, err)  # a dead actor, or a group whose peer died
+            _lost(pool, ref, err)
             retries += 1
-            idle.append(w)
             continue
+        unit, _, w = pool.in_flight.pop(ref)
+        pool.outstanding[w] -= 1
         if unit >= 0:
             commit_unit(store.path, unit, record)
             done_units += 1
@@ -192,11 +259,8 @@ def run_pool(store: ActivationStore, units: Iterator[Unit], n_todo: int, n_worke
                 gate.committed(unit, record)
                 bar.set_postfix_str(gate.describe(), refresh=False)
         if pool.outstanding[w] == 0:
-            idle.append(w)
+            pool.idle.append(w)
     bar.close()
-    actors = [actor for worker in pool.workers for actor in worker]
-    if not pool.in_flight:  # stopped early: units in flight are dropped with their actors
-        ray.get([actor.shutdown.remote() for actor in actors])  # a ZeRO-3 rank leaves its group
-    for actor in actors:
-        ray.kill(actor)
-    return PoolResult(done_units, done_units * store.unit_rows, time.perf_counter() - start, retries)
+    pool.close(finished=not pool.in_flight)
+    seconds = time.perf_counter() - (pool.started or time.perf_counter())
+    return PoolResult(done_units, done_units * store.unit_rows, seconds, retries)

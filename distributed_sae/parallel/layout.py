@@ -88,6 +88,18 @@ class ParallelLayout:
         """Global ranks holding shard `tp_rank` in each replica."""
         return [d * self.tp + tp_rank for d in range(self.dp)]
 
+    def split_replicas(self, node_of_rank: list[str]) -> dict[int, list[str]]:
+        """Replicas whose shards sit on more than one node ({dp_rank: their nodes}): each of
+        their steps' collectives then crosses the network instead of NVLink. Ray packs a
+        latent-sharded job's workers and numbers ranks node by node, so this is empty when
+        every node holds a multiple of tp workers."""
+        split = {}
+        for d in range(self.dp):
+            nodes = sorted({node_of_rank[r] for r in self.tp_ranks(d)})
+            if len(nodes) > 1:
+                split[d] = nodes
+        return split
+
     def check_width(self, d_sae: int) -> None:
         """Refuse a member width that does not split into tp equal slices."""
         if d_sae % self.tp:

@@ -29,8 +29,29 @@ def _ray_worker(config: dict[str, Any]) -> None:
     logging.basicConfig(level=logging.INFO)
     os.environ.update(config.get("env", {}))  # the driver's DSAE_FAULT_* (plan.inject_fault)
     cfg = config["cfg"]
+    _check_replica_nodes(cfg)
     folders = run(cfg, make_plan(cfg))
     ray_train.report({"saved": len(folders or [])})
+
+
+def _check_replica_nodes(cfg: RunConfig) -> None:
+    """Warn (rank 0) when a latent-sharded replica's shards landed on several nodes (Ray Train
+    has one placement group for the job, so PACK cannot promise it per replica)."""
+    if cfg.train.latent_shards <= 1:
+        return
+    import ray
+    import torch.distributed as dist
+
+    from distributed_sae.parallel.layout import ParallelLayout
+
+    nodes: list = [None] * dist.get_world_size()
+    dist.all_gather_object(nodes, ray.get_runtime_context().get_node_id())
+    split = ParallelLayout.for_world(len(nodes), cfg.train.latent_shards).split_replicas(nodes)
+    if split and dist.get_rank() == 0:
+        log.warning("the latent shards of replica(s) %s sit on several nodes (%s): their "
+                    "per-step collectives cross the network; give each node a multiple of "
+                    "train.latent_shards=%d workers", sorted(split),
+                    {d: [n[:8] for n in ns] for d, ns in split.items()}, cfg.train.latent_shards)
 
 
 def train_ray(cfg: RunConfig) -> list[Path]:
