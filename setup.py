@@ -72,6 +72,7 @@ setup(
             "dsae-export=distributed_sae.cli:export_main",
             "dsae-run=distributed_sae.cli:run_main",
             "dsae-steer=distributed_sae.cli:steer_main",
+            "dsae-interp=distributed_sae.cli:interp_main",
         ]
     },
 )

@@ -4,6 +4,7 @@
     dsae-train     store -> out_dir/train    dsae-export   train/ + eval/ -> export/
     dsae-run       all four in order (stream=true: harvest and train at once, then the rest)
     dsae-steer     a trained member's feature added at its hook while the model generates
+    dsae-interp    train/ + store -> interp/: LLM explanations and scores, features vs neurons
 
 Each stage reads the previous stage's output, so stages can run one by one with the same
 `out_dir=` (and `store.path=`). Under --multirun each job gets its own out_dir (the sweep's job
@@ -143,17 +144,20 @@ def _stage_fn(name: str) -> Callable[[RunConfig], object]:
     if name == "stream":
         from distributed_sae.train.streaming import stream
         return stream
+    if name == "interp":
+        from distributed_sae.interp.stage import run_interp
+        return run_interp
     from distributed_sae.export import export
     return export
 
 
 STAGES = {"harvest": ("harvest",), "train": ("train",), "eval": ("eval",),
           "export": ("export",), "run": ("harvest", "train", "eval", "export"),
-          "steer": ("steer",)}
+          "steer": ("steer",), "interp": ("interp",)}
 
 # The stages that read the store at store.path. Export and steer read trained members only (a
 # store deleted after training must not stop them), so they are not checked against it.
-STORE_STAGES = {"train", "eval"}
+STORE_STAGES = {"train", "eval", "interp"}
 
 # dsae-steer's short forms: `dsae-steer feature=12 scale=8` means steer.feature=12 steer.scale=8.
 STEER_SHORT = ("member", "feature", "scale", "prompt", "max_new_tokens", "temperature")
@@ -161,7 +165,11 @@ STEER_SHORT = ("member", "feature", "scale", "prompt", "max_new_tokens", "temper
 
 def run_stages(cfg: RunConfig, stages: tuple[str, ...]) -> None:
     """Run stages in order on a typed config (also the programmatic entry point). With
-    stream=true, harvest and train run at once as one stage (train/streaming.py)."""
+    stream=true, harvest and train run at once as one stage (train/streaming.py); with
+    eval.interp=true the interp stage follows eval."""
+    if cfg.eval.interp and "eval" in stages and "interp" not in stages:
+        at = stages.index("eval") + 1
+        stages = stages[:at] + ("interp",) + stages[at:]
     if cfg.stream and {"harvest", "train"} <= set(stages):
         stages = ("stream",) + tuple(s for s in stages if s not in ("harvest", "train"))
         check_model(cfg)
@@ -207,6 +215,7 @@ train_main = _app(STAGES["train"])
 eval_main = _app(STAGES["eval"])
 export_main = _app(STAGES["export"])
 run_main = _app(STAGES["run"])
+interp_main = _app(STAGES["interp"])
 _steer_app = _app(STAGES["steer"])
 
 

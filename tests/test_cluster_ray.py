@@ -54,11 +54,13 @@ def ray_cluster():
 def node_cpus(address: str) -> dict:
     """{label: CPUs} of the live nodes, asked of the cluster by a separate driver."""
     code = ("import json, ray; ray.init(address=%r, logging_level='ERROR'); "
-            "print(json.dumps({('head' if 'dsae_head' in n['Resources'] else 'worker'): "
+            "print('NODES', json.dumps({('head' if 'dsae_head' in n['Resources'] else 'worker'): "
             "n['Resources'].get('CPU', 0) for n in ray.nodes() if n['Alive']}))" % address)
     out = subprocess.run([sys.executable, "-c", code], env=cluster_env(), capture_output=True,
                          text=True, timeout=120)
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    # Ray may print more after it (a lost raylet's notice, on stdout): find the line.
+    line = [x for x in out.stdout.splitlines() if x.startswith("NODES ")][-1]
+    return json.loads(line[len("NODES "):])
 
 
 def run_args(model_dir: str, out: Path, n_units: int) -> list[str]:
@@ -99,6 +101,12 @@ def wait_for(what, check, timeout: float = 900.0) -> None:
     raise TimeoutError(f"{what} did not happen in {timeout} s")
 
 
+def loaded(log_path: Path) -> int:
+    """Harvest workers that have loaded their model (a kill before that is another path: the
+    actor dies while loading, or Ray re-places it, and no unit is lost)."""
+    return log_path.read_text(errors="replace").count("loaded its model")
+
+
 def commits(out: Path) -> int:
     return len(list((out / "store" / "_commits").glob("u*.json")))
 
@@ -131,6 +139,7 @@ def test_losing_the_worker_node_mid_harvest_and_mid_training_changes_nothing(
         job = subprocess.Popen([*runner, *args(out)], env=fault, stdout=sink,
                                stderr=subprocess.STDOUT)
     try:
+        wait_for("both harvest workers loaded", lambda: loaded(log_path) >= 2)
         wait_for("20 commits", lambda: commits(out) >= 20)
         assert commits(out) < n_units, "the harvest finished before the node could be lost"
         script("kill-worker")
@@ -172,6 +181,7 @@ def test_a_worker_node_lost_for_good_leaves_the_harvest_to_the_head(
         with open(log_path, "w") as sink:
             job = subprocess.Popen(cmd, env=cluster_env(), stdout=sink, stderr=subprocess.STDOUT)
         try:
+            wait_for("both harvest workers loaded", lambda: loaded(log_path) >= 2)
             wait_for("20 commits", lambda: commits(out) >= 20)
             assert commits(out) < n_units, "the harvest finished before the node could be lost"
             script("kill-worker")

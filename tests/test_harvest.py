@@ -49,7 +49,7 @@ def _wait_loaded(caplog, n: int, timeout: float = 600.0) -> None:
     """Until n harvest workers have loaded their model (each then runs units; a kill before
     that is the died-while-loading path, tested on its own)."""
     deadline = time.time() + timeout
-    while caplog.text.count("loaded") < n:
+    while caplog.text.count("loaded its model") < n:
         assert time.time() < deadline, f"{n} harvest workers did not load in {timeout} s"
         time.sleep(0.05)
 
@@ -57,7 +57,7 @@ def _wait_loaded(caplog, n: int, timeout: float = 600.0) -> None:
 def _kill_an_actor_mid_harvest(harvest_fn, cfg: RunConfig, caplog) -> dict:
     """Run harvest_fn in a thread; once both actors have loaded and 3 units are committed,
     SIGKILL one actor; wait for the harvest to end. Returns {"out": its result} if it did."""
-    caplog.set_level("DEBUG", logger="distributed_sae.harvest.pool")
+    caplog.set_level("INFO", logger="distributed_sae.harvest.pool")
     result: dict = {}
     thread = threading.Thread(target=lambda: result.setdefault("out", harvest_fn()))
     thread.start()

@@ -7,6 +7,7 @@ from distributed_sae.config.schema import (
     EvalConfig,
     ExportConfig,
     HarvestConfig,
+    InterpConfig,
     ModelBConfig,
     ModelConfig,
     RunConfig,
@@ -18,6 +19,6 @@ from distributed_sae.config.schema import (
 )
 
 __all__ = [
-    "ClusterConfig", "ConfigError", "DataConfig", "EvalConfig", "ExportConfig", "HarvestConfig",
+    "ClusterConfig", "ConfigError", "DataConfig", "EvalConfig", "ExportConfig", "HarvestConfig", "InterpConfig",
     "ModelBConfig", "ModelConfig", "RunConfig", "SAEConfig", "SteerConfig", "StoreConfig", "TrainConfig", "parse_hook",
 ]

@@ -37,6 +37,9 @@ class EvalConfig:
     split_threshold: float = 0.5
     # Static HTML dashboards: eval/index.html and eval/<member>/dashboard.html.
     dashboard: bool = True
+    # Autointerpretability after the metrics (the interp stage, settings under interp.*): LLM
+    # explanations and scores of sampled features against the layer's neurons.
+    interp: bool = False
 
     def __post_init__(self) -> None:
         if self.tokens < 0:

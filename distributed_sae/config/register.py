@@ -19,6 +19,7 @@ _GROUPS = {
     "export": schema.ExportConfig,
     "cluster": schema.ClusterConfig,
     "steer": schema.SteerConfig,
+    "interp": schema.InterpConfig,
 }
 
 

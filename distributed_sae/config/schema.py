@@ -24,6 +24,7 @@ from distributed_sae.config.checks import choice as _choice
 from distributed_sae.config.checks import positive as _positive
 from distributed_sae.config.errors import ConfigError
 from distributed_sae.config.eval_schema import EvalConfig, ExportConfig, SteerConfig  # noqa: F401
+from distributed_sae.config.interp_schema import InterpConfig  # noqa: F401
 from distributed_sae.config.sae_schema import SAEConfig
 from distributed_sae.config.train_schema import TrainConfig
 
@@ -230,6 +231,7 @@ class RunConfig:
     export: ExportConfig = field(default_factory=ExportConfig)
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
     steer: SteerConfig = field(default_factory=SteerConfig)
+    interp: InterpConfig = field(default_factory=InterpConfig)
     # Directory shared by the stages: store/, train/, eval/, export/ go under it by default.
     out_dir: str = "runs/default"
     # Python logging level of the package.

@@ -90,7 +90,7 @@ class _Pool:
             self.load_failures.pop(w, None)
             self.started = self.started or time.perf_counter()
             self.idle.append(w)
-            log.debug("harvest worker %d loaded", w)
+            log.info("harvest worker %d loaded its model", w)
 
     def _load_failed(self, w: int, err: BaseException) -> None:
         import ray
