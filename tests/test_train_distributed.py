@@ -23,6 +23,7 @@ import time
 
 import pytest
 import torch
+import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from conftest import sparse_batches
@@ -93,6 +94,10 @@ def _worker(rank: int, world: int, port: int, strategy: str, kind: str, dead_tok
         result["seconds"] = time.perf_counter() - t0
         result["tokens_seen"] = bank.tokens_seen
         torch.save(result, os.path.join(out_dir, f"rank{rank}.pt"))
+        # Both ranks done before either tears its gloo pairs down: once (1 run of many, CI on
+        # the 2-core machine) rank 1 aborted with "terminate called without an active
+        # exception" while rank 0 was already destroying the group.
+        dist.barrier()
     finally:
         destroy_group()
 
