@@ -24,12 +24,11 @@ from typing import Protocol, Sequence
 from tqdm.auto import tqdm
 
 from distributed_sae.config import ConfigError
+from distributed_sae.config.interp_schema import BACKENDS  # the config's choices
 from distributed_sae.interp.cache import CompletionCache
 from distributed_sae.interp.types import Completion, Request
 
 logger = logging.getLogger(__name__)
-
-BACKENDS = ("local", "openai")
 
 
 class TransientError(RuntimeError):

@@ -72,9 +72,13 @@ def feature_units(cfg: RunConfig, store: ActivationStore, rows: range, sae: Any,
     cols = sample_units(np.flatnonzero(fired.numpy() > 0), cfg.interp.features, rng)
     idx = torch.as_tensor(cols, dtype=torch.long)
     acts = dense_acts(store, hook, rows, lambda x: sae.encode(x.to(sae.W_dec.dtype))[:, idx])
-    logits = (sae.W_dec.detach()[idx].float().cpu() @ unembed if unembed is not None and cols
-              else torch.zeros(len(cols), 0))
-    return UnitActs("feature", cols, acts, top_tokens(logits, text))
+    promoted = [[] for _ in cols]
+    if unembed is not None and cols:  # eval's direct logit effects of the decoder rows
+        from distributed_sae.eval.features import logit_effects
+
+        ids = logit_effects(sae, unembed, 10, cols)[1]  # (U, 10) top token ids
+        promoted = [[text(int(i)) for i in row] for row in ids]
+    return UnitActs("feature", cols, acts, promoted)
 
 
 def _mlp_acts(cfg: RunConfig, store: ActivationStore, rows: range, loaded: Any, hook: str,
