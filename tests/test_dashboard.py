@@ -31,6 +31,8 @@ NASTY = ["</script>", "<b>bold</b>", " &amp;", " caf\u00e9 \U0001F642", "line\nb
          "<!--", "\u2028", "</"]
 N_FEATURES = 230  # more than a page: the page must paginate, not render everything
 DEAD = (7, 100)
+# Features the interp stage explained: (index, detection score); the best is 9.
+EXPLAINED = ((3, 0.6), (9, 0.95), (150, 0.7))
 
 
 def _metrics(member: str, d_sae: int, l0: float, fvu: float, **extra):
@@ -57,8 +59,12 @@ def _feature(i: int) -> dict:
 
 @pytest.fixture(scope="module")
 def features():
+    feats = [_feature(i) for i in range(N_FEATURES)]
+    for i, score in EXPLAINED:  # as interp/stage.py annotates features.json
+        feats[i]["interp"] = {"explanation": f"mentions of cheese {i}", "detection": score,
+                              "fuzzing": 0.5, "simulation": None}
     return {"member": "topk_w256_k8_s0", "hook": "blocks.3.hook_resid_post", "d_sae": N_FEATURES,
-            "n_tokens": 4096, "features": [_feature(i) for i in range(N_FEATURES)]}
+            "n_tokens": 4096, "features": feats}
 
 
 @pytest.fixture
@@ -163,7 +169,16 @@ PROBE_LAST = r"""<script>window.addEventListener("load", function () {
     r.nothing = dsaeDashboard.search("no such token anywhere");
     dsaeDashboard.setHideDead(false);
     r.all_pages = document.getElementById("page-info").textContent;
+    r.by_explanation = dsaeDashboard.search("cheese");
+    r.explanation_shown = document.querySelector("#features .card .interp").textContent;
     dsaeDashboard.search("");
+    document.getElementById("sort").value = "detection-desc";
+    document.getElementById("sort").dispatchEvent(new Event("change"));
+    r.by_detection = Array.prototype.slice.call(document.querySelectorAll("#features .card"), 0, 4)
+      .map(function (c) { return c.id; });
+    document.getElementById("explained-only").click();
+    r.explained_only = document.querySelectorAll("#features .card").length;
+    document.getElementById("explained-only").click();
     document.getElementById("sort").value = "density-desc";
     document.getElementById("sort").dispatchEvent(new Event("change"));
     r.densest = document.querySelector("#features .card").id;
@@ -223,6 +238,12 @@ def test_dashboard_renders_in_headless_chromium(tmp_path, bank, features):
     assert (r["by_text"], r["by_text_id"]) == (1, "f42")
     assert r["by_emoji"] == 1 and r["by_script_token"] == 1 and r["by_logit"] == 1
     assert r["nothing"] == 0
+    # The interp stage's explanations: searchable, shown on the card, sortable by score.
+    assert r["by_explanation"] == len(EXPLAINED)
+    assert r["explanation_shown"].startswith("mentions of cheese 3") and "detection 0.6" in \
+        r["explanation_shown"]
+    assert r["by_detection"][:3] == ["f9", "f150", "f3"] and r["by_detection"][3] == "f0"
+    assert r["explained_only"] == len(EXPLAINED)
     assert f"of {N_FEATURES} features ({len(DEAD)} dead)" in r["all_pages"]
     assert r["densest"] == f"f{N_FEATURES - 1}" and r["page2_first"] == f"f{N_FEATURES - 21}"
     # The dumped DOM (after scripts ran) holds the first card with its context text, escaped.

@@ -100,6 +100,47 @@ def test_the_stage_explains_scores_and_caches(trained, tiny_llama_dir, server, m
     assert json.loads((out / f"{MEMBER}.json").read_text()) == member
 
 
+def test_rating_page_dashboard_and_model_card(trained, tiny_llama_dir, server, monkeypatch):
+    """After the stage: the blind page and its key, a person's ratings (written here as the
+    page's Save would) turned into features vs neurons by the same command, the scores in the
+    member's dashboard and in the export's model card."""
+    monkeypatch.setenv("DSAE_TEST_KEY", "sk-test-123")
+    run_stages(tiny_run(tiny_llama_dir, trained, *interp_args(server.url)), ("interp",))
+    out = trained / "interp"
+    key = json.loads((out / "rate_key.json").read_text())
+    kinds = sorted(u["kind"] for u in key["units"].values())
+    assert kinds == ["feature", "feature", "neuron"]  # 2 features, 1 MLP neuron (no resid)
+    page = (out / "rate.html").read_text(encoding="utf-8")
+    assert all(uid in page for uid in key["units"]) and MEMBER not in page
+
+    from distributed_sae.interp.rating import RUBRIC
+
+    ratings = {uid: {c["key"]: (c["max"] if u["kind"] == "feature" else 0) for c in RUBRIC}
+               for uid, u in key["units"].items()}
+    saved = trained / "my_ratings.json"
+    saved.write_text(json.dumps({"page": key["page"], "rater": "test", "ratings": ratings}))
+    cfg = tiny_run(tiny_llama_dir, trained, *interp_args(server.url),
+                   f"interp.ratings={saved}")
+    served = server.requests_served
+    run_stages(cfg, ("interp",))
+    assert server.requests_served == served  # ratings need no LLM
+    summary = json.loads((out / "ratings_summary.json").read_text())
+    assert summary["members"][MEMBER]["features"]["mean"] == 14.0
+    assert summary["members"][MEMBER]["neurons"] == {"n": 1, "mean": 0.0, "median": 0.0,
+                                                      "std": 0.0, "q1": 0.0, "q3": 0.0}
+
+    member = json.loads((out / f"{MEMBER}.json").read_text())
+    dashboard = (trained / "eval" / MEMBER / "dashboard.html").read_text(encoding="utf-8")
+    assert '"interp":{"explanation":' in dashboard  # rebuilt with the stage's explanations
+    run_stages(tiny_run(tiny_llama_dir, trained), ("export",))
+    card = (trained / "export" / MEMBER / "README.md").read_text()
+    assert "## Interpretability" in card and "smollm2-135m" in card
+    assert "Blind human ratings (points out of 14): features 14.000" in card
+    mean = sum(u["detection"] for u in member["units"]) / len(member["units"])
+    assert f"| detection | {mean:.3f}" in card
+    assert (trained / "export" / MEMBER / "interp_detection.png").stat().st_size > 0
+
+
 def _closed_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

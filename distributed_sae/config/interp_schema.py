@@ -67,15 +67,23 @@ class InterpConfig:
     seed: int = 0
     # Every request and response, keyed by backend, model and prompt: a rerun makes no calls.
     cache_dir: str = "${out_dir}/interp/cache"
+    # The blind rating page (out_dir/interp/rate.html, its key in rate_key.json): this many of
+    # each member's explained features and of each layer's MLP neurons, shuffled, unlabelled,
+    # for a person to rate on the paper's rubric. 0 = no page.
+    rate_units: int = 20
+    # A ratings file saved from rate.html: the stage then only turns it into the
+    # features-vs-neurons comparison (interp/ratings_summary.*), with no LLM call.
+    ratings: str = ""
 
     def __post_init__(self) -> None:
         _choice("interp", "backend", self.backend, BACKENDS)
         bad = [s for s in self.scorers if s not in SCORERS]
         if bad or not self.scorers:
             raise ConfigError(f"interp.scorers={list(self.scorers)}: choose from {list(SCORERS)}")
-        if self.features < 0 or self.neurons < 0 or self.tokens < 0:
-            raise ConfigError(f"interp.features={self.features}, interp.neurons={self.neurons} "
-                              f"and interp.tokens={self.tokens} must be >= 0")
+        if self.features < 0 or self.neurons < 0 or self.tokens < 0 or self.rate_units < 0:
+            raise ConfigError(f"interp.features={self.features}, interp.neurons={self.neurons}, "
+                              f"interp.tokens={self.tokens} and interp.rate_units="
+                              f"{self.rate_units} must be >= 0")
         _positive("interp", concurrency=self.concurrency, timeout_s=self.timeout_s,
                   window=self.window, explain_top=self.explain_top,
                   score_active=self.score_active, score_inactive=self.score_inactive)

@@ -124,11 +124,16 @@ def load_features(features: Mapping[str, Any] | str | Path) -> dict[str, Any]:
     return dict(features)
 
 
+def fill_template(template: str, values: Mapping[str, str]) -> str:
+    """Replace every __DSAE_<NAME>__ of `template` by values[NAME] ('' if absent) in ONE pass,
+    so text put in (token strings in the JSON, a title) is never searched for placeholders
+    again."""
+    return re.sub(r"__DSAE_([A-Z]+)__", lambda m: values.get(m.group(1), ""), template)
+
+
 def _page(title: str, subtitle: str, body: dict[str, str]) -> str:
-    """Fill the template in ONE pass, so text put in (token strings in the JSON, a title) is
-    never searched for placeholders again."""
     values = {**body, "TITLE": html.escape(title), "SUBTITLE": html.escape(subtitle)}
-    return re.sub(r"__DSAE_([A-Z]+)__", lambda m: values.get(m.group(1), ""), tpl.PAGE)
+    return fill_template(tpl.PAGE, values)
 
 
 def write_dashboard(out: str | Path, metrics: Mapping[str, Any],
@@ -214,3 +219,22 @@ def write_dashboards(eval_dir: str | Path, results: Mapping[str, Mapping[str, An
         write_dashboard(eval_dir / name / DASHBOARD_FILE, {"member": name, **metrics},
                         features if features.is_file() else None, page_plots)
     return write_bank_index(eval_dir, results, frontier)
+
+
+def refresh_dashboard(eval_dir: str | Path, member: str) -> Path | None:
+    """Rebuild eval_dir/<member>/dashboard.html from the files eval left there (metrics.json,
+    features.json, the frontier and density plots), after a later stage (interp) added to
+    features.json. None if the member has no metrics (eval did not run)."""
+    eval_dir = Path(eval_dir)
+    metrics_file = eval_dir / member / "metrics.json"
+    if not metrics_file.is_file():
+        return None
+    from distributed_sae.eval.plots import DENSITY_FILE, FRONTIER_FILE
+
+    plots = {caption: path for caption, path in (
+        ("sparsity-fidelity frontier", eval_dir / FRONTIER_FILE),
+        ("feature density", eval_dir / member / DENSITY_FILE)) if path.is_file()}
+    features = eval_dir / member / FEATURES_FILE
+    return write_dashboard(eval_dir / member / DASHBOARD_FILE,
+                           {"member": member, **json.loads(metrics_file.read_text())},
+                           features if features.is_file() else None, plots)

@@ -30,7 +30,11 @@ PAGE = """<!DOCTYPE html>
     <option value="density-desc">density, high first</option>
     <option value="density-asc">density, low first</option>
     <option value="max-desc">max activation</option>
+    <option value="detection-desc">detection score</option>
+    <option value="fuzzing-desc">fuzzing score</option>
+    <option value="simulation-desc">simulation score</option>
   </select></label>
+  <label><input id="explained-only" type="checkbox"> explained only</label>
   <label>per page <select id="page-size">
     <option>10</option><option selected>20</option><option>50</option><option>100</option>
   </select></label>
@@ -47,11 +51,19 @@ PAGE = """<!DOCTYPE html>
 </html>
 """
 
-CSS = """
+# Page frame shared with the blind rating page (interp/rating_template.py).
+BASE_CSS = """
 body { font: 14px/1.45 system-ui, -apple-system, "Segoe UI", sans-serif; margin: 0;
        color: #1d1d1f; background: #f6f6f8; }
 header { background: #23283b; color: #fff; padding: 14px 24px; }
 header h1 { margin: 0; font-size: 20px; } .sub { margin: 4px 0 0; color: #c9cce0; }
+.ctx { font: 12.5px/1.9 ui-monospace, "SFMono-Regular", Menlo, monospace; margin: 2px 0;
+       padding: 2px 4px; border-bottom: 1px dotted #eee; overflow-wrap: anywhere; }
+.tok { white-space: pre; border-radius: 2px; }
+.empty { color: #777; font-style: italic; }
+"""
+
+CSS = BASE_CSS + """
 main { padding: 12px 24px 40px; max-width: 1200px; }
 h2 { font-size: 17px; margin: 20px 0 8px; }
 table.metrics { border-collapse: collapse; background: #fff; }
@@ -67,10 +79,7 @@ table.metrics td.num { text-align: right; font-variant-numeric: tabular-nums; }
 .card.dead { opacity: 0.7; } .card h3 { margin: 0 0 4px; font-size: 15px; }
 .card h3 a { color: inherit; text-decoration: none; }
 .stats { color: #555; font-size: 12px; margin-bottom: 6px; }
-.ctx { font: 12.5px/1.9 ui-monospace, "SFMono-Regular", Menlo, monospace; margin: 2px 0;
-       padding: 2px 4px; border-bottom: 1px dotted #eee; overflow-wrap: anywhere; }
 .ctx .val { color: #777; display: inline-block; min-width: 5.5em; }
-.tok { white-space: pre; border-radius: 2px; }
 .tok.focus { outline: 1.5px solid #c0392b; }
 .special { color: #999; }
 .logits { display: flex; gap: 24px; flex-wrap: wrap; margin-top: 6px; font-size: 12.5px; }
@@ -78,7 +87,8 @@ table.metrics td.num { text-align: right; font-variant-numeric: tabular-nums; }
 .logit { display: inline-block; margin: 1px 3px; padding: 0 4px; border-radius: 3px;
          font-family: ui-monospace, Menlo, monospace; white-space: pre; }
 .pos { background: #dcefff; } .neg { background: #ffe0dc; }
-.empty { color: #777; font-style: italic; }
+.interp { margin: 4px 0 6px; padding: 4px 8px; background: #f1f6ee; border-left: 3px solid #6a9f6a; }
+.interp .scores { color: #555; font-size: 12px; }
 """
 
 JS = r"""
@@ -88,7 +98,8 @@ JS = r"""
   var feats = (data.features && data.features.features) || [];
   var byIndex = {};
   feats.forEach(function (f) { byIndex[f.index] = f; });
-  var state = { query: "", hideDead: true, sort: "index", page: 0, size: 20 };
+  var state = { query: "", hideDead: true, explainedOnly: false, sort: "index", page: 0, size: 20 };
+  var SCORERS = ["detection", "fuzzing", "simulation"];
   var haystack = null;  // lower-cased token text per feature, built on the first text search
 
   function el(tag, cls, text) {
@@ -117,6 +128,7 @@ JS = r"""
       var parts = [];
       (f.top_contexts || []).forEach(function (c) { parts.push((c.tokens || []).join("")); });
       (f.logits_top || []).concat(f.logits_bottom || []).forEach(function (p) { parts.push(p[0]); });
+      if (f.interp && f.interp.explanation) parts.push(f.interp.explanation);
       return parts.join("\u0000").toLowerCase();
     });
   }
@@ -124,6 +136,11 @@ JS = r"""
     if (state.sort === "density-desc") return -(f.density || 0);
     if (state.sort === "density-asc") return f.density || 0;
     if (state.sort === "max-desc") return -maxAct(f);
+    var scorer = state.sort.replace("-desc", "");
+    if (SCORERS.indexOf(scorer) >= 0) {  // unscored features last
+      var v = f.interp && f.interp[scorer];
+      return (typeof v === "number" && isFinite(v)) ? -v : Infinity;
+    }
     return f.index;
   }
   function matching() {
@@ -136,10 +153,14 @@ JS = r"""
     feats.forEach(function (f, i) {
       if (f === exact) return;
       if (state.hideDead && isDead(f)) return;
+      if (state.explainedOnly && !f.interp) return;
       if (needle && haystack[i].indexOf(needle) < 0) return;
       out.push(f);
     });
-    out.sort(function (a, b) { return sortKey(a) - sortKey(b) || a.index - b.index; });
+    out.sort(function (a, b) {
+      var ka = sortKey(a), kb = sortKey(b);
+      return (ka === kb ? 0 : (ka < kb ? -1 : 1)) || a.index - b.index;  // Infinity-safe
+    });
     return exact ? [exact].concat(out) : out;
   }
   function tokenSpan(tok, act, scale, focus) {
@@ -169,6 +190,15 @@ JS = r"""
     });
     return box;
   }
+  function interpBox(it) {
+    var box = el("div", "interp");
+    box.appendChild(el("div", "explanation", it.explanation || "(no explanation)"));
+    var parts = SCORERS.filter(function (s) { return s in it; }).map(function (s) {
+      return s + " " + num(it[s], 3);
+    });
+    box.appendChild(el("div", "scores", "LLM explanation \u00b7 " + parts.join(", ")));
+    return box;
+  }
   function card(f) {
     var c = el("article", "card" + (isDead(f) ? " dead" : ""));
     c.id = "f" + f.index;
@@ -181,6 +211,7 @@ JS = r"""
     c.appendChild(el("div", "stats", "density " + num(f.density, 3) + " (log10 " +
       num(f.log10_density, 3) + ")  \u00b7  activation quantiles: p50 " + num(q["0.5"]) +
       ", p90 " + num(q["0.9"]) + ", p99 " + num(q["0.99"]) + ", max " + num(q.max)));
+    if (f.interp) c.appendChild(interpBox(f.interp));
     var ctxs = f.top_contexts || [], scale = maxAct(f);
     if (!ctxs.length) c.appendChild(el("div", "empty", "no activating contexts"));
     ctxs.forEach(function (ctx) { c.appendChild(contextRow(ctx, scale)); });
@@ -224,6 +255,9 @@ JS = r"""
   });
   document.getElementById("hide-dead").addEventListener("change", function (e) {
     state.hideDead = e.target.checked; state.page = 0; render();
+  });
+  document.getElementById("explained-only").addEventListener("change", function (e) {
+    state.explainedOnly = e.target.checked; state.page = 0; render();
   });
   document.getElementById("sort").addEventListener("change", function (e) {
     state.sort = e.target.value; state.page = 0; render();

@@ -13,12 +13,13 @@ import json
 import logging
 import shutil
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Mapping
+from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
 import torch
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
+from distributed_sae.export.interp_card import interp_section
 from distributed_sae.sae import load_sae, save_sae
 
 if TYPE_CHECKING:
@@ -73,9 +74,10 @@ def _load_lines(name: str, repo_id: str | None, saelens: bool = True) -> list[st
 
 
 def model_card(name: str, cfg: Mapping[str, Any], metrics: Mapping[str, Any] | None,
-               plots: Mapping[str, str] | None = None, repo_id: str | None = None) -> str:
-    """README.md of one exported SAE: what it is, its metrics, plots ({file: caption}), and how
-    to load it with this project and with SAELens."""
+               plots: Mapping[str, str] | None = None, repo_id: str | None = None,
+               sections: Sequence[str] = ()) -> str:
+    """README.md of one exported SAE: what it is, its metrics, plots ({file: caption}), more
+    sections' lines (interpretability), and how to load it with this project and SAELens."""
     meta = cfg.get("metadata") or {}
     kind = meta.get("dsae_kind", cfg["architecture"])
     params = ", ".join(f"{k}={v}" for k, v in (meta.get("dsae_params") or {}).items())
@@ -103,6 +105,7 @@ def model_card(name: str, cfg: Mapping[str, Any], metrics: Mapping[str, Any] | N
         lines.append("")
     for file, caption in (plots or {}).items():
         lines += [f"![{caption}]({file})", ""]
+    lines += list(sections)
     known = cfg["architecture"] in SAELENS_ARCHITECTURES
     return "\n".join(lines + _load_lines(name, repo_id, known))
 
@@ -127,7 +130,13 @@ def export_member(src: Path, export_dir: Path, dtype: torch.dtype, eval_dir: Pat
         if path.is_file():
             shutil.copyfile(path, dst / name)
             plots[name] = caption
-    card = model_card(src.name, json.loads((dst / "cfg.json").read_text()), metrics, plots, repo_id)
+    sections: list[str] = []
+    if eval_dir:  # the interp stage's scores, when it ran
+        sections, copies = interp_section(eval_dir.parent / "interp", src.name)
+        for path, name in copies.items():
+            shutil.copyfile(path, dst / name)
+    card = model_card(src.name, json.loads((dst / "cfg.json").read_text()), metrics, plots,
+                      repo_id, sections)
     (dst / "README.md").write_text(card)
     return dst
 

@@ -64,14 +64,15 @@ def _table(members: dict[str, Any], baselines: dict[str, list], scorers: Sequenc
 
 
 def plot_histogram(path: Path, features: list[dict[str, Any]], neurons: list[dict[str, Any]],
-                   scorer: str, title: str) -> Path:
-    """The paper's figure: the distribution of one scorer's scores, features vs neurons."""
+                   scorer: str, title: str, bins: np.ndarray | None = None) -> Path:
+    """The paper's figure: the distribution of one scorer's scores, features vs neurons.
+    bins: the histogram's edges (default: 20 over the scorer's range, -1..1 or 0..1)."""
     from distributed_sae.eval.plots import _figure, _save
 
     fig = _figure(6.0, 3.6)
     ax = fig.add_subplot(1, 1, 1)
-    lo = -1.0 if scorer == "simulation" else 0.0
-    bins = np.linspace(lo, 1.0, 21)
+    if bins is None:
+        bins = np.linspace(-1.0 if scorer == "simulation" else 0.0, 1.0, 21)
     for recs, label, color in ((features, "features", "tab:blue"),
                                (neurons, "neurons", "tab:gray")):
         vals = [r[scorer] for r in recs if isinstance(r.get(scorer), (int, float))]
@@ -87,10 +88,12 @@ def plot_histogram(path: Path, features: list[dict[str, Any]], neurons: list[dic
 
 
 def write_summary(out: Path, members: dict[str, Any], baselines: dict[str, list],
-                  usage: dict[str, Any], scorers: Sequence[str]) -> dict[str, Any]:
-    """summary.json, summary.md and hist_<member>_<scorer>.png under `out`; returns the summary."""
-    summary: dict[str, Any] = {"scorers": list(scorers), "usage": usage, "members": {},
-                               "baselines": {}, "by_width": _by_width(members, scorers)}
+                  usage: dict[str, Any], scorers: Sequence[str], llm: str = "") -> dict[str, Any]:
+    """summary.json, summary.md and hist_<member>_<scorer>.png under `out`; returns the summary.
+    llm: which model explained and scored ('<backend>:<model>')."""
+    summary: dict[str, Any] = {"scorers": list(scorers), "llm": llm, "usage": usage,
+                               "members": {}, "baselines": {},
+                               "by_width": _by_width(members, scorers)}
     for name, recs in baselines.items():
         summary["baselines"][name] = {s: distribution(recs, s) for s in scorers}
     lines = ["# Autointerpretability", "", _table(members, baselines, scorers), ""]

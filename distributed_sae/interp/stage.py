@@ -10,7 +10,9 @@ explanation is written from its example windows, then scored on others (interp/e
 Writes out_dir/interp/: <member>.json and baseline_<layer>_<kind>.json (one record per unit:
 explanation, scores, example counts), summary.json / summary.md (score distributions, the
 neuron baselines, mean score by width) and hist_<member>.png (features vs neurons); each
-explained feature also gets an `interp` entry in eval/<member>/features.json.
+explained feature also gets an `interp` entry in eval/<member>/features.json (and the member's
+dashboard is rebuilt with it); rate.html / rate_key.json are the blind rating page
+(interp/rating.py). With interp.ratings=<file> the stage only summarises a person's ratings.
 """
 
 from __future__ import annotations
@@ -123,8 +125,9 @@ def baseline_units(cfg: RunConfig, store: ActivationStore, rows: range, loaded: 
 
 
 def explain_and_score(llm: Any, cfg: RunConfig, units: UnitActs, windows: torch.Tensor,
-                      texts: list[str]) -> list[dict[str, Any]]:
-    """One record per unit: its explanation, every scorer's score and its example counts."""
+                      texts: list[str]) -> tuple[list[dict[str, Any]], list[Any]]:
+    """One record per unit (its explanation, every scorer's score and its example counts), and
+    each unit's UnitExamples (what the rating page shows)."""
     from distributed_sae.interp.scoring import explain_all, score_all
 
     i = cfg.interp
@@ -135,7 +138,7 @@ def explain_and_score(llm: Any, cfg: RunConfig, units: UnitActs, windows: torch.
     for rec, u, index in zip(scores, examples, units.indices):
         rec.update(kind=units.kind, index=index, n_explain=len(u.explain),
                    n_active=len(u.score_pos), n_inactive=len(u.score_neg))
-    return scores
+    return scores, examples
 
 
 def make_llm(cfg: RunConfig) -> Any:
@@ -160,6 +163,11 @@ def run_interp(cfg: RunConfig) -> dict[str, Any]:
     from distributed_sae.models import load_model
     from distributed_sae.sae import load_sae
 
+    out = Path(cfg.out_dir) / "interp"
+    if cfg.interp.ratings:  # a person's ratings: no model, no LLM
+        from distributed_sae.interp.rating import summarize_ratings
+
+        return summarize_ratings(out, cfg.interp.ratings)
     store = ActivationStore.open(cfg.store.path)
     folders = _members(cfg)
     llm = make_llm(cfg)
@@ -168,9 +176,8 @@ def run_interp(cfg: RunConfig) -> dict[str, Any]:
     text = _TokenText(loaded.tokenizer)
     texts = token_texts(store, rows, text)
     windows = window_rows(len(rows), store.context_size, cfg.interp.window)
-    out = Path(cfg.out_dir) / "interp"
     out.mkdir(parents=True, exist_ok=True)
-    members, baselines = {}, {}
+    members, baselines, rated = {}, {}, {}
     for folder in tqdm(folders, desc="interp", unit="member", disable=len(folders) < 2):
         sae, sae_cfg = load_sae(folder)
         inputs, targets = member_io(sae_cfg)
@@ -185,26 +192,39 @@ def run_interp(cfg: RunConfig) -> dict[str, Any]:
         except ValueError:
             unembed = None
         feats = feature_units(cfg, store, rows, sae, hook, unembed, text)
-        records = explain_and_score(llm, cfg, feats, windows, texts)
+        records, rated[folder.name] = explain_and_score(llm, cfg, feats, windows, texts)
+        rated[folder.name] = ("feature", feats.indices, rated[folder.name])
         wanted = [("neuron", None)] + ([("resid", hook)] if kind in RESID_KINDS else [])
         names = []
         for bkind, resid in wanted if cfg.interp.neurons else []:
             key = f"baseline_{layer}_{bkind}" + (f"_{kind}" if resid else "")
             if key not in baselines:
                 units = baseline_units(cfg, store, rows, loaded, layer, bkind, resid, text)
-                baselines[key] = explain_and_score(llm, cfg, units, windows, texts)
+                baselines[key], examples = explain_and_score(llm, cfg, units, windows, texts)
+                if bkind == "neuron":
+                    rated[key] = (bkind, units.indices, examples)
                 write_results(out / f"{key}.json", key, hook, baselines[key])
             names.append(key)
         members[folder.name] = {"hook": hook, "d_sae": sae.d_sae, "kind": sae.kind,
                                 "baselines": names, "units": records}
         write_results(out / f"{folder.name}.json", folder.name, hook, records)
-        _annotate_features(Path(cfg.out_dir) / "eval" / folder.name / "features.json", records)
-    return write_summary(out, members, baselines, llm.usage.as_dict(), cfg.interp.scorers)
+        _annotate_features(Path(cfg.out_dir) / "eval", folder.name, records)
+    if cfg.interp.rate_units and rated:
+        from distributed_sae.interp.rating import write_rating_page
+
+        page = write_rating_page(out, rated, members, cfg.interp.rate_units, cfg.interp.seed)
+        log.info("blind rating page: %s (rate it, then dsae-interp interp.ratings=<saved file>)",
+                 page)
+    return write_summary(out, members, baselines, llm.usage.as_dict(), cfg.interp.scorers,
+                         f"{cfg.interp.backend}:{cfg.interp.model}")
 
 
-def _annotate_features(path: Path, records: list[dict[str, Any]]) -> None:
+def _annotate_features(eval_dir: Path, member: str, records: list[dict[str, Any]]) -> None:
     """Add each explained feature's explanation and scores to eval's features.json (if there),
-    written atomically (temp file, fsync, rename)."""
+    written atomically (temp file, fsync, rename), and rebuild the member's dashboard with them."""
+    from distributed_sae.eval.dashboard import refresh_dashboard
+
+    path = eval_dir / member / "features.json"
     if not path.is_file():
         return
     report = json.loads(path.read_text())
@@ -215,3 +235,4 @@ def _annotate_features(path: Path, records: list[dict[str, Any]]) -> None:
             entry["interp"] = {k: v for k, v in rec.items()
                                if k not in ("unit", "kind", "index")}
     write_json(path, report, indent=None)  # as eval wrote it: compact (it grows with d_sae)
+    refresh_dashboard(eval_dir, member)
