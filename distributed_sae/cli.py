@@ -13,6 +13,7 @@ folder); point store.path at one folder to share a store across a sweep.
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import sys
@@ -25,6 +26,7 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
 from distributed_sae.config import ConfigError, RunConfig
+from distributed_sae.config.overrides import check_overrides, user_overrides
 from distributed_sae.config.register import register_configs
 
 if TYPE_CHECKING:  # importing the store loads torch and zarr, which --help should not pay for
@@ -43,10 +45,24 @@ LAZY_USER_ERRORS = (("distributed_sae.store.integrity", "StoreDamagedError"),)
 
 
 def is_user_error(err: BaseException) -> bool:
-    """Whether `err` gets a one-line message (USER_ERRORS and LAZY_USER_ERRORS)."""
+    """Whether `err` gets a one-line message (USER_ERRORS, LAZY_USER_ERRORS, a full disk)."""
     lazy = tuple(getattr(sys.modules[mod], name) for mod, name in LAZY_USER_ERRORS
                  if mod in sys.modules)
-    return isinstance(err, USER_ERRORS + lazy)
+    return isinstance(err, USER_ERRORS + lazy) or _disk_full(err) is not None
+
+
+def _disk_full(err: BaseException) -> str | None:
+    """The one-line message of a full disk (store/integrity.py), or None for any other error.
+    safetensors' writer raises its own SafetensorError, errno only in the text."""
+    if isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT):
+        full = err
+    elif os.strerror(errno.ENOSPC) in str(err):
+        full = OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    else:
+        return None
+    from distributed_sae.store.integrity import disk_full_message
+
+    return disk_full_message(full)
 
 
 def to_run_config(dcfg: DictConfig) -> RunConfig:
@@ -194,7 +210,7 @@ def _main(dcfg: DictConfig, stages: tuple[str, ...]) -> None:
         if not is_user_error(err):
             raise
         # DSAE_TRACEBACK=1: the traceback too (a file missing deep inside a stage).
-        log.error("%s", err, exc_info=bool(os.environ.get("DSAE_TRACEBACK")))
+        log.error("%s", _disk_full(err) or err, exc_info=bool(os.environ.get("DSAE_TRACEBACK")))
         sys.exit(2)
 
 
@@ -205,6 +221,14 @@ def _app(stages: tuple[str, ...]) -> Callable[[], None]:
 
     def entry() -> None:
         register_configs()
+        overrides = user_overrides(sys.argv[1:])
+        if overrides is not None:
+            try:
+                check_overrides(overrides, CONFIG_NAME)
+            except ConfigError as err:  # before Hydra has set up logging: a plain stderr line
+                logging.basicConfig(format="[%(levelname)s] - %(message)s")
+                log.error("%s", err)
+                sys.exit(2)
         main()
 
     return entry

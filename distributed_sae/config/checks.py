@@ -28,6 +28,8 @@ DEVICE_MAPS = ("auto", "balanced", "balanced_low_0", "sequential")
 # How one harvest actor holds a model: whole on one device, spread by HF device_map inside the
 # actor, or partitioned by DeepSpeed ZeRO-3 over a group of actors (one process group).
 SHARDINGS = ("none", "device_map", "deepspeed")
+# The package logger's level (RunConfig.log_level): the names logging.Logger.setLevel takes.
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 
 
 def parse_hook(name: str) -> tuple[int, str]:
@@ -54,15 +56,38 @@ def bare_hook(hook: str) -> str:
     return hook[len(MODEL_B_PREFIX):] if is_model_b(hook) else hook
 
 
+def _name(owner: str, key: str) -> str:
+    """The dotted config key; owner "" for the run's top-level keys (log_level, out_dir)."""
+    return f"{owner}.{key}" if owner else key
+
+
 def positive(owner: str, **values: float) -> None:
     for key, value in values.items():
         if value is None or value <= 0:
-            raise ConfigError(f"{owner}.{key} must be positive, got {value!r}")
+            raise ConfigError(f"{_name(owner, key)} must be positive, got {value!r}")
+
+
+def non_negative(owner: str, **values: float) -> None:
+    for key, value in values.items():
+        if value is None or value < 0:
+            raise ConfigError(f"{_name(owner, key)} must be >= 0, got {value!r}")
 
 
 def choice(owner: str, key: str, value: str, choices: tuple[str, ...]) -> None:
     if value not in choices:
-        raise ConfigError(f"{owner}.{key}={value!r} is not one of {', '.join(choices)}")
+        raise ConfigError(f"{_name(owner, key)}={value!r} is not one of {', '.join(choices)}")
+
+
+def device(owner: str, key: str, value: str) -> None:
+    """A torch device string ('cpu', 'cuda', 'cuda:1', 'mps'), parsed by torch.device, which
+    looks at no hardware: whether the GPU exists is the start-up checks' business."""
+    import torch
+
+    try:
+        torch.device(value)
+    except (RuntimeError, TypeError):
+        raise ConfigError(f"{_name(owner, key)}={value!r} is not a torch device: use e.g. cpu, "
+                          f"cuda or cuda:1") from None
 
 
 def sweep(owner: str, key: str, value: object, kind: type) -> object:

@@ -67,6 +67,8 @@ class ExportConfig:
     hub_private: bool = False
 
     def __post_init__(self) -> None:
+        if not self.path:
+            raise ConfigError("export.path is empty: give a directory, e.g. export.path=/data/export")
         _choice("export", "dtype", self.dtype, DTYPES)
         if self.hub_repo_id is not None and self.hub_repo_id.count("/") != 1:
             raise ConfigError(f"export.hub_repo_id={self.hub_repo_id!r} must be 'org/name'")

@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from distributed_sae.config.checks import choice as _choice
+from distributed_sae.config.checks import device as _device
+from distributed_sae.config.checks import non_negative as _non_negative
 from distributed_sae.config.checks import positive as _positive
 from distributed_sae.config.errors import ConfigError
 
@@ -77,6 +79,8 @@ class InterpConfig:
 
     def __post_init__(self) -> None:
         _choice("interp", "backend", self.backend, BACKENDS)
+        _device("interp", "device", self.device)
+        _non_negative("interp", seed=self.seed)  # numpy's generators take no negative seed
         bad = [s for s in self.scorers if s not in SCORERS]
         if bad or not self.scorers:
             raise ConfigError(f"interp.scorers={list(self.scorers)}: choose from {list(SCORERS)}")

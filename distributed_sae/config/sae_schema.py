@@ -95,6 +95,9 @@ class SAEConfig:
         if self.kinds is not None and (not self.kinds or len(set(self.kinds)) != len(self.kinds)):
             raise ConfigError(f"sae.kinds={list(self.kinds)} must be non-empty without repeats")
         _choice("sae", "recipe", self.recipe, RELU_RECIPES)
+        for i, entry in enumerate(self.members):  # the other keys are sae/bank.py's to check
+            if "kind" in entry:
+                _choice(f"sae.members[{i}]", "kind", entry["kind"], kinds())
         for key in ("k", "l1_coefficient", "l0_coefficient"):
             setattr(self, key, _sweep("sae", key, getattr(self, key), int if key == "k" else float))
         _positive("sae", jumprelu_threshold=self.jumprelu_threshold,

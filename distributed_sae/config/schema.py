@@ -17,10 +17,11 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar, List, Optional
 
 from distributed_sae.config.checks import (  # noqa: F401  (re-exported: callers import them here)
-    COMPRESSIONS, DATA_PARALLEL, DEVICE_MAPS, DTYPES, HOOK_KINDS, MODEL_B_PREFIX, PLACEMENTS,
-    RELU_RECIPES, SHARDINGS, bare_hook, is_model_b, parse_hook,
+    COMPRESSIONS, DATA_PARALLEL, DEVICE_MAPS, DTYPES, HOOK_KINDS, LOG_LEVELS, MODEL_B_PREFIX,
+    PLACEMENTS, RELU_RECIPES, SHARDINGS, bare_hook, is_model_b, parse_hook,
 )
 from distributed_sae.config.checks import choice as _choice
+from distributed_sae.config.checks import device as _device
 from distributed_sae.config.checks import positive as _positive
 from distributed_sae.config.errors import ConfigError
 from distributed_sae.config.eval_schema import EvalConfig, ExportConfig, SteerConfig  # noqa: F401
@@ -60,6 +61,7 @@ class ModelConfig:
 
     def _check_choices(self) -> None:
         _choice(self.KEY, "dtype", self.dtype, DTYPES)
+        _device(self.KEY, "device", self.device)
         if self.device_map is not None:
             _choice(self.KEY, "device_map", self.device_map, DEVICE_MAPS)
 
@@ -114,7 +116,11 @@ class DataConfig:
     streaming: bool = True
 
     def __post_init__(self) -> None:
+        if not self.name:
+            raise ConfigError("data.name is empty: give cpython, a file or folder, or a hub dataset")
         _positive("data", context_size=self.context_size, n_tokens=self.n_tokens)
+        if self.seed < 0:  # numpy's generators (hub datasets' shuffle) take no negative seed
+            raise ConfigError(f"data.seed must be >= 0, got {self.seed}")
         if self.context_size < 2:
             raise ConfigError(f"data.context_size={self.context_size} is too short: use >= 2")
 
@@ -243,6 +249,9 @@ class RunConfig:
     def __post_init__(self) -> None:
         from distributed_sae.sae.registry import sae_class
 
+        if not self.out_dir:
+            raise ConfigError("out_dir is empty: give a directory, e.g. out_dir=runs/my-run")
+        _choice("", "log_level", self.log_level, LOG_LEVELS)
         self._check_model_b()
         missing = [h for h in self.sae_hooks if h not in self.harvest.hooks]
         if missing:

@@ -7,6 +7,8 @@ from typing import Any, List, Optional
 
 from distributed_sae.config.checks import DATA_PARALLEL, PLACEMENTS
 from distributed_sae.config.checks import choice as _choice
+from distributed_sae.config.checks import device as _device
+from distributed_sae.config.checks import non_negative as _non_negative
 from distributed_sae.config.checks import positive as _positive
 from distributed_sae.config.checks import sweep as _sweep
 from distributed_sae.config.errors import ConfigError
@@ -101,6 +103,14 @@ class TrainConfig:
         _positive("train", batch_size=self.batch_size, log_every=self.log_every,
                   dead_tokens=self.dead_tokens, dead_report_tokens=self.dead_report_tokens)
         _positive("train", workers=self.workers, latent_shards=self.latent_shards)
+        _positive("train", resample_window=self.resample_window,
+                  resample_inputs=self.resample_inputs)
+        # 0 = no warm-up; the batch order's seed goes to numpy, which takes no negative seed.
+        _non_negative("train", warmup_steps=self.warmup_steps, seed=self.seed)
+        _device("train", "device", self.device)
+        if any(step <= 0 for step in self.resample_steps):
+            raise ConfigError(f"train.resample_steps={list(self.resample_steps)} must be steps "
+                              f">= 1 (the first optimiser step is 1), or [] for no resampling")
         if self.cpus is not None:
             _positive("train", cpus=self.cpus)
         if self.skip_init not in ("lstsq", "zeros"):

@@ -129,16 +129,27 @@ def _with_bos(body: np.ndarray, bos: int, prepend_bos: bool) -> np.ndarray:
 
 
 def bos_eos_ids(tokenizer: Any) -> Tuple[int, int]:
-    """(BOS, EOS) ids of `tokenizer`, each falling back to the other when missing."""
-    bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
+    """(BOS, EOS) ids of `tokenizer`: its own where it has them; else an encoder's [CLS] / [SEP]
+    (BERT's tokenizer has no BOS or EOS, and [CLS] ... [SEP] is how it frames a text); else each
+    the other's (GPT-2 and GPT-NeoX have only <|endoftext|>, which then starts and ends rows)."""
+    bos = _first_id(tokenizer, "bos_token_id", "cls_token_id")
+    eos = _first_id(tokenizer, "eos_token_id", "sep_token_id")
     if bos is None and eos is None:
         raise ConfigError(
-            f"tokenizer {type(tokenizer).__name__} has neither a BOS nor an EOS token, so documents "
-            "cannot be separated: use a model whose tokenizer defines one"
-        )
+            f"tokenizer {type(tokenizer).__name__} has no BOS, EOS, CLS or SEP token, so "
+            "documents cannot be separated: add one to the model folder's tokenizer_config.json "
+            '(e.g. "eos_token": "<|endoftext|>") or use a model whose tokenizer defines one')
     bos = eos if bos is None else bos
     eos = bos if eos is None else eos
     return int(bos), int(eos)
+
+
+def _first_id(tokenizer: Any, *attrs: str) -> int | None:
+    for attr in attrs:
+        token_id = getattr(tokenizer, attr, None)
+        if token_id is not None:
+            return int(token_id)
+    return None
 
 
 def special_token_mask(token_ids: np.ndarray, tokenizer: Any) -> np.ndarray:

@@ -27,6 +27,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from distributed_sae.harvest.worker import NonFiniteActivationError
+from distributed_sae.store.integrity import is_disk_full
 from distributed_sae.store import ActivationStore, commit_unit
 
 log = logging.getLogger(__name__)
@@ -190,6 +191,8 @@ def _lost(pool: _Pool, ref: Any, err: BaseException) -> None:
 
     unit, ctx, w = pool.in_flight[ref]
     cause = getattr(err, "cause", None)
+    if is_disk_full(cause):  # another actor would meet the same: stop with the message
+        raise OSError(cause.errno, cause.strerror, f"unit {unit} of the store") from None
     if isinstance(cause, NonFiniteActivationError):
         raise cause from None
     if isinstance(err, RayTaskError) and len(pool.workers[w]) == 1:

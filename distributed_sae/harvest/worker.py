@@ -19,6 +19,7 @@ import torch
 
 from distributed_sae.config import ModelConfig
 from distributed_sae.config.checks import is_model_b
+from distributed_sae.faults import fault_point
 from distributed_sae.models import load_model, run_with_hooks
 from distributed_sae.store import ActivationStore
 
@@ -68,6 +69,7 @@ class HarvestWorker:
 
         os.environ["TQDM_DISABLE"] = "1"
         hf_logging.disable_progress_bar()
+        fault_point("harvest_load")
         self.loaded = load_model(model_cfg)
         self.hooks = list(hooks)
         # The second model is loaded only when a hook of it is harvested.

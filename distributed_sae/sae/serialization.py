@@ -20,6 +20,7 @@ from safetensors.torch import load_file, save_file
 
 from distributed_sae.sae.base import SparseAutoencoder
 from distributed_sae.store.commits import fsync_path
+from distributed_sae.faults import fault_point
 from distributed_sae.sae.forms import Form
 from distributed_sae.sae.registry import sae_class
 
@@ -71,6 +72,7 @@ def save_sae(sae: SparseAutoencoder, folder: str | Path, metadata: dict[str, Any
     if sae.form.name != "sae":
         cfg.update(architecture=form_architecture(cfg["architecture"], sae.form), d_out=sae.d_out)
         meta["dsae_form"] = sae.form.to_json()
+    fault_point("member_write")  # new weights beside the old cfg.json
     atomic_write(folder / CFG_FILE, lambda tmp: tmp.write_text(json.dumps(cfg, indent=2)))
     return folder
 

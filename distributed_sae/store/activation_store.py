@@ -39,6 +39,7 @@ import zarr.codecs as zc
 from distributed_sae.store.commits import (
     COMMITS_DIR, read_commit, read_commits, record_path, scan_commits, uncommit,
 )
+from distributed_sae.faults import fault_point
 from distributed_sae.store.integrity import Damage, check_contents, fingerprint, size_problem
 from distributed_sae.store.stream_files import consumed_error, consumed_units, mark_consumed
 
@@ -230,6 +231,7 @@ class ActivationStore:
         lo, hi = unit * self.unit_rows, (unit + 1) * self.unit_rows
         for hook, x in acts.items():
             self.array(f"acts/{hook}")[lo:hi] = to_storage(x, self.metadata["dtype"])
+        fault_point("store_write")  # the activations written, not the tokens: a torn unit
         self.array("token_ids")[lo:hi] = token_ids.astype(np.int32)
         names = [f"acts/{hook}" for hook in acts] + ["token_ids"]
         return {name: fingerprint(path) for name, path in self.unit_files(unit, names).items()}

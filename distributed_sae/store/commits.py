@@ -37,10 +37,14 @@ class StoreLockedError(RuntimeError):
 
 def _atomic_write_json(path: Path, payload: dict[str, Any]) -> None:
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "w") as fh:
-        json.dump(payload, fh)
-        fh.flush()
-        os.fsync(fh.fileno())
+    try:
+        with open(tmp, "w") as fh:
+            json.dump(payload, fh)
+            fh.flush()
+            os.fsync(fh.fileno())
+    except OSError:  # disk full: leave no half-written record beside the real ones
+        tmp.unlink(missing_ok=True)
+        raise
     os.replace(tmp, path)
 
 

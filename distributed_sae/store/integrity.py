@@ -30,6 +30,7 @@ before (a missing file of such a unit still reads as fill values).
 
 from __future__ import annotations
 
+import errno
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -127,3 +128,16 @@ def check_contents(checks: list[tuple[int, Path, dict[str, Any]]]) -> list[Damag
         if problem:
             damage.append(Damage(unit, path, problem))
     return damage
+
+
+def is_disk_full(err: BaseException | None) -> bool:
+    """Whether `err` is the disk filling up (ENOSPC; EDQUOT, a quota, reads the same to a user)."""
+    return isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT)
+
+
+def disk_full_message(err: OSError) -> str:
+    """One line for a full disk: what was being written, and that a rerun resumes."""
+    where = f" writing {err.filename}" if err.filename else ""
+    return (f"disk full{where} ({os.strerror(err.errno)}): free space, or point store.path / "
+            "out_dir at a larger disk and move what is there, then rerun the same command: "
+            "committed units and complete checkpoints are kept and the job resumes from them")

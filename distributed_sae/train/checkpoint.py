@@ -24,6 +24,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from distributed_sae.faults import fault_point
 from distributed_sae.sae.serialization import fsync_path
 
 log = logging.getLogger(__name__)
@@ -67,6 +68,7 @@ def write_part(tmp: Path, tensors: dict[str, torch.Tensor], part: str = "tensors
 
 def finish_checkpoint(tmp: Path, step: int, state: dict[str, Any], keep: int = 2) -> Path:
     """Write state.json last and rename the folder into place; keep the newest `keep`."""
+    fault_point("checkpoint_write")  # the tensors written, not state.json nor the rename
     folder = tmp.parent
     final = folder / f"step_{step:09d}"
     (tmp / STATE).write_text(json.dumps(dict(state, step=step), indent=1))
