@@ -40,13 +40,14 @@ def main() -> None:
     seconds = time.perf_counter() - start
     summary = json.loads((Path(args.out_dir) / "interp" / "summary.json").read_text())
     pick = ("n", "mean", "median")
+    keys = summary.get("keys", summary["scorers"])  # with detection_auc / fuzzing_auc
     result = {
         "machine": f"{platform.processor() or platform.machine()}, "
                    f"{len(__import__('os').sched_getaffinity(0))} CPUs",
         "overrides": args.overrides, "seconds": round(seconds, 1), "usage": summary["usage"],
-        "members": {m: {s: {k: v[s].get(k) for k in pick} for s in summary["scorers"]}
+        "members": {m: {s: {k: v[s].get(k) for k in pick} for s in keys}
                     for m, v in summary["members"].items()},
-        "baselines": {b: {s: {k: v[s].get(k) for k in pick} for s in summary["scorers"]}
+        "baselines": {b: {s: {k: v[s].get(k) for k in pick} for s in keys}
                       for b, v in summary["baselines"].items()},
         "by_width": summary["by_width"]}
     text = json.dumps(result, indent=1)

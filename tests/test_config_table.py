@@ -142,11 +142,14 @@ BAD: dict[str, str | tuple[str, list[str], str | None]] = {
 NO_BAD_VALUE: dict[str, str] = {
     "model.revision": "any branch, tag or commit of the hub repo; only the hub knows which exist",
     "model.gguf_file": "a file inside model.name, only known when the model is loaded",
+    "model.cache_dir": "any folder, '' for none; one that cannot be written is skipped with a "
+                       "warning (tests/test_gguf_cache.py)",
     "model.trust_remote_code": "a boolean",
     "model_b.name": "'' = no second model; a name is checked at start-up by cli.check_model "
                     "(model registry), not in the config",
     "model_b.revision": "as model.revision",
     "model_b.gguf_file": "as model.gguf_file",
+    "model_b.cache_dir": "as model.cache_dir",
     "model_b.trust_remote_code": "a boolean",
     "data.subset": "free text: a config name of the hub dataset, only known when it loads",
     "data.split": "a split of the hub dataset (train, train[:10%]), only known when it loads; "

@@ -25,6 +25,7 @@ from distributed_sae.interp.prompts import (
 )
 from distributed_sae.interp.scoring import (
     SCORERS,
+    auroc,
     balanced_accuracy,
     explain_all,
     fuzz_marks,
@@ -124,7 +125,7 @@ def test_score_all_batches_per_scorer_and_is_reproducible():
     res = score_all(llm, units, ["the word cat"] * 2, scorers=("fuzzing", "detection"), seed=3)
     assert [d for d, _ in llm.calls] == ["fuzzing", "detection"]  # one call per scorer asked
     assert set(res[0]) == {"unit", "explanation", "fuzzing", "n_fuzzing", "detection",
-                           "n_detection"}
+                           "n_detection", "fuzzing_auc", "detection_auc"}
     assert [r["n_detection"] for r in res] == [7, 7] and [r["n_fuzzing"] for r in res] == [8, 4]
     again = StandInLLM()
     assert score_all(again, units, ["the word cat"] * 2, ("fuzzing", "detection"), 3) == res
@@ -147,6 +148,37 @@ def test_balanced_accuracy_by_hand():
     assert math.isnan(balanced_accuracy([], []))
     with pytest.raises(ValueError):
         balanced_accuracy([True], [True, False])
+
+
+def test_auroc_by_hand():
+    # positives 0.9, 0.4; negatives 0.4, 0.1: pairs (0.9>0.4) (0.9>0.1) (0.4=0.4: 1/2) (0.4>0.1)
+    assert auroc([0.9, 0.4, 0.4, 0.1], [1, 1, 0, 0]) == pytest.approx(3.5 / 4)
+    assert auroc([0.2, 0.8], [1, 0]) == 0.0
+    assert auroc([0.3] * 4, [1, 0, 1, 0]) == 0.5  # one answer for all: no ranking
+    assert math.isnan(auroc([0.5, 0.6], [1, 1]))
+    with pytest.raises(ValueError):
+        auroc([0.5], [1, 0])
+
+
+class LeaningLLM(StandInLLM):
+    """The stand-in's judgement, but it always answers No: p(yes) 0.4 where the stand-in would
+    say yes, 0.1 where it would say no. A weak model's bias toward one answer, as measured."""
+
+    def _answer(self, user: str) -> Completion:
+        c = super()._answer(user)
+        if c.text.strip() not in ("Yes", "No"):
+            return c  # explanations and simulations as the stand-in gives them
+        p = 0.4 if c.text.strip() == "Yes" else 0.1
+        return Completion(" No", [(" No", {" No": math.log(1 - p), " Yes": math.log(p)})])
+
+
+def test_auc_reads_the_ranking_of_a_model_that_leans_to_one_answer():
+    unit = _cat_unit(4, 20, 20)
+    [res] = score_all(LeaningLLM(), [unit], ["the word cat"], scorers=("detection", "fuzzing"))
+    assert res["detection"] == 0.5 and res["fuzzing"] == 0.5  # every answer No
+    assert res["detection_auc"] >= 0.95 and res["fuzzing_auc"] >= 0.95
+    [wrong] = score_all(LeaningLLM(), [unit], ["the word dog"], scorers=("detection",))
+    assert 0.3 <= wrong["detection_auc"] <= 0.7
 
 
 def test_pearson_by_hand():

@@ -43,6 +43,9 @@ class ModelConfig:
     revision: Optional[str] = None
     # A GGUF file inside `name` (a directory or hub repo) to load with transformers' gguf_file=.
     gguf_file: Optional[str] = None
+    # Where a local GGUF file's de-quantised weights are kept, so each machine de-quantises a
+    # file once (models/gguf_cache.py); '' = no cache, de-quantise on every load.
+    cache_dir: str = "~/.cache/distributed_sae"
     # Compute dtype of the forward pass: float32, float16 or bfloat16.
     dtype: str = "float32"
     # torch device for the forward pass ('cpu', 'cuda', 'cuda:1').
@@ -74,7 +77,7 @@ class ModelBConfig(ModelConfig):
     vocabulary, which the harvest checks before any actor starts; the same actor holds both
     models, so both must fit one actor's device(s).
 
-    The other keys (revision, gguf_file, dtype, device, trust_remote_code, device_map) mean what
+    The other keys (revision, gguf_file, cache_dir, dtype, device, trust_remote_code, device_map) mean what
     they mean in ModelConfig, for this model; conf/experiment/model-diff.yaml sets dtype and device
     to model's.
     """

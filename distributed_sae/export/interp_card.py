@@ -41,7 +41,7 @@ def interp_section(interp_dir: Path, member: str) -> tuple[list[str], dict[Path,
              f"scored the same way, are the baseline. Mean (median) score:", "",
              "| scorer | features | MLP neurons |", "|---|---|---|"]
     lines += [f"| {s} | {_cell(m.get(s))} | {_cell(neurons.get(s))} |"
-              for s in summary.get("scorers", [])]
+              for s in summary.get("keys", summary.get("scorers", []))]
     lines.append("")
     copies = {}
     for s in summary.get("scorers", []):

@@ -11,6 +11,8 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from distributed_sae.interp.scoring import score_keys
+
 
 def write_json(path: Path, obj: Any, indent: int | None = 1) -> Path:
     """Atomically: a temp file beside it, fsync, rename (a kill leaves the old file or none)."""
@@ -91,24 +93,27 @@ def write_summary(out: Path, members: dict[str, Any], baselines: dict[str, list]
                   usage: dict[str, Any], scorers: Sequence[str], llm: str = "") -> dict[str, Any]:
     """summary.json, summary.md and hist_<member>_<scorer>.png under `out`; returns the summary.
     llm: which model explained and scored ('<backend>:<model>')."""
-    summary: dict[str, Any] = {"scorers": list(scorers), "llm": llm, "usage": usage,
-                               "members": {}, "baselines": {},
-                               "by_width": _by_width(members, scorers)}
+    keys = score_keys(scorers)  # the scorers, then detection_auc / fuzzing_auc
+    summary: dict[str, Any] = {"scorers": list(scorers), "keys": keys, "llm": llm,
+                               "usage": usage, "members": {}, "baselines": {},
+                               "by_width": _by_width(members, keys)}
     for name, recs in baselines.items():
-        summary["baselines"][name] = {s: distribution(recs, s) for s in scorers}
-    lines = ["# Autointerpretability", "", _table(members, baselines, scorers), ""]
+        summary["baselines"][name] = {s: distribution(recs, s) for s in keys}
+    lines = ["# Autointerpretability", "", _table(members, baselines, keys), "",
+             "`<scorer>_auc`: the AUROC of the LLM's p(yes) against the truth, which a model "
+             "that gives every item one answer cannot hide behind a 0.5 threshold.", ""]
     for name, m in members.items():
         neurons = [r for b in m["baselines"] for r in baselines[b] if r["kind"] == "neuron"]
         summary["members"][name] = {"hook": m["hook"], "d_sae": m["d_sae"], "kind": m["kind"],
                                     "baselines": m["baselines"],
-                                    **{s: distribution(m["units"], s) for s in scorers}}
+                                    **{s: distribution(m["units"], s) for s in keys}}
         for s in scorers:
             png = plot_histogram(out / f"hist_{name}_{s}.png", m["units"], neurons, s,
                                  f"{name} at {m['hook']}: features vs MLP neurons")
             lines.append(f"![{name} {s}]({png.name})")
     lines += ["", "Mean score by width (features of every member of that width):", "",
-              "| width | " + " | ".join(scorers) + " |", "|---|" + "---|" * len(scorers)]
-    lines += [f"| {w} | " + " | ".join(f"{v[s]:.3f}" for s in scorers) + " |"
+              "| width | " + " | ".join(keys) + " |", "|---|" + "---|" * len(keys)]
+    lines += [f"| {w} | " + " | ".join(f"{v[s]:.3f}" for s in keys) + " |"
               for w, v in summary["by_width"].items()]
     lines += ["", f"LLM usage: {json.dumps(usage)}", ""]
     write_json(out / "summary.json", summary)

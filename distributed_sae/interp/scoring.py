@@ -8,6 +8,11 @@
                 correlation with the true activations over all the unit's scoring tokens
                 (Bills et al.'s "all at once" variant).
 
+Detection and fuzzing also record `<scorer>_auc`: the AUROC of the LLM's p(yes) against the
+truth. Balanced accuracy thresholds p(yes) at 0.5, so a model that leans to one answer for
+every item of a unit scores exactly 0.5 whatever it ranks. SmolLM2-135M did this for 47 of 50
+features on fuzzing (docs/interp.md). The AUROC needs no threshold and still reads its ranking.
+
 Every request of a scorer, over every unit, goes to the LLM in ONE `complete_many` call, so a
 concurrent client runs them in parallel.
 """
@@ -44,6 +49,27 @@ def balanced_accuracy(pred: Sequence[bool], truth: Sequence[bool]) -> float:
     p, t = np.asarray(pred, dtype=bool), np.asarray(truth, dtype=bool)
     rates = [float(np.mean(p[t == cls] == cls)) for cls in (True, False) if np.any(t == cls)]
     return float(np.mean(rates)) if rates else math.nan
+
+
+def auroc(score: Sequence[float], truth: Sequence[bool]) -> float:
+    """P(score of a random positive > score of a random negative), ties counting one half
+    (the Mann-Whitney U over n_pos * n_neg); NaN when either class is absent."""
+    if len(score) != len(truth):
+        raise ValueError(f"score has {len(score)} entries but truth {len(truth)}")
+    x, t = np.asarray(score, dtype=np.float64), np.asarray(truth, dtype=bool)
+    pos, neg = x[t], x[~t]
+    if pos.size == 0 or neg.size == 0:
+        return math.nan
+    diff = pos[:, None] - neg[None, :]  # (n_pos, n_neg): at most a few dozen each per unit
+    return float(((diff > 0).sum() + 0.5 * (diff == 0).sum()) / diff.size)
+
+
+YES_NO = ("detection", "fuzzing")  # the scorers whose answers are p(yes)
+
+
+def score_keys(scorers: Sequence[str]) -> list[str]:
+    """The keys a unit's record holds for these scorers: each scorer, then <yes/no scorer>_auc."""
+    return [*scorers, *(f"{s}_auc" for s in scorers if s in YES_NO)]
 
 
 def pearson(a: Sequence[float], b: Sequence[float]) -> float:
@@ -155,8 +181,9 @@ def score_all(
 ) -> list[dict]:
     """Score each unit's explanation with each scorer: every request is built first, then one
     complete_many call per scorer. Per unit: {"unit", "explanation", <scorer>: float,
-    "n_<scorer>": int (requests scored)} for the scorers asked; a scorer with no requests for a
-    unit scores NaN. Unit i's random choices (fuzzing's wrong marks) use seed + i."""
+    "n_<scorer>": int (requests scored)} for the scorers asked, and "<scorer>_auc" for
+    detection and fuzzing; a scorer with no requests for a unit scores NaN. Unit i's random
+    choices (fuzzing's wrong marks) use seed + i."""
     unknown = [s for s in scorers if s not in _PLANS]
     if unknown:
         raise ValueError(f"unknown scorer(s) {unknown}; choices are {SCORERS}")
@@ -180,6 +207,8 @@ def score_all(
             start += len(items)
             truths = [t for _, t in items]
             res[name] = _PLANS[name][1](got, truths) if items else math.nan
+            if name in YES_NO:
+                res[f"{name}_auc"] = auroc([yes_probability(c) for c in got], truths)
             res[f"n_{name}"] = len(items)
         log.info("%s: %d requests over %d units", name, len(flat), len(units))
     return results
