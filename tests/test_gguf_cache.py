@@ -45,6 +45,13 @@ def test_cached_weights_tokenizer_and_logits_equal_the_gguf_ones(tmp_path: Path,
     with torch.no_grad():
         assert torch.equal(fresh.model(ids).logits, again.model(ids).logits)
     assert (fresh.n_layers, fresh.d_model, fresh.d_mlp) == (again.n_layers, 576, 1536)
+    weights = entry / "model.safetensors"  # damaged behind the marker's back: read, refused,
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])  # and rebuilt
+    caplog.clear()
+    rebuilt = load_model(ModelConfig(cache_dir=str(cache)))
+    assert "cannot be read" in caplog.text and gguf_cache.cached(entry)
+    assert all(torch.equal(a[k], v) for k, v in rebuilt.model.state_dict().items())
+    assert weights.stat().st_size > 2 * 10**8  # whole again: 135M float32 weights
 
 
 def test_unwritable_cache_warns_and_loads(tmp_path: Path, caplog):

@@ -10,9 +10,9 @@ An entry is keyed by the GGUF file's SHA-256 and the transformers version, since
 de-quantisation and the q/k permutation it applies belong to transformers. It holds the model's
 config, its float32 weights and its tokenizer. An entry is written to `<key>.tmp-<host>-<pid>`
 and renamed into place, with `complete.json` written last. Two processes that miss together
-both write, one rename wins, and a reader never sees half an entry. A cache that cannot be
-written (read-only, disk full) is skipped with a warning; the model loaded from the GGUF is
-used as it is.
+both write, one rename wins, and a reader never sees half an entry. An entry that cannot be read
+back (a disk error) is removed and written again. A cache that cannot be written (read-only,
+disk full) is skipped with a warning, and the model loaded from the GGUF is used as it is.
 """
 
 from __future__ import annotations
@@ -134,7 +134,12 @@ def load_gguf(
         return load(directory, gguf_file), tokenizer(directory, gguf_file)
     entry = entry_dir(cache_dir, os.path.join(directory, gguf_file))
     if cached(entry):
-        return load(str(entry), None), tokenizer(str(entry), None)
+        try:
+            return load(str(entry), None), tokenizer(str(entry), None)
+        except Exception as err:  # noqa: BLE001  (a damaged entry must not stop a run)
+            logger.warning("the cached weights in %s cannot be read (%s): de-quantising the "
+                           "GGUF again and rewriting them", entry, err)
+            shutil.rmtree(entry, ignore_errors=True)
     model, tok = load(directory, gguf_file), tokenizer(directory, gguf_file)
     write_entry(entry, model, tok, os.path.join(directory, gguf_file))
     return model, tok
