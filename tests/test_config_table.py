@@ -159,6 +159,8 @@ NO_BAD_VALUE: dict[str, str] = {
     "data.prepend_bos": "a boolean",
     "data.exclude_special_tokens": "a boolean",
     "data.streaming": "a boolean",
+    "data.cache_dir": "any folder, '' for none; one that cannot be written is skipped with a "
+                      "warning (tests/test_corpora.py)",
     "store.overwrite": "a boolean",
     "sae.seed": "any int: torch's generators take negative seeds too (they wrap)",
     "train.resume": "a boolean",

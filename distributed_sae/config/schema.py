@@ -117,6 +117,10 @@ class DataConfig:
     exclude_special_tokens: bool = True
     # Stream hub datasets instead of downloading them whole.
     streaming: bool = True
+    # Folder where the 'cpython' corpus's documents are kept once built (keyed by the Python
+    # version and the standard library's files): every later run and harvest actor reads them
+    # in ~0.1 s instead of parsing the standard library again (3-7 s). '' = build every time.
+    cache_dir: str = "~/.cache/distributed_sae"
 
     def __post_init__(self) -> None:
         if not self.name:

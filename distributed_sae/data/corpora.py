@@ -14,11 +14,14 @@ gives the same contexts (harvest units can then be recomputed or retried anywher
 from __future__ import annotations
 
 import ast
+import contextlib
 import functools
+import hashlib
 import json
 import logging
 import os
 import random
+import sys
 import sysconfig
 import time
 import warnings
@@ -46,7 +49,7 @@ _DOC_NODES = (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)
 def iter_documents(cfg: DataConfig) -> Iterator[str]:
     """Documents of the corpus `cfg.name`, in an order that depends only on `cfg.seed`."""
     if cfg.name == CPYTHON:
-        return _iter_cpython(cfg.seed)
+        return _iter_cpython(cfg.seed, cfg.cache_dir)
     path = Path(os.path.expanduser(cfg.name))
     if path.exists():
         # The file list is checked now, so a bad directory fails before any tokenising starts.
@@ -64,15 +67,70 @@ def iter_documents(cfg: DataConfig) -> Iterator[str]:
 # cpython: pydoc topics + standard-library docstrings
 
 
-def cpython_documents() -> Tuple[str, ...]:
+def cpython_documents(cache_dir: str = "") -> Tuple[str, ...]:
     """All documents of the 'cpython' corpus, deduplicated, in sorted (seed-free) order.
 
     Measured on CPython 3.11.7 (2-core machine): 734 stdlib files parsed, 8,333 distinct documents
     (79 pydoc topics + docstrings), 2.23 M characters, 560 k SmolLM2 tokens (568 k with the EOS
     after each document); 3-5 s to build (plus ~0.8 s to tokenise it all), then
     cached for the life of the process. So 2 M tokens of contexts cycle over it about 4 times.
+    With `cache_dir` (data.cache_dir) the built corpus is also kept on disk, so other processes
+    (each harvest actor, every later run) read it instead of parsing the library again.
     """
-    return _cpython_documents_cached()
+    if not cache_dir:
+        return _cpython_documents_cached()
+    return _cpython_documents_on_disk(os.path.expanduser(cache_dir))
+
+
+# Bump when the corpus's recipe changes (what is parsed, how documents are picked): old cache
+# files then miss instead of serving the old corpus.
+_CORPUS_FORMAT = 1
+
+
+def _cpython_key() -> str:
+    """What the corpus is built from: this Python, its pydoc topics and every parsed stdlib
+    file's path, size and mtime (one stat each: ~30 ms for the ~750 files)."""
+    from pydoc_data import topics
+
+    root = Path(sysconfig.get_paths()["stdlib"])
+    h = hashlib.sha256(f"{_CORPUS_FORMAT}|{sys.version}|{root}".encode())
+    for path in [Path(topics.__file__), *_stdlib_sources(root)]:
+        st = path.stat()
+        h.update(f"|{path}:{st.st_size}:{st.st_mtime_ns}".encode())
+    return h.hexdigest()[:24]
+
+
+@functools.lru_cache(maxsize=4)
+def _cpython_documents_on_disk(cache_dir: str) -> Tuple[str, ...]:
+    """The corpus from `cache_dir`/corpora/cpython-<key>.json, built and written there if absent
+    or unreadable. The file is written whole and renamed into place, so a reader never sees
+    half of one; a folder that cannot be written costs a warning, not the run."""
+    path = Path(cache_dir) / "corpora" / f"cpython-{_cpython_key()}.json"
+    try:
+        docs = json.loads(path.read_text(encoding="utf-8"))
+        if isinstance(docs, list) and docs and all(isinstance(d, str) for d in docs):
+            logger.info("cpython corpus: %d documents from %s", len(docs), path)
+            return tuple(docs)
+        logger.warning("%s does not hold a list of documents: building the corpus again", path)
+    except FileNotFoundError:
+        pass
+    except (OSError, ValueError) as exc:  # unreadable or torn by hand: rebuild it
+        logger.warning("cannot read %s (%s): building the corpus again", path, exc)
+    docs = _cpython_documents_cached()
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(tmp, "w", encoding="utf-8") as f:
+            json.dump(list(docs), f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as exc:
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
+        logger.warning("cannot keep the cpython corpus in %s (%s): set data.cache_dir to a "
+                       "writable folder, or '' to build it every run", cache_dir, exc)
+    return docs
 
 
 @functools.lru_cache(maxsize=1)
@@ -125,8 +183,8 @@ def _parse_or_none(path: Path) -> ast.Module | None:
         return None
 
 
-def _iter_cpython(seed: int) -> Iterator[str]:
-    docs = list(cpython_documents())
+def _iter_cpython(seed: int, cache_dir: str = "") -> Iterator[str]:
+    docs = list(cpython_documents(cache_dir))
     random.Random(seed).shuffle(docs)
     return iter(docs)
 

@@ -80,7 +80,7 @@ def mlp_splice(loaded: LoadedModel, sae: SparseAutoencoder, layers: list[int]) -
         return _patch_all(loaded, [f"blocks.{l}.hook_mlp_out" for l in layers], keep)
 
     label = f"mlp {layers[0]}" if len(layers) == 1 else f"mlps {layers[0]}-{layers[-1]}"
-    return Splice(label, patch, zero, ("mlp", tuple(layers)))
+    return Splice(label, patch, zero, ("mlp", tuple(layers)), min(layers))
 
 
 @contextmanager
@@ -112,7 +112,7 @@ def crosscoder_splices(loaded: LoadedModel, sae: SparseAutoencoder,
             return patch_hook(loaded, hook, fn)
 
         zero = sae_splice(loaded, None, hook)
-        splices.append(Splice(hook, patch, zero.zero, zero.zero_key))
+        splices.append(Splice(hook, patch, zero.zero, zero.zero_key, zero.first_layer))
     return splices
 
 

@@ -10,7 +10,9 @@ and per SAE
 
 A bank shares work: per batch of contexts the clean and zero passes run once, then one spliced
 pass per SAE; the clean log-probabilities are reused for every SAE's KL, so nothing
-(batch, seq, vocab)-sized outlives its batch.
+(batch, seq, vocab)-sized outlives its batch. The blocks below a splice's lowest changed block
+run once per batch too: the clean pass records that block's input and the zero and spliced
+passes resume there (models/resume.py), with results equal bit for bit to full passes.
 
 Positions holding an ignored token (BOS, EOS, padding: tokens the SAE never trained on) keep
 their clean activation in the zero and spliced passes, and a prediction counts only when both the
@@ -31,9 +33,11 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from distributed_sae.config.checks import parse_hook
 from distributed_sae.models.architectures import arch_spec
 from distributed_sae.models.hooks import _forward_kwargs, check_hooks, patch_hook
 from distributed_sae.models.registry import LoadedModel
+from distributed_sae.models.resume import capture_block_inputs, resume_at
 from distributed_sae.sae.base import SparseAutoencoder
 from distributed_sae.store.activation_store import ActivationStore
 
@@ -91,18 +95,28 @@ def _logprobs(loaded: LoadedModel, ids: Tensor) -> Tensor:
     return torch.log_softmax(out.logits.float(), dim=-1)
 
 
-def _batch_terms(logp: Tensor, logp_clean: Tensor, ids: Tensor, counted: Tensor
+def _clean_terms(logp_clean: Tensor) -> tuple[Tensor, Tensor]:
+    """(P_clean, sum_v P_clean log P_clean) of one batch's predicting positions, computed once
+    for every pass's KL: (batch, seq-1, vocab), (batch, seq-1)."""
+    lc = logp_clean[:, :-1]
+    pc = lc.exp()
+    return pc, (pc * lc).sum(-1)
+
+
+def _batch_terms(logp: Tensor, clean: tuple[Tensor, Tensor], ids: Tensor, counted: Tensor
                  ) -> tuple[float, float]:
     """(sum of CE, sum of KL(clean || this)) over the counted predictions of one batch.
 
     logp (batch, seq, vocab): position p predicts token p + 1, so the last position predicts
-    nothing and targets are ids[:, 1:]; counted (batch, seq - 1) bool.
+    nothing and targets are ids[:, 1:]; clean is _clean_terms of the clean pass; counted
+    (batch, seq - 1) bool. KL = sum P_c log P_c - sum P_c log P: one product over the vocab per
+    pass rather than an exp, a difference and a product.
     """
     dev = logp.device  # stay where the logits are: no (batch, seq, vocab) copy to the host
     lp = logp[:, :-1]  # (batch, seq-1, vocab)
     ce = -lp.gather(-1, ids[:, 1:, None].to(dev)).squeeze(-1)  # (batch, seq-1)
-    lc = logp_clean[:, :-1].to(dev)
-    kl = (lc.exp() * (lc - lp)).sum(-1)  # (batch, seq-1)
+    pc, neg_entropy = clean[0].to(dev), clean[1].to(dev)
+    kl = neg_entropy - (pc * lp).sum(-1)  # (batch, seq-1)
     counted = counted.to(dev)
     return float(ce[counted].double().sum()), float(kl[counted].double().sum())
 
@@ -120,6 +134,9 @@ class Splice:
     patch: PatchFactory
     zero: PatchFactory
     zero_key: tuple[Any, ...]
+    # The lowest block whose computation the splice (and its zero) may change: its passes resume
+    # from the clean pass's input of that block. None: full passes.
+    first_layer: int | None = None
 
 
 def sae_splice(loaded: LoadedModel, sae: SparseAutoencoder | None, hook: str,
@@ -128,7 +145,7 @@ def sae_splice(loaded: LoadedModel, sae: SparseAutoencoder | None, hook: str,
     def at(member: SparseAutoencoder | None) -> PatchFactory:
         return lambda ids, keep: patch_hook(loaded, hook, _splice_fn(member, keep, max_norm))
 
-    return Splice(hook, at(sae), at(None), ("hook", hook, max_norm))
+    return Splice(hook, at(sae), at(None), ("hook", hook, max_norm), parse_hook(hook)[0])
 
 
 @torch.no_grad()
@@ -150,24 +167,35 @@ def spliced_loss(loaded: LoadedModel, saes: Sequence[SparseAutoencoder], hook: s
                          contexts, batch_size, ignore_token_ids)
 
 
+def _pass(loaded: LoadedModel, ids: Tensor, patch: ContextManager[None], layer: int | None,
+          captured: dict[int, Tensor]) -> Tensor:
+    """Log-probabilities of one patched pass, resumed at `layer` from `captured` when given."""
+    with patch:
+        if layer is None:
+            return _logprobs(loaded, ids)
+        with resume_at(loaded, layer, captured[layer]):
+            return _logprobs(loaded, ids)
+
+
 @torch.no_grad()
 def splice_losses(loaded: LoadedModel, splices: Sequence[Splice], contexts: Tensor,
-                  batch_size: int = 8, ignore_token_ids: Sequence[int] = ()
-                  ) -> list[dict[str, float | int]]:
+                  batch_size: int = 8, ignore_token_ids: Sequence[int] = (),
+                  resume: bool = True) -> list[dict[str, float | int]]:
     """spliced_loss for any splices (sae_splice, eval/replacement.py's transcoder, CLT and
     crosscoder splices): per batch one clean pass, one zero pass per distinct baseline, one
-    spliced pass per splice. Returns one dict per splice, in order (keys as spliced_loss)."""
-    if not arch_spec(loaded.arch).causal:
-        raise ValueError(f"spliced loss needs a causal LM, but {loaded.name} is {loaded.arch!r} "
-                         f"(loaded without an LM head): evaluate such SAEs by FVU only")
-    if contexts.dim() != 2 or contexts.shape[1] < 2:
-        raise ValueError(f"contexts must be (n_ctx, seq >= 2) token ids, got shape "
-                         f"{tuple(contexts.shape)}")
-    if batch_size <= 0:
-        raise ValueError(f"batch_size must be positive, got {batch_size}")
+    spliced pass per splice. Returns one dict per splice, in order (keys as spliced_loss).
+
+    resume: the zero and spliced passes run only from each splice's first_layer up, from the
+    clean pass's input of that block (same results; False runs every pass whole, as a check).
+    """
+    _check_inputs(loaded, contexts, batch_size)
     ignore = torch.as_tensor(list(ignore_token_ids), dtype=torch.long)
-    zeros = list(dict.fromkeys(s.zero_key for s in splices))
-    ce_clean, ce_zero = 0.0, np.zeros(len(zeros))
+    zeros: dict[tuple[Any, ...], Splice] = {}  # each baseline's pass, run by its first splice
+    for s in splices:
+        zeros.setdefault(s.zero_key, s)
+    starts = {s.first_layer for s in splices if resume and s.first_layer is not None}
+    layer_of = {id(s): s.first_layer if resume else None for s in splices}
+    ce_clean, ce_zero = 0.0, dict.fromkeys(zeros, 0.0)
     ce, kl = np.zeros(len(splices)), np.zeros(len(splices))
     n = 0
     labels = ", ".join(dict.fromkeys(s.label for s in splices))
@@ -178,25 +206,38 @@ def splice_losses(loaded: LoadedModel, splices: Sequence[Splice], contexts: Tens
         keep = torch.isin(ids, ignore)  # (batch, seq): ignored positions keep clean activations
         counted = ~keep[:, :-1] & ~keep[:, 1:]  # (batch, seq-1) predictions that count
         n += int(counted.sum())
-        clean = _logprobs(loaded, ids)
-        ce_clean += _batch_terms(clean, clean, ids, counted)[0]
-        for j, key in enumerate(zeros):
-            first = next(s for s in splices if s.zero_key == key)
-            with first.zero(ids, keep):
-                ce_zero[j] += _batch_terms(_logprobs(loaded, ids), clean, ids, counted)[0]
+        with capture_block_inputs(loaded, sorted(starts)) as captured:
+            clean_logp = _logprobs(loaded, ids)
+        clean = _clean_terms(clean_logp)
+        ce_clean += _batch_terms(clean_logp, clean, ids, counted)[0]
+        del clean_logp
+        for key, first in zeros.items():
+            logp = _pass(loaded, ids, first.zero(ids, keep), layer_of[id(first)], captured)
+            ce_zero[key] += _batch_terms(logp, clean, ids, counted)[0]
         for i, splice in enumerate(splices):
-            with splice.patch(ids, keep):
-                c, k = _batch_terms(_logprobs(loaded, ids), clean, ids, counted)
+            logp = _pass(loaded, ids, splice.patch(ids, keep), layer_of[id(splice)], captured)
+            c, k = _batch_terms(logp, clean, ids, counted)
             ce[i] += c
             kl[i] += k
     if n == 0:
         raise ValueError("no prediction counted: every context is made of ignored tokens; "
                          "check ignore_token_ids")
-    out = [_loss_summary(ce_clean / n, ce_zero[zeros.index(s.zero_key)] / n, ce[i] / n,
-                         kl[i] / n, n) for i, s in enumerate(splices)]
+    out = [_loss_summary(ce_clean / n, ce_zero[s.zero_key] / n, ce[i] / n, kl[i] / n, n)
+           for i, s in enumerate(splices)]
     log.info("spliced loss at %s on %d tokens: clean %.4f, spliced %s", labels, n,
              ce_clean / n, ", ".join(f"{r['ce_spliced']:.4f}" for r in out))
     return out
+
+
+def _check_inputs(loaded: LoadedModel, contexts: Tensor, batch_size: int) -> None:
+    if not arch_spec(loaded.arch).causal:
+        raise ValueError(f"spliced loss needs a causal LM, but {loaded.name} is {loaded.arch!r} "
+                         f"(loaded without an LM head): evaluate such SAEs by FVU only")
+    if contexts.dim() != 2 or contexts.shape[1] < 2:
+        raise ValueError(f"contexts must be (n_ctx, seq >= 2) token ids, got shape "
+                         f"{tuple(contexts.shape)}")
+    if batch_size <= 0:
+        raise ValueError(f"batch_size must be positive, got {batch_size}")
 
 
 def _loss_summary(ce_clean: float, ce_zero: float, ce_spliced: float, kl: float, n: int
