@@ -6,6 +6,12 @@ import os
 
 import pytest
 
+# A bound on one step of a test (a subprocess, a Ray call) that only stops a test that hangs,
+# never a wait for something to happen. With both cores of the 2-core build machine taken by
+# another job (issue 15's busy-machine run), steps ran 4-10x their unloaded time and a bound of
+# 120 s failed a test that passes unloaded in 20 s; this one is far above any step's time.
+HANG_S = 1200
+
 # Ray 2.60 writes an auth token under ~/.ray unless told not to; tests need no auth.
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 

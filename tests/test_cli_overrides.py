@@ -12,6 +12,7 @@ import pytest
 from distributed_sae.config import ConfigError
 from distributed_sae.config.overrides import check_overrides, user_overrides
 from distributed_sae.config.register import register_configs
+from conftest import HANG_S
 
 
 @pytest.mark.parametrize("override, fragments", [
@@ -46,7 +47,7 @@ def test_the_entry_point_exits_2_with_one_line(tmp_path):
     proc = subprocess.run(
         [sys.executable, "-c", "from distributed_sae.cli import train_main; train_main()",
          "sae.seed=abc", f"out_dir={tmp_path}/o"],
-        capture_output=True, text=True, timeout=120)
+        capture_output=True, text=True, timeout=HANG_S)
     assert proc.returncode == 2, proc.stdout + proc.stderr
     errors = [line for line in (proc.stdout + proc.stderr).splitlines() if "[ERROR]" in line]
     assert len(errors) == 1 and "sae.seed=abc" in errors[0], proc.stdout + proc.stderr

@@ -21,6 +21,7 @@ import pytest
 from safetensors.torch import load_file
 
 from distributed_sae.store import ActivationStore
+from conftest import HANG_S
 
 pytestmark = pytest.mark.cluster
 ROOT = Path(__file__).resolve().parents[1]
@@ -57,7 +58,7 @@ def node_cpus(address: str) -> dict:
             "print('NODES', json.dumps({('head' if 'dsae_head' in n['Resources'] else 'worker'): "
             "n['Resources'].get('CPU', 0) for n in ray.nodes() if n['Alive']}))" % address)
     out = subprocess.run([sys.executable, "-c", code], env=cluster_env(), capture_output=True,
-                         text=True, timeout=120)
+                         text=True, timeout=HANG_S)
     # Ray may print more after it (a lost raylet's notice, on stdout): find the line.
     line = [x for x in out.stdout.splitlines() if x.startswith("NODES ")][-1]
     return json.loads(line[len("NODES "):])

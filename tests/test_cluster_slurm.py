@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import HANG_S
 
 pytestmark = pytest.mark.cluster
 ROOT = Path(__file__).resolve().parents[1]
@@ -31,7 +32,7 @@ def slurm(tmp_path_factory):
     conf = subprocess.run(["bash", str(SCRIPT), "conf"], env=env, capture_output=True,
                           text=True).stdout.strip()
     yield dict(env, SLURM_CONF=conf)
-    subprocess.run(["bash", str(SCRIPT), "stop"], env=env, timeout=120)
+    subprocess.run(["bash", str(SCRIPT), "stop"], env=env, timeout=HANG_S)
 
 
 def sweep_args(model_dir: str, out: Path) -> list[str]:

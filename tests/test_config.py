@@ -12,6 +12,7 @@ from hydra import compose, initialize_config_module
 from distributed_sae.cli import check_model, to_run_config
 from distributed_sae.config import ConfigError, RunConfig, parse_hook
 from distributed_sae.config.register import register_configs
+from conftest import HANG_S
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 GROUPS = sorted(p.name for p in CONF.iterdir() if p.is_dir())
@@ -96,7 +97,7 @@ def test_cli_exits_nonzero_with_the_message(tmp_path):
     proc = subprocess.run(
         [sys.executable, "-c", "from distributed_sae.cli import train_main; train_main()",
          "sae.widths=[16]", f"out_dir={tmp_path}/o"],
-        capture_output=True, text=True, timeout=120)
+        capture_output=True, text=True, timeout=HANG_S)
     assert proc.returncode == 2, proc.stderr
     assert "sae.k=32 is larger than width(s) [16]" in proc.stderr + proc.stdout
     assert not (tmp_path / "o" / "train").exists()

@@ -22,6 +22,7 @@ import pytest
 
 from distributed_sae.eval.dashboard import embed_json, write_bank_index, write_dashboard, write_dashboards
 from distributed_sae.eval.plots import plot_bank, plot_density, plot_frontier
+from conftest import HANG_S
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 # A 1x1 PNG: the browser test needs an image to embed, not matplotlib.
@@ -210,7 +211,7 @@ def _dump_dom(browser: str, page: Path, profile: Path) -> str:
          "--disable-extensions", f"--user-data-dir={profile}", "--virtual-time-budget=3000",
          # Any network request would fail: the page must not need one.
          "--host-resolver-rules=MAP * ~NOTFOUND", "--dump-dom", page.as_uri()],
-        capture_output=True, text=True, timeout=90)
+        capture_output=True, text=True, timeout=HANG_S)
     assert proc.returncode == 0, proc.stderr[-2000:]
     return proc.stdout
 

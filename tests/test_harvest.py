@@ -27,6 +27,7 @@ from distributed_sae.data import load_contexts
 from distributed_sae.harvest import HarvestWorker, NonFiniteActivationError, harvest
 from distributed_sae.store import ActivationStore, StoreDamagedError, StoreLockedError, WriterLock
 from distributed_sae.store.commits import record_path
+from conftest import HANG_S
 
 HOOKS = ["blocks.1.hook_resid_post", "blocks.2.mlp.hook_post"]
 
@@ -141,7 +142,7 @@ def test_killed_and_restarted_job_resumes_to_the_same_store(tiny_llama_dir, tmp_
         first.wait()
     partial = ActivationStore.open(store_path)
     assert 3 <= len(partial.commits) < 40
-    second = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    second = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=HANG_S)
     assert second.returncode == 0, second.stderr[-3000:]
     assert "taking over the writer lock" in second.stdout + second.stderr
     store = ActivationStore.open(store_path)

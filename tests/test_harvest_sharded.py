@@ -26,6 +26,7 @@ from distributed_sae.models.hooks import is_partitioned
 from distributed_sae.models.registry import truncate_layers
 from distributed_sae.parallel import free_port
 from distributed_sae.store import ActivationStore
+from conftest import HANG_S
 
 VOCAB, D_MODEL, D_MLP, N_LAYERS = 101, 64, 128, 4
 CTX, N_CTX, BATCH = 16, 4, 2  # a unit is 4 contexts of 16 tokens: 2 forward passes of batch 2
@@ -85,7 +86,7 @@ def test_deepspeed_group_matches_plain_worker(ray_local, model_dir: Path, contex
     actors = create_deepspeed_group(cfg, HOOKS, path, BATCH, [0], group_size=2, cpus_per_actor=1,
                                     gpus_per_actor=0, persistence_threshold=0)
     try:
-        assert ray_local.get([a.ready.remote() for a in actors], timeout=240) == [True, True]
+        assert ray_local.get([a.ready.remote() for a in actors], timeout=HANG_S) == [True, True]
         info = ray_local.get([a.partition_info.remote() for a in actors])
         # Cut to 3 layers; each rank holds half of every tensor (+ padding to an even split).
         total = info[0]["total"]
@@ -100,7 +101,7 @@ def test_deepspeed_group_matches_plain_worker(ray_local, model_dir: Path, contex
                                   actors[1].run_unit.remote(-1, contexts[0])])
         got = ray_local.get([a.forward_unit.remote(contexts[2 - r]) for r, a in enumerate(actors)])
     finally:
-        ray_local.get([a.shutdown.remote() for a in actors], timeout=60)
+        ray_local.get([a.shutdown.remote() for a in actors], timeout=HANG_S)
         for actor in actors:
             ray_local.kill(actor)
     assert records[3] is None and all(r is not None for r in records[:3])
@@ -185,7 +186,7 @@ def test_failed_join_and_missing_peer_raise(ray_local, tmp_path: Path) -> None:
                                     cpus_per_actor=1, gpus_per_actor=0)
     try:
         with pytest.raises(Exception, match="failed to join its group"):
-            ray_local.get(actors[0].ready.remote(), timeout=120)
+            ray_local.get(actors[0].ready.remote(), timeout=HANG_S)
     finally:
         for actor in actors:
             ray_local.kill(actor)
@@ -201,4 +202,4 @@ def test_failed_join_and_missing_peer_raise(ray_local, tmp_path: Path) -> None:
             return type(err).__name__
         return "joined"
 
-    assert ray_local.get(lonely_rank.remote(free_port()), timeout=60) != "joined"
+    assert ray_local.get(lonely_rank.remote(free_port()), timeout=HANG_S) != "joined"

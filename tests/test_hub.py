@@ -22,6 +22,7 @@ import distributed_sae
 from distributed_sae.export.hub import push_to_hub, resolve_sae_folder
 from distributed_sae.export.saelens import push_export
 from distributed_sae.sae import ReLUSAE, TopKSAE, save_sae
+from conftest import HANG_S
 
 hub = pytest.importorskip("huggingface_hub", reason="pip install 'distributed-sae[hub]'")
 
@@ -49,7 +50,7 @@ def test_top_level_sae_is_lazy_and_is_the_base_class():
     code = ("import sys, distributed_sae; assert 'torch' not in sys.modules; "
             "from distributed_sae import SAE; from distributed_sae.sae import SparseAutoencoder; "
             "assert SAE is SparseAutoencoder and callable(SAE.load)")
-    subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=HANG_S)
 
 
 def test_load_a_folder_and_a_bank(tmp_path):
@@ -111,7 +112,7 @@ def test_load_from_the_hub_cache_offline(tmp_path):
     env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "HUGGINGFACE_"))}
     env.update(HF_HUB_OFFLINE="1", HF_HOME=str(tmp_path / "hf"))
     proc = subprocess.run([sys.executable, "-c", LOAD_FROM_CACHE], env=env, capture_output=True,
-                          text=True, timeout=120)
+                          text=True, timeout=HANG_S)
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = json.loads(proc.stdout)
     x = torch.randn(5, 8, generator=torch.Generator().manual_seed(0))

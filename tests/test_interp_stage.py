@@ -18,6 +18,7 @@ import pytest
 from distributed_sae.cli import run_stages
 
 from test_pipeline import compose_run
+from conftest import HANG_S
 
 MEMBER = "topk_w64_k4_s0"
 
@@ -171,7 +172,7 @@ def test_bad_backend_settings_are_one_line_errors(trained, tiny_llama_dir, serve
             env["DSAE_TEST_KEY"] = key
         proc = subprocess.run([sys.executable, "-c", "from distributed_sae.cli import "
                                "interp_main; interp_main()", *args], env=env,
-                              capture_output=True, text=True, timeout=300)
+                              capture_output=True, text=True, timeout=HANG_S)
         out = proc.stdout + proc.stderr
         assert proc.returncode == 2, (extra, out[-2000:])
         errors = [line for line in out.splitlines() if "[ERROR]" in line]

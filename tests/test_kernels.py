@@ -29,6 +29,7 @@ from distributed_sae.kernels import (TopKCode, backend_for, requested_backend, s
                                      topk_encode, use_backend)
 from distributed_sae.kernels import dispatch, select, torch_sparse
 from distributed_sae.kernels.reference import decode_reference, topk_encode_reference
+from conftest import HANG_S
 
 gpu = pytest.mark.gpu
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
@@ -312,7 +313,7 @@ def test_package_works_without_triton():
             "sae = TopKSAE(8, 32, k=3); sae.loss(torch.randn(5, 8)).loss.backward()\n"
             "assert 'triton' not in [m for m in sys.modules if sys.modules[m] is not None]\n")
     run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                         timeout=120, env={**os.environ, "DSAE_KERNELS": "auto"})
+                         timeout=HANG_S, env={**os.environ, "DSAE_KERNELS": "auto"})
     assert run.returncode == 0, run.stderr[-3000:]
 
 
@@ -398,7 +399,7 @@ def test_bench_kernels_gpu_script_dry_run_on_cpu(tmp_path):
     out = tmp_path / "dry.json"
     run = subprocess.run([sys.executable, os.path.join(root, "scripts", "bench_kernels.py"),
                           "--dry-run", "--n", "100", "--d", "40", "--k", "4", "--json", str(out)],
-                         capture_output=True, text=True, timeout=300)
+                         capture_output=True, text=True, timeout=HANG_S)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     gpu = json.loads(out.read_text())["gpu"]
     assert set(gpu["sweep"]) == {"decode", "grad_values", "grad_rows", "topk_group"}

@@ -31,6 +31,7 @@ from distributed_sae.models import load_model, run_with_hooks
 from distributed_sae.sae import load_sae
 from distributed_sae.sae.bank import build_sae, expand_bank, hook_tag, hooks_tag
 from distributed_sae.store import ActivationStore
+from conftest import HANG_S
 
 A, B = "blocks.1.hook_resid_post", "b/blocks.1.hook_resid_post"
 B_MLP = "b/blocks.2.mlp.hook_post"  # d_mlp wide: the second model's own shape sets the width
@@ -195,7 +196,7 @@ def test_the_cli_exits_2_with_the_one_line_message(tiny_llama_dir, other_tokeniz
             f"harvest.hooks=[{A},{B}]", "sae.hook=" + A, "sae.widths=[64]", "sae.k=4",
             "data.n_tokens=1024", "data.context_size=32", "harvest.contexts_per_unit=8",
             "store.chunk_tokens=256", f"out_dir={tmp_path}"]
-    proc = subprocess.run(args, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(args, capture_output=True, text=True, timeout=HANG_S)
     assert proc.returncode == 2, proc.stderr[-3000:]
     lines = [l for l in (proc.stderr + proc.stdout).splitlines() if "different tokenizers" in l]
     assert len(lines) == 1 and "would not line up" in lines[0]

@@ -23,6 +23,7 @@ from distributed_sae.data import load_contexts
 from distributed_sae.models import load_tokenizer
 from distributed_sae.sae import load_sae
 from distributed_sae.store import ActivationStore
+from conftest import HANG_S
 
 TINY = ["debug=tiny", "data.n_tokens=8192", "harvest.num_actors=2", "sae.widths=[128,256]",
         "train.holdout_fraction=0.25"]
@@ -102,12 +103,12 @@ def test_dsae_steer_changes_the_generation(done_run):
     entry = "from distributed_sae.cli import steer_main; steer_main()"
     args = [sys.executable, "-c", entry, *TINY, f"out_dir={done_run.out_dir}",
             f"member={member}", f"feature={best['index']}", f"scale={scale}", "max_new_tokens=6"]
-    proc = subprocess.run(args, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(args, capture_output=True, text=True, timeout=HANG_S)
     assert proc.returncode == 0, proc.stderr[-2000:]
     out = json.loads((Path(done_run.out_dir) / "steer" /
                       f"{member}_f{best['index']}_x{scale:g}.json").read_text())
     assert out["text_clean"] != out["text_steered"] and out["text_clean"].strip()
-    bad = subprocess.run(args[:-3] + ["feature=128"], capture_output=True, text=True, timeout=300)
+    bad = subprocess.run(args[:-3] + ["feature=128"], capture_output=True, text=True, timeout=HANG_S)
     assert bad.returncode == 2 and "steer.feature=128 is out of range" in bad.stderr + bad.stdout
 
 
@@ -149,7 +150,7 @@ def test_multirun_sweep_trains_one_bank_per_job(done_run, tmp_path):
             "sae.widths=[64],[96]", f"out_dir={tmp_path}", "--multirun"]
     proc = subprocess.run(
         [sys.executable, "-c", "from distributed_sae.cli import train_main; train_main()", *args],
-        capture_output=True, text=True, timeout=300)
+        capture_output=True, text=True, timeout=HANG_S)
     assert proc.returncode == 0, proc.stderr[-3000:]
     banks = sorted(tmp_path.glob("multirun/*/*/train/bank.json"))
     assert [json.loads(b.read_text())["members"] for b in banks] == [["topk_w64_k8_s0"], ["topk_w96_k8_s0"]]

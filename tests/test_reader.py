@@ -17,6 +17,7 @@ from distributed_sae.store import (
 )
 from distributed_sae.store.block_pool import BlockPool
 from distributed_sae.store.buffers import RowSource, ShardFiles
+from conftest import HANG_S
 
 HOOK = "blocks.1.hook_resid_post"
 D, UNIT_ROWS, CHUNK, N_UNITS = 24, 64, 16, 5
@@ -419,6 +420,6 @@ def test_bench_reader_script_runs(tmp_path):
     script = Path(__file__).resolve().parents[1] / "scripts" / "bench_reader.py"
     out = subprocess.run([sys.executable, str(script), "--tokens", "8192", "--d", "64",
                           "--batch", "512", "--no-training", "--repeats", "1", "--dir",
-                          str(tmp_path)], capture_output=True, text=True, timeout=300)
+                          str(tmp_path)], capture_output=True, text=True, timeout=HANG_S)
     assert out.returncode == 0, out.stderr[-2000:]
     assert "reader / memmap float32" in out.stdout and "(e) ceiling" in out.stdout

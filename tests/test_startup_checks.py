@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import write_sparse_store
+from conftest import HANG_S, write_sparse_store
 from distributed_sae.cli import check_model, check_store
 from distributed_sae.config import (
     ConfigError, HarvestConfig, ModelConfig, RunConfig, SAEConfig, StoreConfig,
@@ -42,7 +42,7 @@ def entry(main: str, *overrides: str, tmp_path: Path) -> subprocess.CompletedPro
     """A console entry point of cli.py in a fresh process, as a user runs it."""
     return subprocess.run(
         [sys.executable, "-c", f"from distributed_sae.cli import {main}; {main}()",
-         f"out_dir={tmp_path}/o", *overrides], capture_output=True, text=True, timeout=120)
+         f"out_dir={tmp_path}/o", *overrides], capture_output=True, text=True, timeout=HANG_S)
 
 
 def error_lines(proc: subprocess.CompletedProcess) -> list[str]:

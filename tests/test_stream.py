@@ -29,6 +29,7 @@ from distributed_sae.store.budget import store_bytes
 from distributed_sae.store.stream_files import consumed_units
 from test_harvest import _actor_pids, _wait_for_commits
 from test_pipeline import compose_run
+from conftest import HANG_S
 
 # bytes: 60% of the full store (60 units of ~8.9 kB + records: 0.59 MB), over the run's minimum
 # (min_bytes: 336,937 here, 75 kB of it the 60 commit records' bound).
@@ -199,7 +200,7 @@ def test_a_bound_too_small_to_stream_is_one_line_and_exit_2(tiny_llama_dir, tmp_
     args = overrides(tiny_llama_dir, tmp_path, bound=50_000)
     cmd = [sys.executable, "-c", "from distributed_sae.cli import run_main; run_main()", *args]
     proc = subprocess.run(cmd, env=dict(os.environ, RAY_AUTH_MODE="disabled"),
-                          capture_output=True, text=True, timeout=300)
+                          capture_output=True, text=True, timeout=HANG_S)
     assert proc.returncode == 2, proc.stderr[-2000:]
     lines = [ln for ln in (proc.stdout + proc.stderr).splitlines() if "ERROR" in ln]
     assert len(lines) == 1 and "store.max_bytes=50000 is under the" in lines[0], lines
