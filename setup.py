@@ -42,7 +42,8 @@ EXTRAS = {
     "slurm": ["hydra-submitit-launcher==1.2.0"],
     # `ray job submit` (scripts/submit_ray_job.sh) needs the head's dashboard and job server.
     "cluster": ["ray[default,train]==2.60.0", "hydra-submitit-launcher==1.2.0"],
-    "dev": ["pytest>=8", "deepspeed==0.19.8", "triton==3.9.0", "wandb==0.31.0",
+    # schedulefree: the reference tests/test_optim.py checks train/optim.py against.
+    "dev": ["pytest>=8", "deepspeed==0.19.8", "triton==3.9.0", "wandb==0.31.0", "schedulefree==1.4.1",
             "hydra-submitit-launcher==1.2.0", "ray[default,train]==2.60.0"],
 }
 

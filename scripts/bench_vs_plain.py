@@ -30,6 +30,7 @@ from distributed_sae.models import load_model
 from distributed_sae.sae import TopKSAE, sae_member
 from distributed_sae.store import ActivationReader, ActivationStore, split_rows
 from distributed_sae.train import BankTrainer, input_scale
+from distributed_sae.train.optim import to_averages
 
 HOOK = "blocks.15.hook_resid_post"
 
@@ -40,11 +41,14 @@ def train_batches(store: ActivationStore, rows: range, batch: int, scale: float)
     return list(reader)
 
 
-def run_ours(data: list[torch.Tensor], width: int, k: int, lr: float, mean: torch.Tensor,
-             store_path: str) -> tuple[float, TopKSAE, float]:
+def run_ours(data: list[torch.Tensor], width: int, k: int, lr: float | None, mean: torch.Tensor,
+             store_path: str, optimizer: str = "adam") -> tuple[float, TopKSAE, float]:
+    """Train our TopK member over `data` (lr None: the optimiser's default); returns (seconds,
+    the SAE at the weights it saves, fraction of latents that never fired in training)."""
     cfg = RunConfig(harvest=HarvestConfig(hooks=[HOOK]), store=StoreConfig(path=store_path),
                     sae=SAEConfig(widths=[width], k=k),
-                    train=TrainConfig(batch_size=data[0].shape[0], lr=lr), out_dir="unused")
+                    train=TrainConfig(batch_size=data[0].shape[0], lr=lr, optimizer=optimizer),
+                    out_dir="unused")
     bank = BankTrainer(cfg, [sae_member(HOOK, "topk", width, seed=0, k=k)], data[0].shape[1], mean,
                        len(data))
     start = time.perf_counter()
@@ -52,6 +56,7 @@ def run_ours(data: list[torch.Tensor], width: int, k: int, lr: float, mean: torc
         bank.step(x, record=False)
     seconds = time.perf_counter() - start
     m = bank.members[0]
+    to_averages([m.opt])  # schedule-free: the averaged weights, as the trainer saves them
     never = float((m.since_fired >= bank.tokens_seen).float().mean())
     return seconds, m.sae, never
 

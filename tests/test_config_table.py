@@ -77,7 +77,9 @@ BAD: dict[str, str | tuple[str, list[str], str | None]] = {
     "sae.members": ("[{kind:sparse,width:16}]", [], "sae.members[0].kind='sparse'"),
     "train.tokens": "-1",  # 0 = one pass
     "train.batch_size": "0",
-    "train.lr": "-0.001",  # None = each kind's default
+    "train.optimizer": "sgd",
+    "train.signum_momentum": "1.5",
+    "train.lr": "-0.001",  # None = the optimiser's and kind's default
     "train.warmup_steps": "-1",  # 0 = no warm-up
     "train.auxk_coefficient": "-0.1",  # checked by the topk member's parameters
     "train.dead_tokens": "0",

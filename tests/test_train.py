@@ -103,20 +103,32 @@ def test_killed_training_resumes_bit_identically(store_path, tmp_path, monkeypat
     clean = make_cfg(store_path, tmp_path / "clean", tokens=128 * 40, checkpoint_every=10)
     train(clean)
     crashed = make_cfg(store_path, tmp_path / "crashed", tokens=128 * 40, checkpoint_every=10)
+    crash_then_resume(crashed, 23, monkeypatch, expect_checkpoint="step_000000020")
+    assert_same_weights(tmp_path / "clean", tmp_path / "crashed")
+
+
+def crash_then_resume(cfg: RunConfig, at_step: int, monkeypatch,
+                      expect_checkpoint: str | None = None) -> None:
+    """Train `cfg`, dying inside step `at_step`, then train it again to the end."""
     real_step = BankTrainer.step
 
     def dying_step(self, x, **kw):
-        if self.step_count == 23:
+        if self.step_count == at_step:
             raise KeyboardInterrupt("killed")
         real_step(self, x, **kw)
 
     monkeypatch.setattr(BankTrainer, "step", dying_step)
     with pytest.raises(KeyboardInterrupt):
-        train(crashed)
-    assert latest_checkpoint(tmp_path / "crashed" / "train" / "checkpoints").name == "step_000000020"
+        train(cfg)
+    if expect_checkpoint is not None:
+        folder = Path(cfg.out_dir) / "train" / "checkpoints"
+        assert latest_checkpoint(folder).name == expect_checkpoint
     monkeypatch.setattr(BankTrainer, "step", real_step)
-    train(crashed)
-    a, b = _weights(tmp_path / "clean"), _weights(tmp_path / "crashed")
+    train(cfg)
+
+
+def assert_same_weights(a_dir: Path, b_dir: Path) -> None:
+    a, b = _weights(a_dir), _weights(b_dir)
     assert a.keys() == b.keys() and len(a) == 8
     for key in a:
         assert torch.equal(a[key], b[key]), key

@@ -23,6 +23,8 @@ DTYPES = ("float32", "float16", "bfloat16")
 RELU_RECIPES = ("towards_monosemanticity", "april_2024")
 DATA_PARALLEL = ("ddp", "zero2")
 PLACEMENTS = ("cost", "replicate")
+# train.optimizer's choices (train/optim.py)
+OPTIMIZERS = ("adam", "signum_sf")
 COMPRESSIONS = ("none", "zstd", "blosc")
 DEVICE_MAPS = ("auto", "balanced", "balanced_low_0", "sequential")
 # How one harvest actor holds a model: whole on one device, spread by HF device_map inside the

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, List, Optional
 
-from distributed_sae.config.checks import DATA_PARALLEL, PLACEMENTS
+from distributed_sae.config.checks import DATA_PARALLEL, OPTIMIZERS, PLACEMENTS
 from distributed_sae.config.checks import choice as _choice
 from distributed_sae.config.checks import device as _device
 from distributed_sae.config.checks import non_negative as _non_negative
@@ -22,10 +22,18 @@ class TrainConfig:
     tokens: int = 0
     # Activations per optimiser step.
     batch_size: int = 4096
-    # Adam's peak learning rate of every member; None = each kind's default (sae kinds'
-    # default_lr: 1e-3, relu 2e-4); a list sweeps it (one member per value).
+    # Every member's optimiser (train/optim.py): adam (warm-up, constant, then linear decay over
+    # the last 20% of steps) or signum_sf (sign-of-gradient steps with schedule-free averaging
+    # at a constant lr: EleutherAI sparsify's default recipe; its averaged weights are saved).
+    optimizer: str = "adam"
+    # signum_sf's interpolation beta: gradients are taken at (1 - beta) z + beta x (sparsify's
+    # 0.95; the schedule-free paper's SGD default 0.9).
+    signum_momentum: float = 0.95
+    # Peak learning rate of every member; None = the default: with adam each kind's (sae kinds'
+    # default_lr: 1e-3, relu 2e-4), with signum_sf 5e-3 / sqrt(width / 2^14) (sparsify's); a
+    # list sweeps it (one member per value).
     lr: Any = None
-    # Linear warm-up steps of the learning rate.
+    # Linear warm-up steps of the learning rate (adam only).
     warmup_steps: int = 10
     # Coefficient of the AuxK loss for dead latents.
     auxk_coefficient: float = 1 / 32
@@ -120,6 +128,13 @@ class TrainConfig:
                               f"about half the rows or more: use 0 (keep all) or a ratio > 1, "
                               f"e.g. 5")
         _choice("train", "data_parallel", self.data_parallel, DATA_PARALLEL)
+        _choice("train", "optimizer", self.optimizer, OPTIMIZERS)
+        if not 0.0 < self.signum_momentum < 1.0:
+            raise ConfigError(f"train.signum_momentum={self.signum_momentum} must be in (0, 1), "
+                              f"e.g. 0.95")
+        if self.optimizer == "signum_sf" and self.data_parallel == "zero2":
+            raise ConfigError("train.optimizer=signum_sf with train.data_parallel=zero2: DeepSpeed "
+                              "partitions Adam only; use train.data_parallel=ddp")
         _choice("train", "placement", self.placement, PLACEMENTS)
         shards = self.latent_shards
         if self.workers % shards:

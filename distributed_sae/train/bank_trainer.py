@@ -17,8 +17,9 @@ import torch
 from torch import nn
 
 from distributed_sae.config import RunConfig
-from distributed_sae.sae import MemberSpec, SparseAutoencoder, build_sae, member_lr
+from distributed_sae.sae import MemberSpec, SparseAutoencoder, build_sae
 from distributed_sae.store.bank_reader import cat_hooks
+from distributed_sae.train.optim import build_optimizer, peak_lr, scheduled
 from distributed_sae.train.resampling import resample_dead
 
 log = logging.getLogger(__name__)
@@ -46,7 +47,7 @@ class Member:
     # Rows of each batch this member trains on (its data-parallel share when the bank is placed
     # by cost, parallel/placement.py); None = the whole batch.
     share: slice | None = None
-    # Peak learning rate (sae.bank.member_lr); the schedule scales it every step.
+    # Peak learning rate (train/optim.py's peak_lr); the schedule scales it every step.
     peak_lr: float = 1e-3
 
     def dead(self, tokens: int) -> torch.Tensor:
@@ -71,8 +72,11 @@ class Member:
 
 
 def lr_at(step: int, total: int, cfg: RunConfig, base: float) -> float:
-    """`base` (a member's peak, sae.bank.member_lr) times the schedule: linear warm-up, then
-    constant, then linear decay to 0 over the last 20% of steps."""
+    """`base` (a member's peak, train/optim.py's peak_lr) times the schedule: linear warm-up,
+    then constant, then linear decay to 0 over the last 20% of steps; a schedule-free
+    optimiser's lr is constant (train.optimizer=signum_sf)."""
+    if not scheduled(cfg):
+        return base
     warm = min(cfg.train.warmup_steps, max(1, total // 10))
     if step < warm:
         return base * (step + 1) / warm
@@ -233,9 +237,8 @@ class BankTrainer:
             if skip is not None:  # a skip-transcoder's least-squares start (train/norm.py)
                 sae.W_skip.copy_(skip[0])
                 sae.b_dec.copy_(skip[1])
-        peak = member_lr(spec, self.cfg.train)
-        opt = torch.optim.Adam(sae.parameters(), lr=peak, betas=(0.9, 0.999),
-                               fused=self.fused_adam)
+        peak = peak_lr(spec, self.cfg, spec.width)
+        opt = build_optimizer(sae.parameters(), self.cfg, peak, fused=self.fused_adam)
         width = sae.b_enc.shape[0]  # the latents this rank holds: spec.width unless sharded
         return Member(spec, sae, opt, torch.zeros(width, dtype=torch.long), peak_lr=peak)
 

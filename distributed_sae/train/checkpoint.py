@@ -173,7 +173,7 @@ def write_member(folder: Path, sae: Any, opt: torch.optim.Optimizer | None,
         meta = {"kind": sl.local.kind, "d_in": sl.local.d_in, "d_sae": sl.d_sae,
                 "shards": shards, "hparams": sae.extra_state(), "latent_axis": axes,
                 "threshold_updates": getattr(sl.local, "threshold_updates", None),
-                **(extra or {})}
+                "opt_group": _running_group_state(opt), **(extra or {})}
         (folder / MEMBER_META).write_text(json.dumps(meta, indent=1))
 
 
@@ -223,4 +223,14 @@ def read_member(folder: Path, sae: Any, opt: torch.optim.Optimizer | None,
     for name, t in counters.items():
         if name in meta["latent_axis"]:
             t.copy_(read_latents(folder, meta, name, start, stop))
+    for group in opt.param_groups if opt is not None else []:
+        group.update(meta.get("opt_group") or {})
     return meta
+
+
+def _running_group_state(opt: torch.optim.Optimizer | None) -> dict[str, Any]:
+    """The scalars an optimiser keeps per parameter group and updates as it steps (its
+    `running_keys`: schedule-free's step count and weight sum, train/optim.py); Adam keeps its
+    step per parameter, so it has none. JSON floats round-trip exactly."""
+    keys = getattr(opt, "running_keys", ())
+    return {k: opt.param_groups[0][k] for k in keys} if keys else {}

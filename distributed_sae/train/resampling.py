@@ -61,10 +61,15 @@ def _sample_rows(weights: torch.Tensor, n: int, generator: torch.Generator | Non
 def _reset_adam_state(optimizer: torch.optim.Optimizer, sae: SparseAutoencoder,
                       dead: torch.Tensor) -> None:
     """Zero every per-element state tensor (exp_avg, exp_avg_sq, max_exp_avg_sq) of the
-    resampled entries: W_enc columns, W_dec rows, b_enc entries. `step` is shared by the whole
+    resampled entries: W_enc columns, W_dec rows, b_enc entries (a schedule-free optimiser
+    restarts its average there instead). `step` is shared by the whole
     tensor in torch's Adam, so it stays."""
     where = {sae.W_enc: (slice(None), dead), sae.W_dec: (dead,), sae.b_enc: (dead,)}
+    restart = getattr(optimizer, "restart_entries", None)  # schedule-free (train/optim.py)
     for param, index in where.items():
+        if restart is not None:
+            restart(param, index)
+            continue
         state = optimizer.state.get(param, {})
         for value in state.values():
             if torch.is_tensor(value) and value.shape == param.shape:

@@ -1,0 +1,132 @@
+"""Members' optimisers: Adam (the default) and schedule-free Signum (sparsify's default).
+
+`train.optimizer=adam`: torch Adam (fused on one process) under lr_at's warm-up / constant /
+linear-decay schedule. `train.optimizer=signum_sf`: sign-of-gradient steps inside schedule-free
+averaging (Defazio et al. 2024, "The Road Less Scheduled"), the recipe EleutherAI's sparsify
+trains with by default (its SignSGD wrapped in schedulefree's ScheduleFreeWrapper, momentum
+0.95, lr 5e-3 / sqrt(width / 2^14), no schedule). ScheduleFreeSignum below reproduces that
+pair's arithmetic operation for operation, so the same batches give the same weights bit for bit
+(tests/test_optim.py checks it against the schedulefree package).
+
+Schedule-free keeps two sequences besides the parameters: z, where the sign steps land, and x,
+a running average of the z's, which is what gets evaluated and saved. Gradients are taken at
+y = (1 - beta) z + beta x, which the parameters hold while training; x is recovered from y and
+z when needed (x = (y - (1 - beta) z) / beta), so the state is one extra copy of the weights
+(Adam keeps two).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Iterable
+
+import torch
+
+from distributed_sae.config import RunConfig
+from distributed_sae.sae import MemberSpec, member_lr
+
+# sparsify's signum lr at 2^14 latents, scaled by 1 / sqrt(width / 2^14) (its Trainer's rule).
+SIGNUM_LR = 5e-3
+
+
+class ScheduleFreeSignum(torch.optim.Optimizer):
+    """Signum steps on z, schedule-free averaging into x; the parameters hold y while training.
+
+    momentum: beta, the interpolation y = (1 - beta) z + beta x; weight_lr_power: step t's
+    weight in the average x is lr_max^power (lr_max the largest lr so far), so a warm-up's small
+    steps count less. Call eval() before evaluating or saving (parameters := x) and train()
+    before stepping again; a new optimiser starts in train mode, its parameters being y = x = z.
+    """
+
+    # Per-group scalars that change as it steps: checkpoints carry them (train/checkpoint.py).
+    running_keys = ("k", "weight_sum", "lr_max", "train_mode")
+
+    def __init__(self, params: Iterable[torch.Tensor], lr: float, momentum: float = 0.95,
+                 weight_lr_power: float = 2.0) -> None:
+        if not 0.0 < momentum < 1.0:
+            raise ValueError(f"momentum must be in (0, 1), got {momentum}")
+        super().__init__(params, {"lr": lr, "momentum": momentum,
+                                  "weight_lr_power": weight_lr_power, "k": 0,
+                                  "weight_sum": 0.0, "lr_max": 0.0, "train_mode": True})
+
+    @torch.no_grad()
+    def step(self, closure: Any = None) -> None:
+        assert closure is None, "closure is not supported"
+        for group in self.param_groups:
+            if not group["train_mode"]:
+                raise RuntimeError("ScheduleFreeSignum.step() in eval mode: call train() first")
+            beta, lr = group["momentum"], group["lr"]
+            group["lr_max"] = max(lr, group["lr_max"])
+            weight = group["lr_max"] ** group["weight_lr_power"]
+            group["weight_sum"] += weight
+            c = weight / group["weight_sum"]  # the new z's share of the average
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                state = self.state[p]
+                if "z" not in state:
+                    state["z"] = p.detach().clone()
+                z = state["z"]
+                p.lerp_(z, 1 - 1 / beta)  # y -> x
+                z.add_(p.grad.sign(), alpha=-lr)  # the Signum step, taken at y, applied to z
+                p.lerp_(z, c)  # x <- (1 - c) x + c z
+                p.lerp_(z, 1 - beta)  # x -> y, where the next gradient is taken
+            group["k"] += 1
+
+    @torch.no_grad()
+    def eval(self) -> None:
+        """Parameters := x, the averaged weights (what is evaluated and saved)."""
+        self._move(to_train=False)
+
+    @torch.no_grad()
+    def train(self) -> None:
+        """Parameters := y, where gradients are taken."""
+        self._move(to_train=True)
+
+    def _move(self, to_train: bool) -> None:
+        for group in self.param_groups:
+            if group["train_mode"] == to_train:
+                continue
+            beta = group["momentum"]
+            for p in group["params"]:
+                z = self.state[p].get("z")
+                if z is not None:
+                    p.lerp_(z, 1 - beta if to_train else 1 - 1 / beta)
+            group["train_mode"] = to_train
+
+    @torch.no_grad()
+    def restart_entries(self, param: torch.Tensor, index: Any) -> None:
+        """Entries of `param` given new values (resampled features) restart the averages there:
+        z = x = y = the new values."""
+        z = self.state.get(param, {}).get("z")
+        if z is not None:
+            z[index] = param[index]
+
+
+def peak_lr(spec: MemberSpec, cfg: RunConfig, width: int) -> float:
+    """A member's peak learning rate: its spec's, else train.lr, else the optimiser's default
+    (Adam: the kind's default_lr; signum_sf: 5e-3 / sqrt(width / 2^14), sparsify's)."""
+    if cfg.train.optimizer == "signum_sf" and spec.lr is None and not isinstance(
+            cfg.train.lr, (int, float)):
+        return SIGNUM_LR / (width / 2**14) ** 0.5
+    return member_lr(spec, cfg.train)
+
+
+def build_optimizer(params: Iterable[torch.Tensor], cfg: RunConfig, lr: float,
+                    fused: bool) -> torch.optim.Optimizer:
+    """The member's optimiser under train.optimizer (`fused`: Adam's fused kernel)."""
+    if cfg.train.optimizer == "signum_sf":
+        return ScheduleFreeSignum(params, lr=lr, momentum=cfg.train.signum_momentum)
+    return torch.optim.Adam(params, lr=lr, betas=(0.9, 0.999), fused=fused)
+
+
+def scheduled(cfg: RunConfig) -> bool:
+    """Whether lr_at's warm-up and decay apply: schedule-free averaging replaces them (sparsify
+    runs its signum at a constant lr)."""
+    return cfg.train.optimizer != "signum_sf"
+
+
+def to_averages(optimizers: Iterable[torch.optim.Optimizer]) -> None:
+    """Put every schedule-free optimiser's parameters at their averages (before saving)."""
+    for opt in optimizers:
+        if isinstance(opt, ScheduleFreeSignum):
+            opt.eval()

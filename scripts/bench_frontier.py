@@ -1,0 +1,169 @@
+"""The TopK frontier against EleutherAI's sparsify: same batches, one run (issue 18).
+
+    dsae-harvest out_dir=runs/bench440 data.n_tokens=450560        # 400k train + 40k held out
+    PYTHONPATH=/tmp/sparsify_pkg python scripts/bench_frontier.py --store runs/bench440/store \
+        --json docs/results/cpu_frontier.json
+
+(sparsify as in scripts/bench_vs_sparsify.py's docstring.) For every k in --ks x width in
+--widths, three trainers see the same scaled batches of SmolLM2 layer 15's residual, in the same
+order, preloaded (neither pays for reading; each time covers its steps only):
+  * ours: BankTrainer with train.optimizer=adam (today's default: warm-up, decay, AuxK);
+  * ours_signum: BankTrainer with train.optimizer=signum_sf (sparsify's optimiser in our step);
+  * sparsify: its SparseCoder and Trainer defaults (schedule-free SignSGD, FVU loss).
+Then on the held-out tail: FVU over all rows and over ordinary rows (norm under --ordinary x the
+median row norm: the massive-activation rows hold most of the variance, see docs/training.md's
+Outliers), L0, dead fraction, and the language model's loss with each SAE spliced in (loss
+recovered, KL: one clean pass shared by all SAEs, spliced passes resumed at layer 15). Each
+point also times the encoder GEMM alone (batch x d @ d x width, the step's floor). Prints the
+table and, per point, ours' tokens/s over sparsify's.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+import torch
+from bench_vs_plain import HOOK, run_ours, train_batches
+from bench_vs_sparsify import run_sparsify
+
+from distributed_sae.config import ModelConfig
+from distributed_sae.eval import evaluate_saes
+from distributed_sae.eval.spliced import contexts_from_rows, spliced_loss
+from distributed_sae.models import load_model
+from distributed_sae.sae import TopKSAE
+from distributed_sae.store import ActivationReader, ActivationStore, split_rows
+from distributed_sae.train import input_scale
+
+TRAINERS = ("ours", "ours_signum", "sparsify")
+
+
+def gemm_seconds(x: torch.Tensor, width: int, repeats: int = 5) -> float:
+    """Min seconds of the encoder GEMM alone, (batch, d) @ (d, width): the step's floor."""
+    w = torch.randn(x.shape[1], width) * x.shape[1] ** -0.5
+    x @ w  # warm-up
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        x @ w
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
+def train_point(data: list[torch.Tensor], width: int, k: int, mean: torch.Tensor,
+                store: str) -> dict[str, tuple[float, TopKSAE]]:
+    """Each trainer's (seconds, SAE) at one (width, k)."""
+    out: dict[str, tuple[float, TopKSAE]] = {}
+    for name in TRAINERS:
+        if name == "sparsify":
+            out[name] = run_sparsify(data, width, k, mean)
+        else:
+            optimizer = "signum_sf" if name == "ours_signum" else "adam"
+            seconds, sae, _ = run_ours(data, width, k, None, mean, store, optimizer)
+            out[name] = (seconds, sae)
+        print(f"  w{width} k{k} {name}: {out[name][0]:.1f} s", flush=True)
+    return out
+
+
+def held_out(store: ActivationStore, rows: range, ordinary: float
+             ) -> tuple[list[torch.Tensor], list[torch.Tensor], float]:
+    """(all held-out rows, the ordinary ones, as 4096-row batches; the norm bound)."""
+    reader = ActivationReader(store, HOOK, rows, 4096, shuffle=False, drop_last=False,
+                              exclude_token_ids=store.metadata["exclude_token_ids"])
+    x = torch.cat(list(reader))  # (rows, d) raw activations
+    norms = x.norm(dim=1)
+    bound = float(norms.median()) * ordinary
+    keep = x[norms < bound]
+    return list(x.split(4096)), list(keep.split(4096)), bound
+
+
+def evaluate_all(store: ActivationStore, held: range, saes: list[TopKSAE], ordinary: float,
+                 eval_contexts: int | None) -> list[dict[str, float]]:
+    """Per SAE: FVU (all, ordinary rows), L0, dead fraction, spliced loss."""
+    every, common, bound = held_out(store, held, ordinary)
+    on_all = evaluate_saes(saes, every)
+    on_common = evaluate_saes(saes, common)
+    loaded = load_model(ModelConfig(name=store.metadata["model_name"]))
+    contexts = contexts_from_rows(store, held, eval_contexts)
+    spliced = spliced_loss(loaded, saes, HOOK, contexts, batch_size=8,
+                           ignore_token_ids=store.metadata["exclude_token_ids"])
+    rows = []
+    for a, c, s in zip(on_all, on_common, spliced):
+        rows.append({"fvu": a["fvu"], "fvu_ordinary": c["fvu"], "l0": a["l0"],
+                     "dead_fraction": a["dead_fraction"], "ordinary_norm_bound": bound,
+                     "ordinary_rows": sum(len(b) for b in common),
+                     **{key: s[key] for key in ("loss_recovered", "kl_div", "ce_spliced",
+                                                "ce_clean", "ce_zero")}})
+    return rows
+
+
+def print_table(points: list[dict]) -> None:
+    print("\n| k | width | trainer | tokens/s | step / GEMM | FVU | FVU ordinary | dead | "
+          "loss recovered | KL |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for p in points:
+        for name in TRAINERS:
+            r = p[name]
+            print(f"| {p['k']} | {p['width']} | {name} | {r['tokens_per_s']:,.0f} | "
+                  f"{r['step_over_gemm']:.2f} | {r['fvu']:.3f} | {r['fvu_ordinary']:.3f} | "
+                  f"{r['dead_fraction']:.3f} | {r['loss_recovered']:.3f} | {r['kl_div']:.3f} |")
+    print("\n| k | width | ours / sparsify tokens/s | ours_signum / sparsify | loss recovered "
+          "ours - sparsify | ours_signum - sparsify |")
+    print("|---|---|---|---|---|---|")
+    for p in points:
+        print(f"| {p['k']} | {p['width']} | {p['ours_over_sparsify']:.2f} | "
+              f"{p['ours_signum_over_sparsify']:.2f} | "
+              f"{p['ours']['loss_recovered'] - p['sparsify']['loss_recovered']:+.4f} | "
+              f"{p['ours_signum']['loss_recovered'] - p['sparsify']['loss_recovered']:+.4f} |")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--store", required=True)
+    ap.add_argument("--ks", type=int, nargs="+", default=[16, 32, 64])
+    ap.add_argument("--widths", type=int, nargs="+", default=[2304, 4608, 9216])
+    ap.add_argument("--batch", type=int, default=4096)
+    ap.add_argument("--eval-tokens", type=int, default=40960)
+    ap.add_argument("--eval-contexts", type=int, default=None,
+                    help="spliced loss on the first N held-out contexts (default: all)")
+    ap.add_argument("--ordinary", type=float, default=10.0,
+                    help="ordinary rows: norm under this multiple of the median")
+    ap.add_argument("--json", help="also write the results here")
+    args = ap.parse_args()
+
+    store = ActivationStore.open(args.store)
+    train_rows, held = split_rows(store, args.eval_tokens / store.n_tokens)
+    scale, mean = input_scale(store, HOOK)
+    data = train_batches(store, train_rows, args.batch, scale)
+    tokens = len(data) * args.batch
+    print(f"{len(data)} batches of {args.batch} ({tokens} tokens); {len(held)} held-out "
+          f"tokens; {torch.get_num_threads()} threads", flush=True)
+    points, saes = [], []
+    for k in args.ks:
+        for width in args.widths:
+            trained = train_point(data, width, k, mean, args.store)
+            gemm = gemm_seconds(data[0], width)
+            point = {"k": k, "width": width, "gemm_s": gemm}
+            for name, (seconds, sae) in trained.items():
+                sae.eval()
+                sae.fold_input_scale(scale)  # all now act on raw activations
+                saes.append(sae)
+                point[name] = {"seconds": seconds, "tokens_per_s": tokens / seconds,
+                               "step_over_gemm": seconds / len(data) / gemm}
+            points.append(point)
+    metrics = iter(evaluate_all(store, held, saes, args.ordinary, args.eval_contexts))
+    for p in points:
+        for name in TRAINERS:
+            p[name].update(next(metrics))
+        p["ours_over_sparsify"] = p["sparsify"]["seconds"] / p["ours"]["seconds"]
+        p["ours_signum_over_sparsify"] = p["sparsify"]["seconds"] / p["ours_signum"]["seconds"]
+    print_table(points)
+    if args.json:
+        with open(args.json, "w") as fh:
+            json.dump({"args": vars(args), "tokens": tokens, "threads": torch.get_num_threads(),
+                       "points": points}, fh, indent=1)
+
+
+if __name__ == "__main__":
+    main()
