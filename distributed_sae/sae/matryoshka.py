@@ -53,6 +53,7 @@ class MatryoshkaSAE(BatchTopKSAE):
     Params = MatryoshkaParams
     shardable = False
     unshardable_reason = "its nested prefixes cut across shards"
+    sparse_training = False  # reconstruction_loss decodes prefixes of the dense codes
 
     def __init__(self, d_in: int, d_sae: int, k: int, *,
                  fractions: Sequence[float] = (0.0625, 0.25, 1.0),

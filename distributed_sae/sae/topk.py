@@ -98,9 +98,21 @@ class TopKSAE(SparseAutoencoder):
         """MSE + AuxK. `sparsity_scale` is unused: TopK fixes L0 by construction, no penalty."""
         k_aux = self.k_aux(dead, ops)
         # This shard's k (and k_aux) largest are the candidates of the member's k over shards.
-        code = topk_encode(x, self.W_enc, self.b_enc, self.enc_bias(ops), self.k,
-                           dead=dead if k_aux > 0 else None, k_aux=min(k_aux, self.d_sae))
+        code = self.sparse_encode(x, self.k, dead, k_aux, ops)
         values = self.chosen(code.values, ops.k or self.k, ops)  # (batch, k)
+        return self.codes_loss(x, target, values, code, k_aux, ops)
+
+    def sparse_encode(self, x: torch.Tensor, k: int, dead: torch.Tensor | None,
+                      k_aux: int, ops: LatentOps = LOCAL) -> Any:
+        """The kernels' encoder: each row's k largest (values after ReLU, indices: (batch, k)),
+        and with k_aux > 0 the k_aux largest among `dead` latents."""
+        return topk_encode(x, self.W_enc, self.b_enc, self.enc_bias(ops), k,
+                           dead=dead if k_aux > 0 else None, k_aux=min(k_aux, self.d_sae))
+
+    def codes_loss(self, x: torch.Tensor, target: torch.Tensor | None, values: torch.Tensor,
+                   code: Any, k_aux: int, ops: LatentOps = LOCAL) -> SAEOutput:
+        """MSE (+ AuxK) of sparse codes: values (batch, c), zero where not chosen, at
+        code.indices, with AuxK's candidates in code.aux_*; the decode is sparse."""
         x_hat = self.with_skip(self.decode_codes(values, code.indices, ops), x)  # (batch, d_out)
         y = self.target_of(x, target)  # (batch, d_out)
         mse = F.mse_loss(x_hat, y)
