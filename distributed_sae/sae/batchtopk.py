@@ -54,8 +54,8 @@ class BatchTopKSAE(TopKSAE):
     # 0.43 s (flat top-131072 of 18.9M values) against 0.32 s for the encoder GEMM, and the
     # dense step (selection, dense decode and its backward) 7.5x the GEMM.
     candidate_factor = 4
-    # False where reconstruction_loss needs the dense codes (Matryoshka's prefixes); latent-
-    # sharded members also keep the dense selection (select_global_topk over the flat batch).
+    # Latent-sharded members keep the dense selection (select_global_topk over the flat
+    # batch); False gives it to one device too (scripts/bench_batchtopk.py's baseline).
     sparse_training = True
 
     def __init__(self, d_in: int, d_sae: int, k: int, *, auxk_coefficient: float = 1 / 32,

@@ -53,7 +53,6 @@ class MatryoshkaSAE(BatchTopKSAE):
     Params = MatryoshkaParams
     shardable = False
     unshardable_reason = "its nested prefixes cut across shards"
-    sparse_training = False  # reconstruction_loss decodes prefixes of the dense codes
 
     def __init__(self, d_in: int, d_sae: int, k: int, *,
                  fractions: Sequence[float] = (0.0625, 0.25, 1.0),
@@ -82,6 +81,20 @@ class MatryoshkaSAE(BatchTopKSAE):
             terms[f"mse_{m}"] = mse
             total = total + mse
             start = m
+        terms["mse"] = terms[f"mse_{self.d_sae}"]
+        return x_hat, total / len(self.prefixes), terms
+
+    def codes_reconstruction(self, x: torch.Tensor, y: torch.Tensor, values: torch.Tensor,
+                             indices: torch.Tensor, ops: LatentOps = LOCAL) -> Reconstruction:
+        """reconstruction_loss on sparse codes (batch, c) (the training path): prefix j decodes
+        the codes whose latent index is under m_j, one sparse decode each."""
+        terms: dict[str, torch.Tensor] = {}
+        total = y.new_zeros(())
+        for m in self.prefixes:
+            inside = torch.where(indices < m, values, torch.zeros_like(values))  # (batch, c)
+            x_hat = self.with_skip(self.decode_codes(inside, indices, ops), x)  # (batch, d_out)
+            terms[f"mse_{m}"] = mse = F.mse_loss(x_hat, y)
+            total = total + mse
         terms["mse"] = terms[f"mse_{self.d_sae}"]
         return x_hat, total / len(self.prefixes), terms
 

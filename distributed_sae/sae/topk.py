@@ -113,11 +113,8 @@ class TopKSAE(SparseAutoencoder):
                    code: Any, k_aux: int, ops: LatentOps = LOCAL) -> SAEOutput:
         """MSE (+ AuxK) of sparse codes: values (batch, c), zero where not chosen, at
         code.indices, with AuxK's candidates in code.aux_*; the decode is sparse."""
-        x_hat = self.with_skip(self.decode_codes(values, code.indices, ops), x)  # (batch, d_out)
         y = self.target_of(x, target)  # (batch, d_out)
-        mse = F.mse_loss(x_hat, y)
-        terms = {"mse": mse}
-        loss = mse
+        x_hat, loss, terms = self.codes_reconstruction(x, y, values, code.indices, ops)
         if code.aux_values is not None and code.aux_indices is not None:
             aux = self.chosen(code.aux_values, k_aux, ops)  # (batch, k_aux)
             e_hat = self.decode_codes(aux, code.aux_indices, ops, bias=False)  # (batch, d_in)
@@ -125,6 +122,15 @@ class TopKSAE(SparseAutoencoder):
             loss = loss + self.auxk_coefficient * terms["auxk"]
         counts = self.fire_counts(values, code.indices)
         return SAEOutput(loss=loss, x_hat=x_hat, terms=terms, fired=counts > 0, counts=counts)
+
+    def codes_reconstruction(self, x: torch.Tensor, y: torch.Tensor, values: torch.Tensor,
+                             indices: torch.Tensor, ops: LatentOps = LOCAL
+                             ) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
+        """(x_hat (batch, d_out), loss, terms) of sparse codes (batch, c) reconstructing y;
+        Matryoshka overrides it with its prefixes."""
+        x_hat = self.with_skip(self.decode_codes(values, indices, ops), x)  # (batch, d_out)
+        mse = F.mse_loss(x_hat, y)
+        return x_hat, mse, {"mse": mse}
 
     def fire_counts(self, values: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
         """(d_sae,) int32: tokens on which each latent has a positive value in (batch, k) codes.
