@@ -85,9 +85,9 @@ def test_signum_sf_defaults_config_errors_and_constant_lr(store_path, tmp_path):
     cfg = make_cfg(store_path, tmp_path, optimizer="signum_sf")
     cfg.train.lr = None
     spec = sae_member(HOOK, "topk", 4096, seed=0, k=4)
-    assert peak_lr(spec, cfg, 4096) == pytest.approx(5e-3 / 0.5)  # 5e-3 / sqrt(4096 / 2^14)
+    assert peak_lr(spec, cfg) == pytest.approx(5e-3 / 0.5)  # 5e-3 / sqrt(4096 / 2^14)
     cfg.train.lr = 3e-3
-    assert peak_lr(spec, cfg, 4096) == 3e-3
+    assert peak_lr(spec, cfg) == 3e-3
     assert [lr_at(s, 100, cfg, 1e-2) for s in (0, 50, 99)] == [1e-2] * 3  # no warm-up or decay
     with pytest.raises(ConfigError, match=r"train.optimizer='sgd' is not one of adam, signum_sf"):
         TrainConfig(optimizer="sgd")

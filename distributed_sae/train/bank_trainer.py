@@ -237,7 +237,7 @@ class BankTrainer:
             if skip is not None:  # a skip-transcoder's least-squares start (train/norm.py)
                 sae.W_skip.copy_(skip[0])
                 sae.b_dec.copy_(skip[1])
-        peak = peak_lr(spec, self.cfg, spec.width)
+        peak = peak_lr(spec, self.cfg)
         opt = build_optimizer(sae.parameters(), self.cfg, peak, fused=self.fused_adam)
         width = sae.b_enc.shape[0]  # the latents this rank holds: spec.width unless sharded
         return Member(spec, sae, opt, torch.zeros(width, dtype=torch.long), peak_lr=peak)

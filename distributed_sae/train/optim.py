@@ -102,12 +102,12 @@ class ScheduleFreeSignum(torch.optim.Optimizer):
             z[index] = param[index]
 
 
-def peak_lr(spec: MemberSpec, cfg: RunConfig, width: int) -> float:
+def peak_lr(spec: MemberSpec, cfg: RunConfig) -> float:
     """A member's peak learning rate: its spec's, else train.lr, else the optimiser's default
     (Adam: the kind's default_lr; signum_sf: 5e-3 / sqrt(width / 2^14), sparsify's)."""
     if cfg.train.optimizer == "signum_sf" and spec.lr is None and not isinstance(
             cfg.train.lr, (int, float)):
-        return SIGNUM_LR / (width / 2**14) ** 0.5
+        return SIGNUM_LR / (spec.width / 2**14) ** 0.5
     return member_lr(spec, cfg.train)
 
 
