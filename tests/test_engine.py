@@ -142,10 +142,12 @@ def _worker(rank: int, world: int, port: int, store: str, out: str) -> None:
     out_p, kw = Path(out), {"tokens": BATCH * STEPS, "checkpoint_every": CKPT}
     try:
         # (job, its layout, the job whose checkpoint at step CKPT it resumes from, if any)
+        signum = dict(shards=world, optimizer="signum_sf")  # z sliced by latents, its averages
         jobs = [("sharded", dict(shards=world), None), ("sharded_resumed", dict(shards=world),
                                                         "sharded"),
                 ("resumed_single", dict(shards=world), "single"), ("placed", {}, None),
-                ("placed_resumed", {}, "placed")] if world == 2 else [
+                ("placed_resumed", {}, "placed"), ("signum", signum, None),
+                ("signum_resumed", signum, "signum")] if world == 2 else [
             ("dp2tp2", dict(shards=2), None), ("dp2tp2_resumed", dict(shards=2), "dp2tp2")]
         for name, layout, source in jobs:
             if rank == 0 and source is not None:
@@ -174,13 +176,13 @@ def _close(a: Path, b: Path, exact: bool = False) -> None:
 
 def test_checkpoints_resume_across_layouts(store, tmp_path):
     """single -> 2 shards, 2 shards -> single, placed (2 workers) -> single; and, exactly, 2
-    shards -> 2 shards and placed -> placed."""
+    shards -> 2 shards (with Adam and with schedule-free Signum) and placed -> placed."""
     kw = {"tokens": BATCH * STEPS, "checkpoint_every": CKPT}
     _run(make_cfg(store, tmp_path / "single", **kw))
     _spawn(2, store, tmp_path)
     _close(tmp_path / "single", tmp_path / "resumed_single")  # one process -> 2 shards
     _close(tmp_path / "single", tmp_path / "placed")  # placed whole: the same run
-    for same in ("sharded", "placed"):  # killed after step CKPT, resumed under the same layout
+    for same in ("sharded", "placed", "signum"):  # killed after step CKPT, resumed alike
         _close(tmp_path / same, tmp_path / f"{same}_resumed", exact=True)
     for src in ("sharded", "placed"):
         _resume_copy(tmp_path / src, tmp_path / f"{src}_in_one")
