@@ -53,7 +53,7 @@ def point(x: torch.Tensor, width: int, k: int, repeats: int) -> dict:
         return real(*a, **kw)
 
     sae.sparse_encode = counting
-    code, values = sae.sparse_select(x, None, 0)
+    code, values, _ = sae.sparse_select(x, None, 0)
     sparse_f = torch.zeros(x.shape[0], width).scatter_(1, code.indices, values.detach())
     same = bool(torch.equal(sparse_f, sae.batch_topk(sae.pre_acts(x)).detach()))
     candidates = list(re_encodes)

@@ -54,8 +54,7 @@ class BatchTopKSAE(TopKSAE):
     # 0.43 s (flat top-131072 of 18.9M values) against 0.32 s for the encoder GEMM, and the
     # dense step (selection, dense decode and its backward) 7.5x the GEMM.
     candidate_factor = 4
-    # Latent-sharded members keep the dense selection (select_global_topk over the flat
-    # batch); False gives it to one device too (scripts/bench_batchtopk.py's baseline).
+    # False: the dense selection (scripts/bench_batchtopk.py's baseline).
     sparse_training = True
 
     def __init__(self, d_in: int, d_sae: int, k: int, *, auxk_coefficient: float = 1 / 32,
@@ -121,42 +120,49 @@ class BatchTopKSAE(TopKSAE):
         mse = F.mse_loss(x_hat, y)
         return x_hat, mse, {"mse": mse}
 
-    def sparse_select(self, x: torch.Tensor, dead: torch.Tensor | None, k_aux: int
-                      ) -> tuple[Any, torch.Tensor]:
+    def sparse_select(self, x: torch.Tensor, dead: torch.Tensor | None, k_aux: int,
+                      ops: LatentOps = LOCAL) -> tuple[Any, torch.Tensor, torch.Tensor]:
         """Training's selection from each token's candidates: (the encoder's code, its values
-        (batch, m) zeroed where not among the batch's k x batch largest).
+        (batch, m) zeroed where not among the batch's k x batch largest, the selected values
+        over every latent shard for θ).
 
         The candidates are each token's m = candidate_factor x k largest pre-activations (the
-        sparse kernels' encoder), so no (batch, d_sae) block is selected from, decoded or
-        differentiated. Exact: an element outside its token's m candidates is at most the
-        token's smallest candidate, so it can belong to the batch's selection only if all m
-        candidates do, with the smallest one positive; a batch where some token is so is
-        encoded again with twice the candidates (up to d_sae), so the selection always equals
-        the dense one (ties aside). It depends on the batch and the weights only, so a resumed
-        run and a member in a bank make the same choices.
+        sparse kernels' encoder; on a latent shard, its own latents' m largest, the same m on
+        every shard since shards are equal), so no (batch, d_sae) block is selected from,
+        decoded or differentiated. Exact: an element outside its token's m candidates is at most
+        the token's smallest candidate, so it can belong to the batch's selection only if all m
+        candidates do, with the smallest one positive; a batch where some token (on some shard)
+        is so is encoded again with twice the candidates, up to all latents, so the selection
+        equals the dense one (ties aside). It depends on the batch and the weights only, so a
+        resumed run and a member in a bank make the same choices.
         """
-        n_keep = self.k * x.shape[0]
-        m = min(self.d_sae, self.candidate_factor * self.k)
+        n_keep = (ops.k or self.k) * x.shape[0]
+        m = min(self.d_sae, self.candidate_factor * (ops.k or self.k))
         while True:
-            code = self.sparse_encode(x, m, dead, k_aux)
+            code = self.sparse_encode(x, m, dead, k_aux, ops)
             cand = code.values.detach()  # (batch, m), after ReLU
+            # This shard's share of the batch's n_keep largest lies in its own n_keep largest.
+            top, where = cand.flatten().topk(min(n_keep, cand.numel()), sorted=False)
+            sel = ops.select(top[None], n_keep)
+            chosen = where if sel is None else where[sel[0][0]]
             keep = torch.zeros(cand.numel(), dtype=torch.bool, device=cand.device)
-            keep[cand.flatten().topk(min(n_keep, cand.numel()), sorted=False).indices] = True
+            keep[chosen] = True
             keep = keep.view_as(cand)
             full = keep.all(1) & (cand.min(1).values > 0)  # tokens that may hold more
-            if m == self.d_sae or not bool(full.any()):
-                return code, torch.where(keep, code.values, torch.zeros_like(code.values))
+            if m == self.d_sae or ops.count(full.sum()) == 0:
+                values = torch.where(keep, code.values, torch.zeros_like(code.values))
+                return code, values, (top if sel is None else sel[1][0])
             m = min(self.d_sae, 2 * m)
 
     def loss(self, x: torch.Tensor, dead: torch.Tensor | None = None,
              sparsity_scale: float = 1.0, ops: LatentOps = LOCAL,
              target: torch.Tensor | None = None) -> SAEOutput:
         # sparsity_scale is accepted for a uniform training loop; k fixes the sparsity here.
-        if self.training and self.sparse_training and not ops.sharded:
-            k_aux = self.k_aux(dead)
-            code, values = self.sparse_select(x, dead, k_aux)  # (batch, m)
-            self.update_threshold(values)
-            return self.codes_loss(x, target, values, code, k_aux)
+        if self.training and self.sparse_training:
+            k_aux = self.k_aux(dead, ops)
+            code, values, selected = self.sparse_select(x, dead, k_aux, ops)  # (batch, m)
+            self.update_threshold(selected)
+            return self.codes_loss(x, target, values, code, k_aux, ops)
         pre = self.pre_acts(x, ops)  # (batch, d_sae)
         if self.training:
             f, selected = self.batch_select(pre, ops)
