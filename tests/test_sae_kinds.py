@@ -266,6 +266,34 @@ def test_batchtopk_training_l0_is_k_and_the_threshold_matches_it(data):
     assert abs(l0 - 3.0) < 0.45, l0
 
 
+@pytest.mark.parametrize("cls,kw", [(BatchTopKSAE, {}), (MatryoshkaSAE, {"fractions": [0.25, 1.0]})])
+def test_batchtopk_candidate_selection_is_the_dense_one_with_massive_rows(cls, kw):
+    """Training selects among each token's 4k largest; rows that may hold more (here the 50x
+    rows, like a residual stream's massive activations) are re-encoded over all latents. The
+    loss, codes and gradients equal the dense selection's."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(256, 16, generator=g)
+    x[::64] *= 50
+    sae = cls(16, 64, k=3, seed=1, **kw)
+    dead = torch.zeros(64, dtype=torch.bool)
+    dead[:8] = True
+    _, values, _, extra = sae.sparse_select(x, dead, sae.k_aux(dead))
+    assert extra is not None and set(extra.rows.tolist()) <= set(range(0, 256, 64))
+    assert int((values > 0).sum() + (extra.values > 0).sum()) == 3 * 256
+    outs, grads = [], []
+    for sparse in (True, False):
+        sae.sparse_training = sparse
+        out = sae.loss(x, dead=dead)
+        outs.append(out)
+        grads.append(torch.autograd.grad(out.loss, [sae.W_enc, sae.W_dec, sae.b_enc, sae.b_dec]))
+    (a, b), (ga, gb) = outs, grads
+    torch.testing.assert_close(a.loss, b.loss)
+    torch.testing.assert_close(a.x_hat, b.x_hat)
+    assert torch.equal(a.counts, b.counts) and a.terms.keys() == b.terms.keys()
+    for u, v in zip(ga, gb):
+        torch.testing.assert_close(u, v, rtol=1e-4, atol=1e-5)
+
+
 def test_matryoshka_loss_is_the_mean_of_prefix_errors():
     assert prefix_sizes(96, [0.0625, 0.25, 1.0]) == [6, 24, 96]
     sae = MatryoshkaSAE(16, 64, k=4, fractions=[0.25, 0.5, 1.0])

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from distributed_sae.sae.base import SAEOutput
 from distributed_sae.sae.forms import Form
 from distributed_sae.sae.latent_ops import LOCAL, LatentOps
-from distributed_sae.sae.topk import TopKParams, TopKSAE
+from distributed_sae.sae.topk import ExtraCodes, TopKParams, TopKSAE
 
 
 @dataclass(frozen=True)
@@ -121,38 +121,56 @@ class BatchTopKSAE(TopKSAE):
         return x_hat, mse, {"mse": mse}
 
     def sparse_select(self, x: torch.Tensor, dead: torch.Tensor | None, k_aux: int,
-                      ops: LatentOps = LOCAL) -> tuple[Any, torch.Tensor, torch.Tensor]:
-        """Training's selection from each token's candidates: (the encoder's code, its values
-        (batch, m) zeroed where not among the batch's k x batch largest, the selected values
-        over every latent shard for θ).
+                      ops: LatentOps = LOCAL
+                      ) -> tuple[Any, torch.Tensor, torch.Tensor, ExtraCodes | None]:
+        """Training's selection from each token's candidates: (the encoder's code; its values
+        (batch, m) zeroed where not among the batch's k x batch largest; the selected values
+        over every latent shard, for θ; the codes of the tokens that hold more, or None).
 
         The candidates are each token's m = candidate_factor x k largest pre-activations (the
-        sparse kernels' encoder; on a latent shard, its own latents' m largest, the same m on
+        sparse kernels' encoder; on a latent shard its own latents' m largest, the same m on
         every shard since shards are equal), so no (batch, d_sae) block is selected from,
         decoded or differentiated. Exact: an element outside its token's m candidates is at most
-        the token's smallest candidate, so it can belong to the batch's selection only if all m
-        candidates do, with the smallest one positive; a batch where some token (on some shard)
-        is so is encoded again with twice the candidates, up to all latents, so the selection
-        equals the dense one (ties aside). It depends on the batch and the weights only, so a
-        resumed run and a member in a bank make the same choices.
+        the token's smallest candidate, so it can be selected only if all m candidates are, the
+        smallest one positive. Those tokens (on any shard) are encoded again over all latents
+        and the selection is made once more over both sets, so it equals the dense one (ties
+        aside). Such tokens are few but real: on SmolLM2 layer 15 the massive-activation rows
+        (33 of 4,096, over 10x the median norm) took up to 719 latents each at k=16, which
+        with a whole-batch re-encode at doubling m cost ~7 encoder GEMMs a step.
         """
         n_keep = (ops.k or self.k) * x.shape[0]
         m = min(self.d_sae, self.candidate_factor * (ops.k or self.k))
-        while True:
-            code = self.sparse_encode(x, m, dead, k_aux, ops)
-            cand = code.values.detach()  # (batch, m), after ReLU
-            # This shard's share of the batch's n_keep largest lies in its own n_keep largest.
-            top, where = cand.flatten().topk(min(n_keep, cand.numel()), sorted=False)
-            sel = ops.select(top[None], n_keep)
-            chosen = where if sel is None else where[sel[0][0]]
-            keep = torch.zeros(cand.numel(), dtype=torch.bool, device=cand.device)
-            keep[chosen] = True
-            keep = keep.view_as(cand)
-            full = keep.all(1) & (cand.min(1).values > 0)  # tokens that may hold more
-            if m == self.d_sae or ops.count(full.sum()) == 0:
-                values = torch.where(keep, code.values, torch.zeros_like(code.values))
-                return code, values, (top if sel is None else sel[1][0])
-            m = min(self.d_sae, 2 * m)
+        code = self.sparse_encode(x, m, dead, k_aux, ops)
+        cand = code.values.detach()  # (batch, m), after ReLU
+        keep, selected = self._keep(cand.flatten(), n_keep, ops)
+        keep = keep.view_as(cand)
+        full = keep.all(1) & (cand.min(1).values > 0)  # tokens that may hold more
+        if ops.sharded:  # the union over shards: every shard re-encodes the same rows
+            full = ops.sum(full.to(cand.dtype)) > 0
+        if m == self.d_sae or not bool(full.any()):
+            return code, torch.where(keep, code.values, torch.zeros_like(code.values)), \
+                selected, None
+        rows = full.nonzero().squeeze(1)  # (r,)
+        more = self.sparse_encode(x[rows], self.d_sae, None, 0, ops)  # (r, d_sae): all latents
+        pool = torch.cat([cand.masked_fill(full[:, None], 0.0).flatten(),
+                          more.values.detach().flatten()])
+        keep, selected = self._keep(pool, n_keep, ops)
+        first, second = keep[:cand.numel()].view_as(cand), keep[cand.numel():].view_as(more.values)
+        values = torch.where(first & ~full[:, None], code.values, torch.zeros_like(code.values))
+        extra = ExtraCodes(rows, torch.where(second, more.values, torch.zeros_like(more.values)),
+                           more.indices)
+        return code, values, selected, extra
+
+    @staticmethod
+    def _keep(pool: torch.Tensor, n_keep: int, ops: LatentOps
+              ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(mask of `pool` (n,): its entries among the n_keep largest over every shard's pool,
+        those values). A shard's share of them lies among its own n_keep largest."""
+        top, where = pool.topk(min(n_keep, pool.numel()), sorted=False)
+        sel = ops.select(top[None], n_keep)
+        keep = torch.zeros(pool.numel(), dtype=torch.bool, device=pool.device)
+        keep[where if sel is None else where[sel[0][0]]] = True
+        return keep, (top if sel is None else sel[1][0])
 
     def loss(self, x: torch.Tensor, dead: torch.Tensor | None = None,
              sparsity_scale: float = 1.0, ops: LatentOps = LOCAL,
@@ -160,9 +178,9 @@ class BatchTopKSAE(TopKSAE):
         # sparsity_scale is accepted for a uniform training loop; k fixes the sparsity here.
         if self.training and self.sparse_training:
             k_aux = self.k_aux(dead, ops)
-            code, values, selected = self.sparse_select(x, dead, k_aux, ops)  # (batch, m)
+            code, values, selected, extra = self.sparse_select(x, dead, k_aux, ops)
             self.update_threshold(selected)
-            return self.codes_loss(x, target, values, code, k_aux, ops)
+            return self.codes_loss(x, target, values, code, k_aux, ops, extra)
         pre = self.pre_acts(x, ops)  # (batch, d_sae)
         if self.training:
             f, selected = self.batch_select(pre, ops)

@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from distributed_sae.sae.batchtopk import BatchTopKParams, BatchTopKSAE, Reconstruction
 from distributed_sae.sae.forms import Form
 from distributed_sae.sae.latent_ops import LOCAL, LatentOps
+from distributed_sae.sae.topk import ExtraCodes
 from distributed_sae.sae.params import from_key
 
 
@@ -85,14 +86,17 @@ class MatryoshkaSAE(BatchTopKSAE):
         return x_hat, total / len(self.prefixes), terms
 
     def codes_reconstruction(self, x: torch.Tensor, y: torch.Tensor, values: torch.Tensor,
-                             indices: torch.Tensor, ops: LatentOps = LOCAL) -> Reconstruction:
-        """reconstruction_loss on sparse codes (batch, c) (the training path): prefix j decodes
-        the codes whose latent index is under m_j, one sparse decode each."""
+                             indices: torch.Tensor, ops: LatentOps = LOCAL,
+                             extra: ExtraCodes | None = None) -> Reconstruction:
+        """reconstruction_loss on sparse codes (batch, c) and `extra` (the training path):
+        prefix j decodes the codes whose latent index is under m_j, one sparse decode each."""
         terms: dict[str, torch.Tensor] = {}
         total = y.new_zeros(())
         for m in self.prefixes:
             inside = torch.where(indices < m, values, torch.zeros_like(values))  # (batch, c)
-            x_hat = self.with_skip(self.decode_codes(inside, indices, ops), x)  # (batch, d_out)
+            more = None if extra is None else extra._replace(values=torch.where(
+                extra.indices < m, extra.values, torch.zeros_like(extra.values)))
+            x_hat = self.with_skip(self.decode_rows(inside, indices, ops, more), x)
             terms[f"mse_{m}"] = mse = F.mse_loss(x_hat, y)
             total = total + mse
         terms["mse"] = terms[f"mse_{self.d_sae}"]

@@ -16,7 +16,7 @@ the dense path back.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -26,6 +26,15 @@ from distributed_sae.sae.base import SAEOutput, SparseAutoencoder
 from distributed_sae.sae.forms import Form
 from distributed_sae.sae.latent_ops import LOCAL, LatentOps
 from distributed_sae.sae.params import KindParams, from_key, positive
+
+
+class ExtraCodes(NamedTuple):
+    """More codes for some rows of a batch, added to their main codes: rows (r,), values and
+    indices (r, c2) (BatchTopK's tokens that hold more latents than the batch's candidates)."""
+
+    rows: torch.Tensor
+    values: torch.Tensor
+    indices: torch.Tensor
 
 
 @dataclass(frozen=True)
@@ -110,27 +119,41 @@ class TopKSAE(SparseAutoencoder):
                            dead=dead if k_aux > 0 else None, k_aux=min(k_aux, self.d_sae))
 
     def codes_loss(self, x: torch.Tensor, target: torch.Tensor | None, values: torch.Tensor,
-                   code: Any, k_aux: int, ops: LatentOps = LOCAL) -> SAEOutput:
+                   code: Any, k_aux: int, ops: LatentOps = LOCAL,
+                   extra: ExtraCodes | None = None) -> SAEOutput:
         """MSE (+ AuxK) of sparse codes: values (batch, c), zero where not chosen, at
-        code.indices, with AuxK's candidates in code.aux_*; the decode is sparse."""
+        code.indices (plus `extra` codes of some rows), with AuxK's candidates in code.aux_*;
+        the decode is sparse."""
         y = self.target_of(x, target)  # (batch, d_out)
-        x_hat, loss, terms = self.codes_reconstruction(x, y, values, code.indices, ops)
+        x_hat, loss, terms = self.codes_reconstruction(x, y, values, code.indices, ops, extra)
         if code.aux_values is not None and code.aux_indices is not None:
             aux = self.chosen(code.aux_values, k_aux, ops)  # (batch, k_aux)
             e_hat = self.decode_codes(aux, code.aux_indices, ops, bias=False)  # (batch, d_in)
             terms["auxk"] = self._auxk_term(y - x_hat.detach(), e_hat)
             loss = loss + self.auxk_coefficient * terms["auxk"]
         counts = self.fire_counts(values, code.indices)
+        if extra is not None:
+            counts += self.fire_counts(extra.values, extra.indices)
         return SAEOutput(loss=loss, x_hat=x_hat, terms=terms, fired=counts > 0, counts=counts)
 
     def codes_reconstruction(self, x: torch.Tensor, y: torch.Tensor, values: torch.Tensor,
-                             indices: torch.Tensor, ops: LatentOps = LOCAL
+                             indices: torch.Tensor, ops: LatentOps = LOCAL,
+                             extra: ExtraCodes | None = None
                              ) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
-        """(x_hat (batch, d_out), loss, terms) of sparse codes (batch, c) reconstructing y;
-        Matryoshka overrides it with its prefixes."""
-        x_hat = self.with_skip(self.decode_codes(values, indices, ops), x)  # (batch, d_out)
+        """(x_hat (batch, d_out), loss, terms) of sparse codes (batch, c) (and `extra`)
+        reconstructing y; Matryoshka overrides it with its prefixes."""
+        x_hat = self.with_skip(self.decode_rows(values, indices, ops, extra), x)  # (batch, d_out)
         mse = F.mse_loss(x_hat, y)
         return x_hat, mse, {"mse": mse}
+
+    def decode_rows(self, values: torch.Tensor, indices: torch.Tensor, ops: LatentOps,
+                    extra: ExtraCodes | None) -> torch.Tensor:
+        """decode_codes of (batch, c) codes with `extra`'s codes added to its rows."""
+        out = self.decode_codes(values, indices, ops)  # (batch, d_out)
+        if extra is None:
+            return out
+        more = self.decode_codes(extra.values, extra.indices, ops, bias=False)  # (r, d_out)
+        return out.index_add(0, extra.rows, more)
 
     def fire_counts(self, values: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
         """(d_sae,) int32: tokens on which each latent has a positive value in (batch, k) codes.
