@@ -78,24 +78,30 @@ def held_out(store: ActivationStore, rows: range, ordinary: float
     return list(x.split(4096)), list(keep.split(4096)), bound
 
 
-def evaluate_all(store: ActivationStore, held: range, saes: list[TopKSAE], ordinary: float,
-                 eval_contexts: int | None) -> list[dict[str, float]]:
-    """Per SAE: FVU (all, ordinary rows), L0, dead fraction, spliced loss."""
-    every, common, bound = held_out(store, held, ordinary)
-    on_all = evaluate_saes(saes, every)
-    on_common = evaluate_saes(saes, common)
-    loaded = load_model(ModelConfig(name=store.metadata["model_name"]))
-    contexts = contexts_from_rows(store, held, eval_contexts)
-    spliced = spliced_loss(loaded, saes, HOOK, contexts, batch_size=8,
-                           ignore_token_ids=store.metadata["exclude_token_ids"])
-    rows = []
-    for a, c, s in zip(on_all, on_common, spliced):
-        rows.append({"fvu": a["fvu"], "fvu_ordinary": c["fvu"], "l0": a["l0"],
-                     "dead_fraction": a["dead_fraction"], "ordinary_norm_bound": bound,
-                     "ordinary_rows": sum(len(b) for b in common),
-                     **{key: s[key] for key in ("loss_recovered", "kl_div", "ce_spliced",
-                                                "ce_clean", "ce_zero")}})
-    return rows
+class HeldOut:
+    """The held-out rows (all, ordinary) and contexts, and the model, loaded once for all points."""
+
+    def __init__(self, store: ActivationStore, held: range, ordinary: float,
+                 eval_contexts: int | None) -> None:
+        self.every, self.common, self.bound = held_out(store, held, ordinary)
+        self.model = load_model(ModelConfig(name=store.metadata["model_name"]))
+        self.contexts = contexts_from_rows(store, held, eval_contexts)
+        self.ignore = store.metadata["exclude_token_ids"]
+
+    def evaluate(self, saes: list[TopKSAE]) -> list[dict[str, float]]:
+        """Per SAE: FVU (all, ordinary rows), L0, dead fraction, spliced loss."""
+        on_all = evaluate_saes(saes, self.every)
+        on_common = evaluate_saes(saes, self.common)
+        spliced = spliced_loss(self.model, saes, HOOK, self.contexts, batch_size=8,
+                               ignore_token_ids=self.ignore)
+        rows = []
+        for a, c, s in zip(on_all, on_common, spliced):
+            rows.append({"fvu": a["fvu"], "fvu_ordinary": c["fvu"], "l0": a["l0"],
+                         "dead_fraction": a["dead_fraction"], "ordinary_norm_bound": self.bound,
+                         "ordinary_rows": sum(len(b) for b in self.common),
+                         **{key: s[key] for key in ("loss_recovered", "kl_div", "ce_spliced",
+                                                    "ce_clean", "ce_zero")}})
+        return rows
 
 
 def print_table(points: list[dict]) -> None:
@@ -139,31 +145,41 @@ def main() -> None:
     tokens = len(data) * args.batch
     print(f"{len(data)} batches of {args.batch} ({tokens} tokens); {len(held)} held-out "
           f"tokens; {torch.get_num_threads()} threads", flush=True)
-    points, saes = [], []
+    evaluation = HeldOut(store, held, args.ordinary, args.eval_contexts)
+    points = []
     for k in args.ks:
         for width in args.widths:
-            trained = train_point(data, width, k, mean, args.store)
-            gemm = gemm_seconds(data[0], width)
-            point = {"k": k, "width": width, "gemm_s": gemm}
-            for name, (seconds, sae) in trained.items():
-                sae.eval()
-                sae.fold_input_scale(scale)  # all now act on raw activations
-                saes.append(sae)
-                point[name] = {"seconds": seconds, "tokens_per_s": tokens / seconds,
-                               "step_over_gemm": seconds / len(data) / gemm}
-            points.append(point)
-    metrics = iter(evaluate_all(store, held, saes, args.ordinary, args.eval_contexts))
-    for p in points:
-        for name in TRAINERS:
-            p[name].update(next(metrics))
-        p["ours_over_sparsify"] = p["sparsify"]["seconds"] / p["ours"]["seconds"]
-        p["ours_signum_over_sparsify"] = p["sparsify"]["seconds"] / p["ours_signum"]["seconds"]
+            points.append(run_point(data, width, k, mean, scale, args.store, evaluation))
+            if args.json:  # after every point: a long grid cut short keeps what it measured
+                with open(args.json, "w") as fh:
+                    json.dump({"args": vars(args), "tokens": tokens,
+                               "threads": torch.get_num_threads(), "points": points}, fh, indent=1)
     print_table(points)
-    if args.json:
-        with open(args.json, "w") as fh:
-            json.dump({"args": vars(args), "tokens": tokens, "threads": torch.get_num_threads(),
-                       "points": points}, fh, indent=1)
 
+
+def run_point(data: list[torch.Tensor], width: int, k: int, mean: torch.Tensor, scale: float,
+              store: str, evaluation: HeldOut) -> dict:
+    """Train the three trainers at (width, k), time the GEMM, evaluate on the held-out rows."""
+    trained = train_point(data, width, k, mean, store)
+    tokens = len(data) * data[0].shape[0]
+    gemm = gemm_seconds(data[0], width)
+    point: dict = {"k": k, "width": width, "gemm_s": gemm}
+    saes = []
+    for name, (seconds, sae) in trained.items():
+        sae.eval()
+        sae.fold_input_scale(scale)  # all now act on raw activations
+        saes.append(sae)
+        point[name] = {"seconds": seconds, "tokens_per_s": tokens / seconds,
+                       "step_over_gemm": seconds / len(data) / gemm}
+    for name, metrics in zip(trained, evaluation.evaluate(saes)):
+        point[name].update(metrics)
+    point["ours_over_sparsify"] = point["sparsify"]["seconds"] / point["ours"]["seconds"]
+    point["ours_signum_over_sparsify"] = (point["sparsify"]["seconds"]
+                                          / point["ours_signum"]["seconds"])
+    print(f"  w{width} k{k}: " + ", ".join(
+        f"{n} {point[n]['tokens_per_s']:,.0f} tok/s LR {point[n]['loss_recovered']:.4f} "
+        f"FVUo {point[n]['fvu_ordinary']:.3f}" for n in TRAINERS), flush=True)
+    return point
 
 if __name__ == "__main__":
     main()

@@ -23,6 +23,7 @@ sparsify is loaded without its package __init__ (which imports its Trainer and, 
 from __future__ import annotations
 
 import argparse
+import functools
 import importlib
 import importlib.util
 import json
@@ -55,6 +56,7 @@ def load_package(name: str, modules: list[str]) -> list[types.ModuleType]:
     return [importlib.import_module(f"{name}.{m}") for m in modules]
 
 
+@functools.cache  # load_package replaces sys.modules["sparsify"]: load it once per process
 def load_sparsify() -> types.SimpleNamespace:
     """sparsify's SparseCoder, config and SignSGD."""
     os.environ.setdefault("SPARSIFY_DISABLE_TRITON", "1")  # its Triton decoder is CUDA-only

@@ -180,7 +180,7 @@ class BatchTopKSAE(TopKSAE):
             k_aux = self.k_aux(dead, ops)
             code, values, selected, extra = self.sparse_select(x, dead, k_aux, ops)
             self.update_threshold(selected)
-            return self.codes_loss(x, target, values, code, k_aux, ops, extra)
+            return self.codes_loss(x, target, values, code, k_aux, ops, extra, dead)
         pre = self.pre_acts(x, ops)  # (batch, d_sae)
         if self.training:
             f, selected = self.batch_select(pre, ops)

@@ -28,6 +28,13 @@ from distributed_sae.sae.latent_ops import LOCAL, LatentOps
 from distributed_sae.sae.params import KindParams, from_key, positive
 
 
+# aux_block's switch: dense AuxK while the dead latents number at most this times k_aux.
+# scripts/bench_auxk.py on SmolLM2 layer-15 rows, 2-core Intel Xeon, batch 4096, k 32, k_aux 288,
+# whole step sparse / block: 2.12x at 1 x k_aux dead, 1.19x at 4x, 0.68x at 8x (width 2304);
+# 1.54x, 1.18x, 0.87x (width 9216). They cross near 5-6x.
+AUX_BLOCK_RATIO = 5
+
+
 class ExtraCodes(NamedTuple):
     """More codes for some rows of a batch, added to their main codes: rows (r,), values and
     indices (r, c2) (BatchTopK's tokens that hold more latents than the batch's candidates)."""
@@ -109,27 +116,48 @@ class TopKSAE(SparseAutoencoder):
         # This shard's k (and k_aux) largest are the candidates of the member's k over shards.
         code = self.sparse_encode(x, self.k, dead, k_aux, ops)
         values = self.chosen(code.values, ops.k or self.k, ops)  # (batch, k)
-        return self.codes_loss(x, target, values, code, k_aux, ops)
+        return self.codes_loss(x, target, values, code, k_aux, ops, dead=dead)
 
     def sparse_encode(self, x: torch.Tensor, k: int, dead: torch.Tensor | None,
                       k_aux: int, ops: LatentOps = LOCAL) -> Any:
         """The kernels' encoder: each row's k largest (values after ReLU, indices: (batch, k)),
         and with k_aux > 0 the k_aux largest among `dead` latents."""
+        if self.aux_block(dead, k_aux, ops):
+            k_aux = 0  # codes_loss computes AuxK over the dead latents' columns instead
         return topk_encode(x, self.W_enc, self.b_enc, self.enc_bias(ops), k,
                            dead=dead if k_aux > 0 else None, k_aux=min(k_aux, self.d_sae))
 
+    @staticmethod
+    def aux_block(dead: torch.Tensor | None, k_aux: int, ops: LatentOps = LOCAL) -> bool:
+        """Whether AuxK runs as dense GEMMs over the dead latents' columns rather than as
+        sparse (batch, k_aux) codes: when the dead are at most AUX_BLOCK_RATIO x k_aux.
+
+        AuxK's k_aux is d_in / 2 = 288 at d_in 576, 9-18x the main k, so its sparse decode and
+        backward cost far more than the main path's while few latents are dead; five GEMMs over
+        the n_dead columns (batch x d x n_dead each) are cheaper up to the ratio measured by
+        scripts/bench_auxk.py. Latent shards keep the sparse path: their selection all-gathers
+        (batch, k_aux) candidates of equal width from every shard."""
+        if dead is None or k_aux <= 0 or ops.sharded:
+            return False
+        return int(dead.sum()) <= AUX_BLOCK_RATIO * k_aux
+
     def codes_loss(self, x: torch.Tensor, target: torch.Tensor | None, values: torch.Tensor,
                    code: Any, k_aux: int, ops: LatentOps = LOCAL,
-                   extra: ExtraCodes | None = None) -> SAEOutput:
+                   extra: ExtraCodes | None = None, dead: torch.Tensor | None = None
+                   ) -> SAEOutput:
         """MSE (+ AuxK) of sparse codes: values (batch, c), zero where not chosen, at
-        code.indices (plus `extra` codes of some rows), with AuxK's candidates in code.aux_*;
-        the decode is sparse."""
+        code.indices (plus `extra` codes of some rows), with AuxK's candidates in code.aux_*
+        (or, under aux_block, computed here from `dead`); the decode is sparse."""
         y = self.target_of(x, target)  # (batch, d_out)
         x_hat, loss, terms = self.codes_reconstruction(x, y, values, code.indices, ops, extra)
         if code.aux_values is not None and code.aux_indices is not None:
             aux = self.chosen(code.aux_values, k_aux, ops)  # (batch, k_aux)
             e_hat = self.decode_codes(aux, code.aux_indices, ops, bias=False)  # (batch, d_in)
             terms["auxk"] = self._auxk_term(y - x_hat.detach(), e_hat)
+        elif dead is not None and self.aux_block(dead, k_aux, ops):
+            terms["auxk"] = self._auxk_term(y - x_hat.detach(), self.aux_block_decode(
+                x, dead, k_aux, ops))
+        if "auxk" in terms:
             loss = loss + self.auxk_coefficient * terms["auxk"]
         counts = self.fire_counts(values, code.indices)
         if extra is not None:
@@ -173,6 +201,23 @@ class TopKSAE(SparseAutoencoder):
         values = self.chosen(values.relu(), k_aux, ops)
         e_hat = self.decode_codes(values, indices, ops, bias=False)  # (batch, d_in)
         return self._auxk_term(residual, e_hat)
+
+    def aux_block_decode(self, x: torch.Tensor, dead: torch.Tensor, k_aux: int,
+                         ops: LatentOps = LOCAL) -> torch.Tensor:
+        """AuxK's reconstruction (batch, d_out) from each row's k_aux largest pre-activations
+        among the dead latents, by dense GEMMs over their columns (the same selection as
+        topk_encode's aux codes; plain autograd, so the gradients are GEMMs too)."""
+        idx = dead.nonzero().squeeze(1)  # (n_dead,)
+        w = self.W_enc[:, idx]  # (d_in, n_dead)
+        # (x - b) W + c as x W + (c - b W): b's gradient is then a vector product, not a fifth
+        # GEMM (x needs none).
+        pre = torch.addmm(self.b_enc[idx] - self.enc_bias(ops) @ w, x, w)  # (batch, n_dead)
+        if k_aux < idx.numel():
+            top, where = pre.topk(k_aux, dim=-1, sorted=False)  # (batch, k_aux)
+            codes = torch.zeros_like(pre).scatter(1, where, top.relu())
+        else:
+            codes = pre.relu()  # k_aux = n_dead: every dead latent
+        return codes @ self.W_dec[idx]  # (batch, d_out)
 
     @staticmethod
     def _auxk_term(residual: torch.Tensor, e_hat: torch.Tensor) -> torch.Tensor:
