@@ -162,7 +162,7 @@ def bank_cfg(members: list[dict], hooks: list[str], lr: float = 3e-3, **train_kw
     return RunConfig(harvest=HarvestConfig(hooks=hooks),
                      sae=SAEConfig(widths=[N], k=4, members=members),
                      train=TrainConfig(batch_size=BATCH, lr=lr, warmup_steps=1,
-                                       resample_steps=[], **train_kw))
+                                       resample_steps=[], **{"optimizer": "adam", **train_kw}))
 
 
 def clt_batches(steps: int, seed: int = 3) -> list[dict[str, torch.Tensor]]:

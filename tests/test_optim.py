@@ -11,7 +11,8 @@ from distributed_sae.config import ConfigError, TrainConfig
 from distributed_sae.eval import evaluate
 from distributed_sae.sae import ReLUSAE, sae_member
 from distributed_sae.train import BankTrainer, lr_at, resample_dead, train
-from distributed_sae.train.optim import ScheduleFreeSignum, peak_lr
+from distributed_sae.train.optim import (ScheduleFreeSignum, build_optimizer,
+                                         member_optimizer, peak_lr, scheduled)
 
 
 class SignSGD(torch.optim.Optimizer):
@@ -88,8 +89,11 @@ def test_signum_sf_defaults_config_errors_and_constant_lr(store_path, tmp_path):
     assert peak_lr(spec, cfg) == pytest.approx(5e-3 / 0.5)  # 5e-3 / sqrt(4096 / 2^14)
     cfg.train.lr = 3e-3
     assert peak_lr(spec, cfg) == 3e-3
-    assert [lr_at(s, 100, cfg, 1e-2) for s in (0, 50, 99)] == [1e-2] * 3  # no warm-up or decay
-    with pytest.raises(ConfigError, match=r"train.optimizer='sgd' is not one of adam, signum_sf"):
+    opt = build_optimizer(_model(1).parameters(), spec, cfg, 1e-2, fused=False)
+    constant = not scheduled(opt)
+    assert [lr_at(s, 100, cfg, 1e-2, constant) for s in (0, 50, 99)] == [1e-2] * 3  # no warm-up
+    with pytest.raises(ConfigError,
+                       match=r"train.optimizer='sgd' is not one of auto, adam, signum_sf"):
         TrainConfig(optimizer="sgd")
     with pytest.raises(ConfigError, match="signum_sf with train.data_parallel=zero2"):
         TrainConfig(optimizer="signum_sf", data_parallel="zero2", workers=2)
@@ -127,3 +131,21 @@ def test_resampled_features_restart_the_average():
     assert torch.equal(z[dead], sae.W_dec[dead]) and not torch.equal(z[~dead], sae.W_dec[~dead])
     opt.eval()  # y = z there, so x = y too: the new feature is its own average
     torch.testing.assert_close(sae.W_dec[dead], z[dead])
+
+
+def test_auto_picks_signum_for_k_kinds_and_adam_elsewhere(store_path, tmp_path):  # noqa: F811
+    cfg = make_cfg(store_path, tmp_path)
+    assert cfg.train.optimizer == "auto"
+    picks = {kind: member_optimizer(sae_member(HOOK, kind, 64, seed=0, **(
+        {"k": 4} if kind in ("topk", "batchtopk", "matryoshka") else {})), cfg)
+             for kind in ("topk", "batchtopk", "matryoshka", "relu", "gated", "jumprelu")}
+    assert picks == {"topk": "signum_sf", "batchtopk": "signum_sf", "matryoshka": "signum_sf",
+                     "relu": "adam", "gated": "adam", "jumprelu": "adam"}
+    bank = BankTrainer(cfg, [sae_member(HOOK, "topk", 64, seed=0, k=4),
+                             sae_member(HOOK, "relu", 64, seed=0)], 16, torch.zeros(16), 10)
+    assert [type(m.opt).__name__ for m in bank.members] == ["ScheduleFreeSignum", "Adam"]
+    cfg.train.optimizer = "adam"  # today's behaviour stays one key away
+    assert member_optimizer(sae_member(HOOK, "topk", 64, seed=0, k=4), cfg) == "adam"
+    zero2 = TrainConfig(data_parallel="zero2", workers=2)  # auto under ZeRO-2: Adam, no error
+    cfg.train = zero2
+    assert member_optimizer(sae_member(HOOK, "topk", 64, seed=0, k=4), cfg) == "adam"

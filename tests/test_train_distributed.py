@@ -46,7 +46,7 @@ def make_cfg(kind: str = "topk", dead_tokens: int = 10**9, widths=(96,), store_p
         data=DataConfig(context_size=64),
         sae=SAEConfig(kind=kind, widths=list(widths), k=4),
         train=TrainConfig(batch_size=BATCH, lr=3e-3, dead_tokens=dead_tokens, warmup_steps=5,
-                          holdout_fraction=0.25, log_every=10, **train_kw),
+                          holdout_fraction=0.25, log_every=10, **{"optimizer": "adam", **train_kw}),
         eval=EvalConfig(spliced=False, features=False),  # synthetic: there is no model
         out_dir=out_dir)
 

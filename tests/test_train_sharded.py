@@ -43,7 +43,7 @@ def make_cfg(kind: str, workers: int = 1, shards: int = 1, widths=WIDTHS, store_
         sae=SAEConfig(kind=kind, widths=list(widths), k=4, recipe="april_2024"),
         train=TrainConfig(batch_size=BATCH, lr=3e-3, dead_tokens=dead_tokens, warmup_steps=5,
                           holdout_fraction=0.25, log_every=10, workers=workers,
-                          latent_shards=shards, **train_kw),
+                          latent_shards=shards, **{"optimizer": "adam", **train_kw}),
         out_dir=out_dir)
 
 

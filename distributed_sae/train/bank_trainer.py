@@ -71,11 +71,11 @@ class Member:
         return counts, tokens
 
 
-def lr_at(step: int, total: int, cfg: RunConfig, base: float) -> float:
+def lr_at(step: int, total: int, cfg: RunConfig, base: float, constant: bool = False) -> float:
     """`base` (a member's peak, train/optim.py's peak_lr) times the schedule: linear warm-up,
-    then constant, then linear decay to 0 over the last 20% of steps; a schedule-free
-    optimiser's lr is constant (train.optimizer=signum_sf)."""
-    if not scheduled(cfg):
+    then constant, then linear decay to 0 over the last 20% of steps; `constant` (a
+    schedule-free optimiser, signum_sf) keeps it at base."""
+    if constant:
         return base
     warm = min(cfg.train.warmup_steps, max(1, total // 10))
     if step < warm:
@@ -238,7 +238,7 @@ class BankTrainer:
                 sae.W_skip.copy_(skip[0])
                 sae.b_dec.copy_(skip[1])
         peak = peak_lr(spec, self.cfg)
-        opt = build_optimizer(sae.parameters(), self.cfg, peak, fused=self.fused_adam)
+        opt = build_optimizer(sae.parameters(), spec, self.cfg, peak, fused=self.fused_adam)
         width = sae.b_enc.shape[0]  # the latents this rank holds: spec.width unless sharded
         return Member(spec, sae, opt, torch.zeros(width, dtype=torch.long), peak_lr=peak)
 
@@ -257,7 +257,8 @@ class BankTrainer:
         var = {h: batch_variance(x) for h, x in batch.items()} if record else {}
         for m in self.members:
             start = time.perf_counter()
-            lr = lr_at(self.step_count, self.total_steps, self.cfg, m.peak_lr)
+            lr = lr_at(self.step_count, self.total_steps, self.cfg, m.peak_lr,
+                       constant=not scheduled(m.opt))
             scale = m.sae.sparsity_scale_at(self.step_count, self.total_steps)
             x, y = member_batch(m.spec, batch)
             if m.share is None:

@@ -1,5 +1,6 @@
 """Members' optimisers: Adam (the default) and schedule-free Signum (sparsify's default).
 
+`train.optimizer=auto` (the default) picks per member (member_optimizer below).
 `train.optimizer=adam`: torch Adam (fused on one process) under lr_at's warm-up / constant /
 linear-decay schedule. `train.optimizer=signum_sf`: sign-of-gradient steps inside schedule-free
 averaging (Defazio et al. 2024, "The Road Less Scheduled"), the recipe EleutherAI's sparsify
@@ -23,6 +24,7 @@ import torch
 
 from distributed_sae.config import RunConfig
 from distributed_sae.sae import MemberSpec, member_lr
+from distributed_sae.sae.registry import k_kinds
 
 # sparsify's signum lr at 2^14 latents, scaled by 1 / sqrt(width / 2^14) (its Trainer's rule).
 SIGNUM_LR = 5e-3
@@ -102,27 +104,39 @@ class ScheduleFreeSignum(torch.optim.Optimizer):
             z[index] = param[index]
 
 
+def member_optimizer(spec: MemberSpec, cfg: RunConfig) -> str:
+    """'adam' or 'signum_sf' for this member: train.optimizer, or under 'auto' signum_sf for
+    the k kinds (measured better than Adam at every point of bench_frontier's k x width grid)
+    and adam for the others (L1 and threshold kinds: not measured with signum) and under
+    ZeRO-2 (DeepSpeed partitions Adam only)."""
+    if cfg.train.optimizer != "auto":
+        return cfg.train.optimizer
+    if spec.kind in k_kinds() and cfg.train.data_parallel != "zero2":
+        return "signum_sf"
+    return "adam"
+
+
 def peak_lr(spec: MemberSpec, cfg: RunConfig) -> float:
     """A member's peak learning rate: its spec's, else train.lr, else the optimiser's default
     (Adam: the kind's default_lr; signum_sf: 5e-3 / sqrt(width / 2^14), sparsify's)."""
-    if cfg.train.optimizer == "signum_sf" and spec.lr is None and not isinstance(
+    if member_optimizer(spec, cfg) == "signum_sf" and spec.lr is None and not isinstance(
             cfg.train.lr, (int, float)):
         return SIGNUM_LR / (spec.width / 2**14) ** 0.5
     return member_lr(spec, cfg.train)
 
 
-def build_optimizer(params: Iterable[torch.Tensor], cfg: RunConfig, lr: float,
-                    fused: bool) -> torch.optim.Optimizer:
-    """The member's optimiser under train.optimizer (`fused`: Adam's fused kernel)."""
-    if cfg.train.optimizer == "signum_sf":
+def build_optimizer(params: Iterable[torch.Tensor], spec: MemberSpec, cfg: RunConfig,
+                    lr: float, fused: bool) -> torch.optim.Optimizer:
+    """The member's optimiser (member_optimizer; `fused`: Adam's fused kernel)."""
+    if member_optimizer(spec, cfg) == "signum_sf":
         return ScheduleFreeSignum(params, lr=lr, momentum=cfg.train.signum_momentum)
     return torch.optim.Adam(params, lr=lr, betas=(0.9, 0.999), fused=fused)
 
 
-def scheduled(cfg: RunConfig) -> bool:
-    """Whether lr_at's warm-up and decay apply: schedule-free averaging replaces them (sparsify
-    runs its signum at a constant lr)."""
-    return cfg.train.optimizer != "signum_sf"
+def scheduled(opt: torch.optim.Optimizer) -> bool:
+    """Whether lr_at's warm-up and decay apply to this optimiser: schedule-free averaging
+    replaces them (sparsify runs its signum at a constant lr)."""
+    return not isinstance(opt, ScheduleFreeSignum)
 
 
 def to_averages(optimizers: Iterable[torch.optim.Optimizer]) -> None:
