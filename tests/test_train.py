@@ -149,6 +149,7 @@ def test_eval_reports_universality_of_members_that_differ_by_seed(store_path, tm
     activation correlation on the held-out tokens, and splitting needs two different widths."""
     cfg = make_cfg(store_path, tmp_path, "topk", tokens=128 * 150)
     cfg.sae.widths = [96, 96]
+    cfg.train.lr = None  # each optimiser's default (make_cfg's 3e-3 is an Adam lr)
     train(cfg)
     evaluate(cfg)
     found = json.loads((tmp_path / "eval" / "universality.json").read_text())
