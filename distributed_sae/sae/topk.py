@@ -154,7 +154,7 @@ class TopKSAE(SparseAutoencoder):
             aux = self.chosen(code.aux_values, k_aux, ops)  # (batch, k_aux)
             e_hat = self.decode_codes(aux, code.aux_indices, ops, bias=False)  # (batch, d_in)
             terms["auxk"] = self._auxk_term(y - x_hat.detach(), e_hat)
-        elif dead is not None and self.aux_block(dead, k_aux, ops):
+        elif dead is not None and k_aux > 0:  # sparse_encode left AuxK to aux_block
             terms["auxk"] = self._auxk_term(y - x_hat.detach(), self.aux_block_decode(
                 x, dead, k_aux, ops))
         if "auxk" in terms:
