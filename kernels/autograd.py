@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from distributed_sae.kernels.select import grouped_topk, preact_buffer
+from distributed_sae.kernels.select import grouped_topk, preact_buffer, screened_topk
 
 
 class SparseDecode(torch.autograd.Function):
@@ -46,8 +46,9 @@ class TopKEncode(torch.autograd.Function):
     """(values, indices, aux_values, aux_indices) of the TopK encoder, values after ReLU.
 
     pre = (x - b_dec) @ W_enc + b_enc; top k per row; with k_aux > 0 also the top k_aux among
-    `dead` latents (AuxK). The gradient of pre is non-zero only at those (batch, k + k_aux)
-    positions, so grad W_enc = x_c^T @ sparse is a latent-sorted sum of x_c rows (O(batch·k·d)),
+    `dead` latents (AuxK); screen > 0 without AuxK: the top k by select.screened_topk (a bf16
+    screen of k + screen candidates, their exact fp32 values). The gradient of pre is non-zero
+    only at those (batch, k + k_aux) positions, so grad W_enc = x_c^T @ sparse is a latent-sorted sum of x_c rows (O(batch·k·d)),
     grad b_enc the per-latent sums, grad b_dec = -W_enc @ grad b_enc, grad x a sparse decode
     through W_enc^T.
     """
@@ -55,13 +56,19 @@ class TopKEncode(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, x: torch.Tensor, W_enc: torch.Tensor, b_enc: torch.Tensor,
                 b_dec: torch.Tensor, k: int, dead: torch.Tensor | None, k_aux: int,
-                ops: ModuleType) -> tuple[torch.Tensor, ...]:
+                ops: ModuleType, screen: int = 0) -> tuple[torch.Tensor, ...]:
         x_c = x - b_dec  # (batch, d)
-        buf = preact_buffer(x.shape[0], W_enc.shape[1], x_c)  # reused on CPU, None elsewhere
-        pre = torch.addmm(b_enc, x_c, W_enc, out=buf)  # (batch, n); dead when forward returns
-        values, indices = grouped_topk(pre, k)  # (batch, k)
+        aux = k_aux > 0 and dead is not None
+        # AuxK's sparse path needs every dead latent's exact pre-activation: no screen then.
+        # Below 4 (k + screen) latents the screen's top-k is a plain topk: nothing to gain.
+        if screen > 0 and not aux and 4 * (k + screen) <= W_enc.shape[1]:
+            values, indices = screened_topk(x_c, W_enc, b_enc, k, screen, ops.gather_dot)
+        else:
+            buf = preact_buffer(x.shape[0], W_enc.shape[1], x_c)  # reused on CPU, else None
+            pre = torch.addmm(b_enc, x_c, W_enc, out=buf)  # (batch, n); dead after forward
+            values, indices = grouped_topk(pre, k)  # (batch, k)
         values = values.relu_()
-        if k_aux > 0 and dead is not None:
+        if aux:
             pre.masked_fill_(~dead, float("-inf"))
             aux_values, aux_indices = pre.topk(k_aux, dim=-1, sorted=False)  # (batch, k_aux)
             aux_values = aux_values.relu_()
@@ -94,7 +101,7 @@ class TopKEncode(torch.autograd.Function):
             g_be = g_be if need_be else None
         if need_x:
             g_x = ctx.ops.decode_rows(g_pre, indices, W_enc.t(), None)  # (batch, d)
-        return g_x, g_w, g_be, g_bd, None, None, None, None
+        return g_x, g_w, g_be, g_bd, None, None, None, None, None
 
 
 def _relu_grad(grad: torch.Tensor | None, values: torch.Tensor) -> torch.Tensor:

@@ -115,17 +115,21 @@ def sparse_decode(values: torch.Tensor, indices: torch.Tensor, weight: torch.Ten
 
 
 def topk_encode(x: torch.Tensor, W_enc: torch.Tensor, b_enc: torch.Tensor, b_dec: torch.Tensor,
-                k: int, dead: torch.Tensor | None = None, k_aux: int = 0) -> TopKCode:
+                k: int, dead: torch.Tensor | None = None, k_aux: int = 0,
+                screen: int = 0) -> TopKCode:
     """The TopK encoder as (values, indices) plus AuxK's selection among `dead` latents.
 
     x (batch, d), W_enc (d, n), b_enc (n,), b_dec (d,), dead (n,) bool; k_aux > 0 with `dead`
     also returns the top k_aux pre-activations among dead latents. Differentiable in x, W_enc,
-    b_enc, b_dec through the values; the backward is sparse (never (batch, n)).
+    b_enc, b_dec through the values; the backward is sparse (never (batch, n)). screen > 0
+    selects through a bf16 GEMM and re-ranks k + screen candidates by their exact fp32 values
+    (select.screened_topk; the sparse backends only, and not while AuxK's codes are asked for).
     """
     ops = _ops(W_enc.device)
     if ops is None:
         return TopKCode(*topk_encode_reference(x, W_enc, b_enc, b_dec, k, dead, k_aux))
-    values, indices, aux_v, aux_i = TopKEncode.apply(x, W_enc, b_enc, b_dec, k, dead, k_aux, ops)
+    values, indices, aux_v, aux_i = TopKEncode.apply(x, W_enc, b_enc, b_dec, k, dead, k_aux, ops,
+                                                     screen)
     if aux_i.shape[1] == 0:
         return TopKCode(values, indices, None, None)
     return TopKCode(values, indices, aux_v, aux_i)

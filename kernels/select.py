@@ -14,6 +14,7 @@ does, with larger groups (_GROUP_CUDA).
 from __future__ import annotations
 
 import threading
+from typing import Any
 
 import torch
 
@@ -78,3 +79,37 @@ def grouped_topk(pre: torch.Tensor, k: int, group: int | None = None
     cols = (groups.unsqueeze(-1) + offsets).view(batch, k * g)  # (batch, k·g) candidates
     values, pos = pre.gather(1, cols).topk(k, dim=-1, sorted=False)  # (batch, k)
     return values, cols.gather(1, pos)
+
+
+def screen_supported(device: torch.device) -> bool:
+    """Whether the bf16 screen pays on `device`: CPUs with AVX512-BF16 or AMX (there oneDNN's
+    bf16 GEMM runs natively; elsewhere on CPU it is emulated and slower than fp32). Off the CPU
+    it is off until measured there (the Triton path has its own encoder)."""
+    if device.type != "cpu":
+        return False
+    cpu = torch.cpu
+    return bool(getattr(cpu, "_is_avx512_bf16_supported", lambda: False)()
+                or getattr(cpu, "_is_amx_tile_supported", lambda: False)())
+
+
+def screened_topk(x_c: torch.Tensor, W_enc: torch.Tensor, b_enc: torch.Tensor, k: int,
+                  margin: int, gather_dot: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    """The top k of pre = x_c @ W_enc + b_enc (values before ReLU, indices: (batch, k)) found by
+    a bf16 screen: the k + margin largest of a bf16 GEMM are the candidates, and their exact
+    fp32 pre-activations (one dot product each, `gather_dot`) pick the k.
+
+    bf16 keeps 8 significant bits, so a latent near a row's k-th value may swap places with its
+    neighbours in the screen; re-ranking the exact values of k + margin candidates puts it back
+    unless a true top-k latent fell below the screen's (k + margin)-th, which the margin makes
+    rare (scripts/bench_screen.py counts the rows that differ from the exact fp32 selection).
+    The values are the fp32 dot products, not the bf16 ones: the loss and every gradient are
+    computed as without the screen. x_c (batch, d), W_enc (d, n), b_enc (n,).
+    """
+    batch, n = x_c.shape[0], W_enc.shape[1]
+    xb = x_c.to(torch.bfloat16)
+    buf = preact_buffer(batch, n, xb)  # (batch, n) bf16, reused on CPU
+    pre = torch.addmm(b_enc.to(torch.bfloat16), xb, W_enc.to(torch.bfloat16), out=buf)
+    _, cand = grouped_topk(pre, k + margin)  # (batch, k + margin)
+    exact = gather_dot(x_c, W_enc.t().contiguous(), cand) + b_enc[cand]  # (batch, k+margin)
+    values, pos = exact.topk(k, dim=-1, sorted=False)  # (batch, k)
+    return values, cand.gather(1, pos)

@@ -41,7 +41,7 @@ TRAINERS = ("ours", "ours_signum", "sparsify")
 
 def gemm_seconds(x: torch.Tensor, width: int, repeats: int = 5) -> float:
     """Min seconds of the encoder GEMM alone, (batch, d) @ (d, width): the step's floor."""
-    w = torch.randn(x.shape[1], width) * x.shape[1] ** -0.5
+    w = (torch.randn(x.shape[1], width) * x.shape[1] ** -0.5).to(x.dtype)
     x @ w  # warm-up
     best = float("inf")
     for _ in range(repeats):

@@ -78,11 +78,13 @@ BAD: dict[str, str | tuple[str, list[str], str | None]] = {
     "train.tokens": "-1",  # 0 = one pass
     "train.batch_size": "0",
     "train.optimizer": "sgd",
+    "train.topk_screen": "fp8",
     "train.signum_momentum": "1.5",
     "train.lr": "-0.001",  # None = the optimiser's and kind's default
     "train.warmup_steps": "-1",  # 0 = no warm-up
     "train.auxk_coefficient": "-0.1",  # checked by the topk member's parameters
     "train.dead_tokens": "0",
+    "sae.encoder_init_norm": "-1.0",
     "train.dead_report_tokens": "0",
     "train.outlier_norm_ratio": "0.8",  # 0 = keep all rows
     "train.skip_init": "random",

@@ -11,7 +11,8 @@ from distributed_sae.config import ConfigError, TrainConfig
 from distributed_sae.eval import evaluate
 from distributed_sae.sae import ReLUSAE, sae_member
 from distributed_sae.train import BankTrainer, lr_at, resample_dead, train
-from distributed_sae.train.optim import (ScheduleFreeSignum, build_optimizer,
+from distributed_sae.train.optim import (ADAM_DEAD_TOKENS, SIGNUM_DEAD_TOKENS, SIGNUM_ENCODER_NORM,
+                                         ScheduleFreeSignum, build_optimizer, dead_window,
                                          member_optimizer, peak_lr, scheduled)
 
 
@@ -149,3 +150,34 @@ def test_auto_picks_signum_for_k_kinds_and_adam_elsewhere(store_path, tmp_path):
     zero2 = TrainConfig(data_parallel="zero2", workers=2)  # auto under ZeRO-2: Adam, no error
     cfg.train = zero2
     assert member_optimizer(sae_member(HOOK, "topk", 64, seed=0, k=4), cfg) == "adam"
+
+
+def test_encoder_init_norm_follows_the_optimiser_unless_set(store_path, tmp_path):  # noqa: F811
+    from distributed_sae.config import SAEConfig
+    with pytest.raises(ConfigError, match=r"sae.encoder_init_norm=0.0 must be positive"):
+        SAEConfig(encoder_init_norm=0.0)
+    specs = [sae_member(HOOK, "topk", 64, seed=0, k=4), sae_member(HOOK, "relu", 64, seed=0)]
+
+    def start_norms(cfg):
+        bank = BankTrainer(cfg, specs, 16, torch.zeros(16), 10)
+        return [m.sae.W_enc.norm(dim=0) for m in bank.members]  # (d_sae,) per member
+
+    signum, adam = start_norms(make_cfg(store_path, tmp_path))  # auto: signum_sf, then Adam
+    assert torch.allclose(signum, torch.full_like(signum, SIGNUM_ENCODER_NORM), atol=1e-6)
+    assert torch.allclose(adam, torch.ones_like(adam), atol=1e-6)
+    cfg = make_cfg(store_path, tmp_path)
+    cfg.sae.encoder_init_norm = 0.25
+    assert all(torch.allclose(n, torch.full_like(n, 0.25), atol=1e-6) for n in start_norms(cfg))
+
+
+def test_auxk_window_follows_the_optimiser_unless_set(store_path, tmp_path):  # noqa: F811
+    specs = [sae_member(HOOK, "topk", 64, seed=0, k=4), sae_member(HOOK, "relu", 64, seed=0)]
+    cfg = make_cfg(store_path, tmp_path)
+    cfg.train.dead_tokens = None  # make_cfg sets 4096
+    bank = BankTrainer(cfg, specs, 16, torch.zeros(16), 10)
+    assert [m.dead_tokens for m in bank.members] == [SIGNUM_DEAD_TOKENS, ADAM_DEAD_TOKENS]
+    assert (SIGNUM_DEAD_TOKENS, ADAM_DEAD_TOKENS) == (10_000_000, 50_000)
+    cfg.train.dead_tokens = 4096
+    assert [dead_window(s, cfg) for s in specs] == [4096, 4096]
+    with pytest.raises(ConfigError, match=r"train.dead_tokens"):
+        TrainConfig(dead_tokens=0)

@@ -25,6 +25,8 @@ DATA_PARALLEL = ("ddp", "zero2")
 PLACEMENTS = ("cost", "replicate")
 # train.optimizer's choices (train/optim.py; auto picks one per member)
 OPTIMIZERS = ("auto", "adam", "signum_sf")
+# train.topk_screen's choices (kernels/select.py's bf16 screen of the TopK encoder)
+SCREENS = ("auto", "bf16", "off")
 COMPRESSIONS = ("none", "zstd", "blosc")
 DEVICE_MAPS = ("auto", "balanced", "balanced_low_0", "sequential")
 # How one harvest actor holds a model: whole on one device, spread by HF device_map inside the

@@ -40,6 +40,12 @@ class SAEConfig:
     hooks: Optional[List[str]] = None
     # Seed of the weight initialisation (the members of width i use seed + i).
     seed: int = 0
+    # Norm of each latent's encoder column at the start (decoder rows start as random unit
+    # vectors, the encoder as their transpose times this). None = by optimiser: 0.3 with
+    # signum_sf (loss recovered up to 0.005 higher than 1.0 at equal steps; sparsify starts at
+    # 1/sqrt(3) = 0.577: docs/training.md, "Initialisation"), 1.0 with Adam (Gao et al.'s tied
+    # start).
+    encoder_init_norm: Optional[float] = None
     # relu and gated: coefficient lambda of the L1 sparsity penalty (a list sweeps it). Inputs are
     # scaled to E||x||^2 = d and the MSE is a mean over elements, so lambda is ~d times smaller
     # than the paper's 5 (a summed error). Measured on SmolLM2 layer 15 (100 steps of 1024, width 2304):
@@ -100,6 +106,9 @@ class SAEConfig:
                 _choice(f"sae.members[{i}]", "kind", entry["kind"], kinds())
         for key in ("k", "l1_coefficient", "l0_coefficient"):
             setattr(self, key, _sweep("sae", key, getattr(self, key), int if key == "k" else float))
+        if self.encoder_init_norm is not None and not self.encoder_init_norm > 0:
+            raise ConfigError(f"sae.encoder_init_norm={self.encoder_init_norm} must be positive "
+                              f"(e.g. 0.577), or null for the optimiser's default")
         _positive("sae", jumprelu_threshold=self.jumprelu_threshold,
                   jumprelu_bandwidth=self.jumprelu_bandwidth)
         fr = list(self.matryoshka_fractions)

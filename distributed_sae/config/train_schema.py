@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, List, Optional
 
-from distributed_sae.config.checks import DATA_PARALLEL, OPTIMIZERS, PLACEMENTS
+from distributed_sae.config.checks import DATA_PARALLEL, OPTIMIZERS, PLACEMENTS, SCREENS
 from distributed_sae.config.checks import choice as _choice
 from distributed_sae.config.checks import device as _device
 from distributed_sae.config.checks import non_negative as _non_negative
@@ -40,9 +40,11 @@ class TrainConfig:
     warmup_steps: int = 10
     # Coefficient of the AuxK loss for dead latents.
     auxk_coefficient: float = 1 / 32
-    # Latents that did not fire for this many tokens get the AuxK loss (the training signal;
-    # short enough to act within a short run).
-    dead_tokens: int = 50_000
+    # Latents that did not fire for this many tokens get the AuxK loss. None = by optimiser:
+    # 50,000 with adam (short enough to act within a short run), 10,000,000 with signum_sf
+    # (Gao et al.'s window and sparsify's: AuxK acts in long runs only; at 50k it cost signum
+    # members up to 2.2x the run for +0.0003 loss recovered: train/optim.py).
+    dead_tokens: Optional[int] = None
     # Latents not fired in this many tokens (or in all tokens seen, when fewer) are reported as
     # dead in the logs: Gao et al. 2024 use 10M tokens.
     dead_report_tokens: int = 10_000_000
@@ -57,6 +59,12 @@ class TrainConfig:
     # target on a sample of training rows, with b_dec its intercept, so training starts from the
     # best linear model of the MLP) or zeros (SAELens's and sparsify's start).
     skip_init: str = "lstsq"
+    # How the TopK kinds' training encoder picks each row's k latents (kernels/select.py): bf16
+    # (a bf16 GEMM screens k + a margin candidates, their exact fp32 pre-activations pick the k:
+    # the values, the loss and the gradients are fp32 as before; rows whose selection differs
+    # from fp32's are counted by scripts/bench_screen.py), off (the fp32 GEMM selects), or auto
+    # (bf16 on CPUs with AVX512-BF16 or AMX, where oneDNN's bf16 GEMM is native, else off).
+    topk_screen: str = "auto"
     # Device the SAEs train on.
     device: str = "cpu"
     # CPU threads of each training process, also what a Ray Train worker reserves; None: torch's
@@ -112,7 +120,9 @@ class TrainConfig:
         if self.lr is not None:
             self.lr = _sweep("train", "lr", self.lr, float)
         _positive("train", batch_size=self.batch_size, log_every=self.log_every,
-                  dead_tokens=self.dead_tokens, dead_report_tokens=self.dead_report_tokens)
+                  dead_report_tokens=self.dead_report_tokens)
+        if self.dead_tokens is not None:
+            _positive("train", dead_tokens=self.dead_tokens)
         _positive("train", workers=self.workers, latent_shards=self.latent_shards)
         _positive("train", resample_window=self.resample_window,
                   resample_inputs=self.resample_inputs)
@@ -132,6 +142,7 @@ class TrainConfig:
                               f"e.g. 5")
         _choice("train", "data_parallel", self.data_parallel, DATA_PARALLEL)
         _choice("train", "optimizer", self.optimizer, OPTIMIZERS)
+        _choice("train", "topk_screen", self.topk_screen, SCREENS)
         if not 0.0 < self.signum_momentum < 1.0:
             raise ConfigError(f"train.signum_momentum={self.signum_momentum} must be in (0, 1), "
                               f"e.g. 0.95")

@@ -62,6 +62,10 @@ class TopKSAE(SparseAutoencoder):
     architecture = "topk"
     Params = TopKParams
     per_latent_codes = False  # a token's k largest over all latents
+    # Candidates past k that the training encoder's bf16 screen re-ranks by their exact fp32
+    # values (kernels/select.py: screened_topk); 0 = the fp32 GEMM selects. A speed setting the
+    # trainer gives (train.topk_screen), not part of the SAE's state.
+    screen = 0
 
     def __init__(self, d_in: int, d_sae: int, k: int, *, auxk_coefficient: float = 1 / 32,
                  seed: int = 0, dtype: torch.dtype = torch.float32,
@@ -125,7 +129,8 @@ class TopKSAE(SparseAutoencoder):
         if self.aux_block(dead, k_aux, ops):
             k_aux = 0  # codes_loss computes AuxK over the dead latents' columns instead
         return topk_encode(x, self.W_enc, self.b_enc, self.enc_bias(ops), k,
-                           dead=dead if k_aux > 0 else None, k_aux=min(k_aux, self.d_sae))
+                           dead=dead if k_aux > 0 else None, k_aux=min(k_aux, self.d_sae),
+                           screen=self.screen)
 
     @staticmethod
     def aux_block(dead: torch.Tensor | None, k_aux: int, ops: LatentOps = LOCAL) -> bool:

@@ -17,12 +17,28 @@ import torch
 from torch import nn
 
 from distributed_sae.config import RunConfig
+from distributed_sae.kernels import screen_supported
 from distributed_sae.sae import MemberSpec, SparseAutoencoder, build_sae
 from distributed_sae.store.bank_reader import cat_hooks
-from distributed_sae.train.optim import build_optimizer, peak_lr, scheduled
+from distributed_sae.train.optim import (build_optimizer, dead_window, encoder_init_norm, peak_lr,
+                                         scheduled)
 from distributed_sae.train.resampling import resample_dead
 
 log = logging.getLogger(__name__)
+
+# Candidates past k that the TopK encoder's bf16 screen re-ranks by exact values. On 12,288
+# held-out SmolLM2 layer-15 rows (scripts/bench_screen.py, k 16-64, width 2304-9216, at the start
+# and after 60 steps), rows whose selection differs from fp32's: bf16 alone (0) 4-52%, margin 4
+# up to 1.4%, margin 8 at most one row.
+SCREEN_MARGIN = 8
+
+
+def screen_margin(cfg: RunConfig) -> int:
+    """The TopK kinds' screen margin under train.topk_screen (0: the fp32 GEMM selects)."""
+    mode = cfg.train.topk_screen
+    if mode == "auto":
+        mode = "bf16" if screen_supported(torch.device(cfg.train.device)) else "off"
+    return SCREEN_MARGIN if mode == "bf16" else 0
 
 
 @dataclass
@@ -49,6 +65,8 @@ class Member:
     share: slice | None = None
     # Peak learning rate (train/optim.py's peak_lr); the schedule scales it every step.
     peak_lr: float = 1e-3
+    # Tokens without firing after which a latent gets AuxK (train/optim.py's dead_window).
+    dead_tokens: int = 50_000
 
     def dead(self, tokens: int) -> torch.Tensor:
         return self.since_fired >= tokens  # (d_sae,) bool
@@ -231,7 +249,10 @@ class BankTrainer:
         else:
             sae = build_sae(spec, dims)
         sae = sae.to(self.cfg.train.device)
+        if hasattr(type(sae), "screen"):  # the TopK kinds' encoder (train.topk_screen)
+            sae.screen = screen_margin(self.cfg)
         with torch.no_grad():
+            sae.W_enc.mul_(encoder_init_norm(spec, self.cfg))  # built at unit norm
             sae.b_dec.copy_(member_init(spec, init))
             skip = getattr(init, "skip", lambda _spec: None)(spec)
             if skip is not None:  # a skip-transcoder's least-squares start (train/norm.py)
@@ -240,7 +261,8 @@ class BankTrainer:
         peak = peak_lr(spec, self.cfg)
         opt = build_optimizer(sae.parameters(), spec, self.cfg, peak, fused=self.fused_adam)
         width = sae.b_enc.shape[0]  # the latents this rank holds: spec.width unless sharded
-        return Member(spec, sae, opt, torch.zeros(width, dtype=torch.long), peak_lr=peak)
+        return Member(spec, sae, opt, torch.zeros(width, dtype=torch.long), peak_lr=peak,
+                      dead_tokens=dead_window(spec, self.cfg))
 
     def by_hook(self, batch: torch.Tensor | Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """A batch as {hook: (batch, d_hook)}; a bare tensor is the batch of a one-hook bank."""
@@ -264,10 +286,10 @@ class BankTrainer:
             if m.share is None:
                 # The variance of a concatenation is the sum of its hooks' variances.
                 v = sum(var[h] for h in m.spec.outputs) if record else None
-                train_step(m, x, lr, scale, self.cfg.train.dead_tokens, v, target=y)
+                train_step(m, x, lr, scale, m.dead_tokens, v, target=y)
             else:
                 xm, ym = x[m.share], (None if y is None else y[m.share])
-                train_step(m, xm, lr, scale, self.cfg.train.dead_tokens,
+                train_step(m, xm, lr, scale, m.dead_tokens,
                            batch_variance(xm if ym is None else ym) if record else None,
                            target=ym)
             if self.member_seconds is not None:

@@ -28,6 +28,23 @@ from distributed_sae.sae.registry import k_kinds
 
 # sparsify's signum lr at 2^14 latents, scaled by 1 / sqrt(width / 2^14) (its Trainer's rule).
 SIGNUM_LR = 5e-3
+# Encoder columns' starting norm under signum_sf. Sign steps move every entry by lr whatever
+# its size, so the start's scale sets how far the first steps turn each latent. sparsify's
+# encoder starts at nn.Linear's default U(-1/sqrt(d), 1/sqrt(d)), columns of norm 1/sqrt(3).
+# scripts/bench_init.py (SmolLM2 layer 15, 97 batches of 4096, 6 points of k x width, 2-core
+# AMD EPYC), loss recovered minus sparsify's: norm 1.0 -0.0047..-0.0023; 1/sqrt(3)
+# -0.0015..+0.0002; 0.3 -0.0017..+0.0012, above 1/sqrt(3) at 5 of 6 points (two seeds at
+# 1/sqrt(3) differed by up to 0.0010); docs/training.md, "Initialisation".
+SIGNUM_ENCODER_NORM = 0.3
+# AuxK's dead window. Adam: 50k tokens, short enough to act within a short run (with it Adam
+# members end the frontier's 400k tokens with 0-1.4% dead). signum_sf: 10M tokens, Gao et al.'s
+# definition and sparsify's default, so AuxK waits for latents dead over a long run. Started at
+# norm 0.3, signum members leave many latents silent for a while early on (k16 w9216: up to
+# 3,082 of 9,216 unfired over 50k tokens, more than AuxK's block path covers for 77 of 97
+# steps), and AuxK at 50k then cost 2.2x the run (53.5 s against 23.8 s) for loss recovered
+# 0.9852 against 0.9849 and 17% dead against 23% (docs/training.md, "AuxK's window").
+ADAM_DEAD_TOKENS = 50_000
+SIGNUM_DEAD_TOKENS = 10_000_000
 
 
 class ScheduleFreeSignum(torch.optim.Optimizer):
@@ -123,6 +140,22 @@ def peak_lr(spec: MemberSpec, cfg: RunConfig) -> float:
             cfg.train.lr, (int, float)):
         return SIGNUM_LR / (spec.width / 2**14) ** 0.5
     return member_lr(spec, cfg.train)
+
+
+def encoder_init_norm(spec: MemberSpec, cfg: RunConfig) -> float:
+    """The norm a member's encoder columns start at: sae.encoder_init_norm, else
+    SIGNUM_ENCODER_NORM under signum_sf and 1.0 (the unit-norm tied start) under Adam."""
+    if cfg.sae.encoder_init_norm is not None:
+        return cfg.sae.encoder_init_norm
+    return SIGNUM_ENCODER_NORM if member_optimizer(spec, cfg) == "signum_sf" else 1.0
+
+
+def dead_window(spec: MemberSpec, cfg: RunConfig) -> int:
+    """Tokens without firing after which a member's latent counts as dead for AuxK:
+    train.dead_tokens, else SIGNUM_DEAD_TOKENS under signum_sf and ADAM_DEAD_TOKENS under Adam."""
+    if cfg.train.dead_tokens is not None:
+        return cfg.train.dead_tokens
+    return SIGNUM_DEAD_TOKENS if member_optimizer(spec, cfg) == "signum_sf" else ADAM_DEAD_TOKENS
 
 
 def build_optimizer(params: Iterable[torch.Tensor], spec: MemberSpec, cfg: RunConfig,
