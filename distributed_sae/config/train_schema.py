@@ -25,8 +25,8 @@ class TrainConfig:
     # Every member's optimiser (train/optim.py): adam (warm-up, constant, then linear decay over
     # the last 20% of steps), signum_sf (sign-of-gradient steps with schedule-free averaging
     # at a constant lr: EleutherAI sparsify's default recipe; its averaged weights are saved),
-    # or auto: signum_sf for the k kinds (topk, batchtopk, matryoshka: loss recovered 0.976-0.984
-    # against Adam's 0.947-0.963 in docs/training.md's frontier), adam for the L1 and threshold
+    # or auto: signum_sf for the k kinds (topk, batchtopk, matryoshka: loss recovered 0.977-0.996
+    # against Adam's 0.947-0.974 in docs/training.md's frontier), adam for the L1 and threshold
     # kinds (not measured with signum) and under data_parallel=zero2 (DeepSpeed takes Adam only).
     optimizer: str = "auto"
     # signum_sf's interpolation beta: gradients are taken at (1 - beta) z + beta x (sparsify's
