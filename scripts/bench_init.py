@@ -33,12 +33,14 @@ from distributed_sae.train.optim import to_averages
 
 
 def run_ours(data: list[torch.Tensor], width: int, k: int, mean: torch.Tensor, norm: float,
-             store: str, seed: int = 0, start: object = None) -> tuple[float, object]:
+             store: str, dead_tokens: int, seed: int = 0, start: object = None
+             ) -> tuple[float, object]:
     """(seconds, SAE at its averaged weights): our signum_sf member from encoder norm `norm`,
     or from `start`'s weights (a sparsify SparseCoder) when given."""
     cfg = RunConfig(harvest=HarvestConfig(hooks=[HOOK]), store=StoreConfig(path=store),
                     sae=SAEConfig(widths=[width], k=k, encoder_init_norm=norm),
-                    train=TrainConfig(batch_size=data[0].shape[0], optimizer="signum_sf"),
+                    train=TrainConfig(batch_size=data[0].shape[0], optimizer="signum_sf",
+                                      dead_tokens=dead_tokens),
                     out_dir="unused")
     bank = BankTrainer(cfg, [sae_member(HOOK, "topk", width, seed=seed, k=k)],
                        data[0].shape[1], mean, len(data))
@@ -61,10 +63,11 @@ def run_point(data, k: int, width: int, mean, scale: float, args, evaluation: He
     torch.manual_seed(0)  # the same start again, inside run_sparsify
     runs = {"sparsify": run_sparsify(data, width, k, mean)}
     for norm in args.norms:
-        runs[f"s{norm:g}"] = run_ours(data, width, k, mean, norm, args.store)
+        runs[f"s{norm:g}"] = run_ours(data, width, k, mean, norm, args.store, args.dead_tokens)
     runs[f"s{args.seed1_norm:g}_seed1"] = run_ours(data, width, k, mean, args.seed1_norm,
-                                                   args.store, seed=1)
-    runs["sp_init"] = run_ours(data, width, k, mean, 1.0, args.store, start=start)
+                                                   args.store, args.dead_tokens, seed=1)
+    runs["sp_init"] = run_ours(data, width, k, mean, 1.0, args.store, args.dead_tokens,
+                               start=start)
     saes = []
     for _, sae in runs.values():
         sae.eval()
@@ -86,6 +89,8 @@ def main() -> None:
                                                     "32x9216", "64x9216"], help="KxWIDTH")
     ap.add_argument("--norms", type=float, nargs="+", default=[1.0, 3 ** -0.5, 0.3])
     ap.add_argument("--seed1-norm", type=float, default=3 ** -0.5)
+    ap.add_argument("--dead-tokens", type=int, default=50_000,
+                    help="AuxK's window (the recorded sweep ran with 50k, the default then)")
     ap.add_argument("--json")
     args = ap.parse_args()
     store = ActivationStore.open(args.store)
