@@ -20,8 +20,8 @@ from distributed_sae.config import RunConfig
 from distributed_sae.kernels import screen_supported
 from distributed_sae.sae import MemberSpec, SparseAutoencoder, build_sae
 from distributed_sae.store.bank_reader import cat_hooks
-from distributed_sae.train.optim import (build_optimizer, dead_window, encoder_init_norm, peak_lr,
-                                         scheduled)
+from distributed_sae.train.optim import (ADAM_DEAD_TOKENS, build_optimizer, dead_window,
+                                         encoder_init_norm, peak_lr, scheduled)
 from distributed_sae.train.resampling import resample_dead
 
 log = logging.getLogger(__name__)
@@ -66,7 +66,7 @@ class Member:
     # Peak learning rate (train/optim.py's peak_lr); the schedule scales it every step.
     peak_lr: float = 1e-3
     # Tokens without firing after which a latent gets AuxK (train/optim.py's dead_window).
-    dead_tokens: int = 50_000
+    dead_tokens: int = ADAM_DEAD_TOKENS
 
     def dead(self, tokens: int) -> torch.Tensor:
         return self.since_fired >= tokens  # (d_sae,) bool
