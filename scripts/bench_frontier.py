@@ -105,23 +105,31 @@ class HeldOut:
 
 
 def print_table(points: list[dict]) -> None:
-    print("\n| k | width | trainer | tokens/s | step / GEMM | FVU | FVU ordinary | dead | "
-          "loss recovered | KL |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+    """The markdown tables of docs/training.md (speed columns only for --speed-only points)."""
+    quality = all("fvu" in p["sparsify"] for p in points)
+    head = "| k | width | trainer | tokens/s | step / GEMM |"
+    print("\n" + head + (" FVU | FVU ordinary | dead | loss recovered | KL |" if quality else ""))
+    print("|---" * (5 + 5 * quality) + "|")
     for p in points:
         for name in TRAINERS:
             r = p[name]
-            print(f"| {p['k']} | {p['width']} | {name} | {r['tokens_per_s']:,.0f} | "
-                  f"{r['step_over_gemm']:.2f} | {r['fvu']:.3f} | {r['fvu_ordinary']:.3f} | "
-                  f"{r['dead_fraction']:.3f} | {r['loss_recovered']:.3f} | {r['kl_div']:.3f} |")
-    print("\n| k | width | ours / sparsify tokens/s | ours_signum / sparsify | loss recovered "
-          "ours - sparsify | ours_signum - sparsify |")
-    print("|---|---|---|---|---|---|")
+            line = (f"| {p['k']} | {p['width']} | {name} | {r['tokens_per_s']:,.0f} | "
+                    f"{r['step_over_gemm']:.2f} |")
+            if quality:
+                line += (f" {r['fvu']:.3f} | {r['fvu_ordinary']:.3f} | {r['dead_fraction']:.3f} |"
+                         f" {r['loss_recovered']:.3f} | {r['kl_div']:.3f} |")
+            print(line)
+    print("\n| k | width | ours / sparsify tokens/s | ours_signum / sparsify |" + (
+        " loss recovered ours - sparsify | ours_signum - sparsify |" if quality else ""))
+    print("|---" * (4 + 2 * quality) + "|")
     for p in points:
-        print(f"| {p['k']} | {p['width']} | {p['ours_over_sparsify']:.2f} | "
-              f"{p['ours_signum_over_sparsify']:.2f} | "
-              f"{p['ours']['loss_recovered'] - p['sparsify']['loss_recovered']:+.4f} | "
-              f"{p['ours_signum']['loss_recovered'] - p['sparsify']['loss_recovered']:+.4f} |")
+        line = (f"| {p['k']} | {p['width']} | {p['ours_over_sparsify']:.2f} | "
+                f"{p['ours_signum_over_sparsify']:.2f} |")
+        if quality:
+            sp = p["sparsify"]["loss_recovered"]
+            line += (f" {p['ours']['loss_recovered'] - sp:+.4f} | "
+                     f"{p['ours_signum']['loss_recovered'] - sp:+.4f} |")
+        print(line)
 
 
 def main() -> None:
@@ -136,6 +144,9 @@ def main() -> None:
     ap.add_argument("--ordinary", type=float, default=10.0,
                     help="ordinary rows: norm under this multiple of the median")
     ap.add_argument("--json", help="also write the results here")
+    ap.add_argument("--speed-only", action="store_true",
+                    help="train and time only: no held-out evaluation (no model load, no FVU, "
+                         "no spliced loss), e.g. to measure tokens/s on another machine")
     args = ap.parse_args()
 
     store = ActivationStore.open(args.store)
@@ -145,7 +156,8 @@ def main() -> None:
     tokens = len(data) * args.batch
     print(f"{len(data)} batches of {args.batch} ({tokens} tokens); {len(held)} held-out "
           f"tokens; {torch.get_num_threads()} threads", flush=True)
-    evaluation = HeldOut(store, held, args.ordinary, args.eval_contexts)
+    evaluation = None if args.speed_only else HeldOut(store, held, args.ordinary,
+                                                      args.eval_contexts)
     points = []
     for k in args.ks:
         for width in args.widths:
@@ -158,8 +170,9 @@ def main() -> None:
 
 
 def run_point(data: list[torch.Tensor], width: int, k: int, mean: torch.Tensor, scale: float,
-              store: str, evaluation: HeldOut) -> dict:
-    """Train the three trainers at (width, k), time the GEMM, evaluate on the held-out rows."""
+              store: str, evaluation: HeldOut | None) -> dict:
+    """Train the three trainers at (width, k), time the GEMM, evaluate on the held-out rows
+    (unless `evaluation` is None)."""
     trained = train_point(data, width, k, mean, store)
     tokens = len(data) * data[0].shape[0]
     gemm = gemm_seconds(data[0], width)
@@ -171,14 +184,16 @@ def run_point(data: list[torch.Tensor], width: int, k: int, mean: torch.Tensor, 
         saes.append(sae)
         point[name] = {"seconds": seconds, "tokens_per_s": tokens / seconds,
                        "step_over_gemm": seconds / len(data) / gemm}
-    for name, metrics in zip(trained, evaluation.evaluate(saes)):
+    for name, metrics in zip(trained, evaluation.evaluate(saes) if evaluation else []):
         point[name].update(metrics)
     point["ours_over_sparsify"] = point["sparsify"]["seconds"] / point["ours"]["seconds"]
     point["ours_signum_over_sparsify"] = (point["sparsify"]["seconds"]
                                           / point["ours_signum"]["seconds"])
     print(f"  w{width} k{k}: " + ", ".join(
-        f"{n} {point[n]['tokens_per_s']:,.0f} tok/s LR {point[n]['loss_recovered']:.4f} "
-        f"FVUo {point[n]['fvu_ordinary']:.3f}" for n in TRAINERS), flush=True)
+        f"{n} {point[n]['tokens_per_s']:,.0f} tok/s" + (
+            f" LR {point[n]['loss_recovered']:.4f} FVUo {point[n]['fvu_ordinary']:.3f}"
+            if evaluation else "") for n in TRAINERS) + f"; ours_signum / sparsify "
+          f"{point['ours_signum_over_sparsify']:.2f}", flush=True)
     return point
 
 if __name__ == "__main__":
