@@ -6,27 +6,29 @@
 
 (sparsify as in scripts/bench_vs_sparsify.py's docstring.) For every k in --ks x width in
 --widths, three trainers see the same scaled batches of SmolLM2 layer 15's residual, in the same
-order, preloaded (neither pays for reading; each time covers its steps only):
-  * ours: BankTrainer with train.optimizer=adam (today's default: warm-up, decay, AuxK);
-  * ours_signum: BankTrainer with train.optimizer=signum_sf (sparsify's optimiser in our step);
+order, preloaded (neither pays for reading; each time covers its steps only), in lockstep
+(batch i goes to all three before batch i + 1, so a drift in the machine's speed is shared):
+  * ours: BankTrainer with train.optimizer=adam (warm-up, decay, AuxK over 50k tokens);
+  * ours_signum: BankTrainer with train.optimizer=signum_sf (what `auto` gives TopK members);
   * sparsify: its SparseCoder and Trainer defaults (schedule-free SignSGD, FVU loss).
 Then on the held-out tail: FVU over all rows and over ordinary rows (norm under --ordinary x the
 median row norm: the massive-activation rows hold most of the variance, see docs/training.md's
 Outliers), L0, dead fraction, and the language model's loss with each SAE spliced in (loss
 recovered, KL: one clean pass shared by all SAEs, spliced passes resumed at layer 15). Each
 point also times the encoder GEMM alone (batch x d @ d x width, the step's floor). Prints the
-table and, per point, ours' tokens/s over sparsify's.
+table and, per point, ours' tokens/s over sparsify's. --speed-only skips the held-out part.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import time
 
 import torch
-from bench_vs_plain import HOOK, run_ours, train_batches
-from bench_vs_sparsify import run_sparsify
+from bench_vs_plain import HOOK, ours_bank, ours_result, train_batches
+from bench_vs_sparsify import sparsify_as_ours, sparsify_start
 
 from distributed_sae.config import ModelConfig
 from distributed_sae.eval import evaluate_saes
@@ -53,17 +55,30 @@ def gemm_seconds(x: torch.Tensor, width: int, repeats: int = 5) -> float:
 
 def train_point(data: list[torch.Tensor], width: int, k: int, mean: torch.Tensor,
                 store: str) -> dict[str, tuple[float, TopKSAE]]:
-    """Each trainer's (seconds, SAE) at one (width, k)."""
-    out: dict[str, tuple[float, TopKSAE]] = {}
-    for name in TRAINERS:
-        if name == "sparsify":
-            out[name] = run_sparsify(data, width, k, mean)
-        else:
-            optimizer = "signum_sf" if name == "ours_signum" else "adam"
-            seconds, sae, _ = run_ours(data, width, k, None, mean, store, optimizer)
-            out[name] = (seconds, sae)
-        print(f"  w{width} k{k} {name}: {out[name][0]:.1f} s", flush=True)
-    return out
+    """Each trainer's (seconds, SAE) at one (width, k), trained in lockstep: batch i goes to
+    every trainer before batch i + 1 does, and each trainer's seconds sum its own steps. The
+    build machines' speed drifts by 15-30% over minutes (2-core AMD EPYC, 2026-12-07: the same
+    signum run took 16.1 s and 20.8 s an hour apart, while sparsify's did not move), so
+    trainers timed one after another compare a moment against another; in lockstep each
+    drift is shared. Every trainer still sees the batches in the same order."""
+    d = data[0].shape[1]
+    banks = {name: ours_bank(data, width, k, None, mean, store, opt)
+             for name, opt in (("ours", "adam"), ("ours_signum", "signum_sf"))}
+    sp_sae, sp_opt, sp_step = sparsify_start(d, width, k, mean)
+    steps = {"ours": functools.partial(banks["ours"].step, record=False),
+             "ours_signum": functools.partial(banks["ours_signum"].step, record=False),
+             "sparsify": sp_step}
+    seconds = dict.fromkeys(TRAINERS, 0.0)
+    for x in data:
+        for name in TRAINERS:
+            start = time.perf_counter()
+            steps[name](x)
+            seconds[name] += time.perf_counter() - start
+    saes = {name: ours_result(bank)[0] for name, bank in banks.items()}
+    saes["sparsify"] = sparsify_as_ours(sp_sae, sp_opt)
+    print(f"  w{width} k{k}: " + ", ".join(f"{n} {seconds[n]:.1f} s" for n in TRAINERS),
+          flush=True)
+    return {name: (seconds[name], saes[name]) for name in TRAINERS}
 
 
 def held_out(store: ActivationStore, rows: range, ordinary: float

@@ -41,24 +41,34 @@ def train_batches(store: ActivationStore, rows: range, batch: int, scale: float)
     return list(reader)
 
 
-def run_ours(data: list[torch.Tensor], width: int, k: int, lr: float | None, mean: torch.Tensor,
-             store_path: str, optimizer: str = "adam") -> tuple[float, TopKSAE, float]:
-    """Train our TopK member over `data` (lr None: the optimiser's default); returns (seconds,
-    the SAE at the weights it saves, fraction of latents that never fired in training)."""
+def ours_bank(data: list[torch.Tensor], width: int, k: int, lr: float | None, mean: torch.Tensor,
+              store_path: str, optimizer: str = "adam") -> BankTrainer:
+    """Our one-member TopK bank for `data` (lr None: the optimiser's default)."""
     cfg = RunConfig(harvest=HarvestConfig(hooks=[HOOK]), store=StoreConfig(path=store_path),
                     sae=SAEConfig(widths=[width], k=k),
                     train=TrainConfig(batch_size=data[0].shape[0], lr=lr, optimizer=optimizer),
                     out_dir="unused")
-    bank = BankTrainer(cfg, [sae_member(HOOK, "topk", width, seed=0, k=k)], data[0].shape[1], mean,
-                       len(data))
+    return BankTrainer(cfg, [sae_member(HOOK, "topk", width, seed=0, k=k)], data[0].shape[1],
+                       mean, len(data))
+
+
+def ours_result(bank: BankTrainer) -> tuple[TopKSAE, float]:
+    """(the SAE at the weights it saves, fraction of latents that never fired in training)."""
+    m = bank.members[0]
+    to_averages([m.opt])  # schedule-free: the averaged weights, as the trainer saves them
+    return m.sae, float((m.since_fired >= bank.tokens_seen).float().mean())
+
+
+def run_ours(data: list[torch.Tensor], width: int, k: int, lr: float | None, mean: torch.Tensor,
+             store_path: str, optimizer: str = "adam") -> tuple[float, TopKSAE, float]:
+    """Train our TopK member over `data` (lr None: the optimiser's default); returns (seconds,
+    the SAE at the weights it saves, fraction of latents that never fired in training)."""
+    bank = ours_bank(data, width, k, lr, mean, store_path, optimizer)
     start = time.perf_counter()
     for x in data:
         bank.step(x, record=False)
     seconds = time.perf_counter() - start
-    m = bank.members[0]
-    to_averages([m.opt])  # schedule-free: the averaged weights, as the trainer saves them
-    never = float((m.since_fired >= bank.tokens_seen).float().mean())
-    return seconds, m.sae, never
+    return (seconds, *ours_result(bank))
 
 
 def run_plain(data: list[torch.Tensor], width: int, k: int, lr: float) -> tuple[float, TopKSAE]:

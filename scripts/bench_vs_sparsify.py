@@ -115,26 +115,38 @@ def sparsify_trainer(sp: types.SimpleNamespace, d: int, width: int, k: int,
     return sae, opt, step
 
 
-def run_sparsify(data: list[torch.Tensor], width: int, k: int, mean: torch.Tensor
-                 ) -> tuple[float, TopKSAE]:
-    """Train sparsify's SparseCoder over `data` with its defaults (b_dec started at the data
-    mean, as its Trainer does); returns (seconds, the same weights as one of our TopKSAEs, for
-    evaluation). Its encoder is ReLU then top-k; ours top-k then ReLU: the same values."""
-    sae, opt, step = sparsify_trainer(load_sparsify(), data[0].shape[1], width, k)
+def sparsify_start(d: int, width: int, k: int, mean: torch.Tensor
+                   ) -> tuple[Any, Any, Callable[[torch.Tensor], None]]:
+    """sparsify_trainer with b_dec started at the data mean, as its Trainer does."""
+    sae, opt, step = sparsify_trainer(load_sparsify(), d, width, k)
     with torch.no_grad():
         sae.b_dec.copy_(mean)
-    start = time.perf_counter()
-    for x in data:
-        step(x)
-    seconds = time.perf_counter() - start
+    return sae, opt, step
+
+
+def sparsify_as_ours(sae: Any, opt: Any) -> TopKSAE:
+    """The trained SparseCoder's averaged weights as one of our TopKSAEs, for evaluation. Its
+    encoder is ReLU then top-k; ours top-k then ReLU: the same values."""
     opt.eval()  # schedule-free: evaluate at the averaged weights, as its Trainer saves them
-    ours = TopKSAE(data[0].shape[1], width, k)
+    ours = TopKSAE(sae.d_in, sae.num_latents, sae.cfg.k)
     with torch.no_grad():
         ours.W_enc.copy_(sae.encoder.weight.t())
         ours.b_enc.copy_(sae.encoder.bias)
         ours.W_dec.copy_(sae.W_dec)
         ours.b_dec.copy_(sae.b_dec)
-    return seconds, ours
+    return ours
+
+
+def run_sparsify(data: list[torch.Tensor], width: int, k: int, mean: torch.Tensor
+                 ) -> tuple[float, TopKSAE]:
+    """Train sparsify's SparseCoder over `data` with its defaults; returns (seconds, the same
+    weights as one of our TopKSAEs)."""
+    sae, opt, step = sparsify_start(data[0].shape[1], width, k, mean)
+    start = time.perf_counter()
+    for x in data:
+        step(x)
+    seconds = time.perf_counter() - start
+    return seconds, sparsify_as_ours(sae, opt)
 
 
 def main() -> None:
