@@ -86,10 +86,7 @@ class ScheduleFreeSignum(torch.optim.Optimizer):
                     state["z"] = p.detach().clone()
                 z = state["z"]
                 p.lerp_(z, 1 - 1 / beta)  # y -> x
-                # The Signum step, taken at y, applied to z. sign_ in place: the gradient is
-                # not read again before zero_grad, and a fresh (width, d) tensor per step costs
-                # page faults on CPU (select.py); the values are the same bits as sign().
-                z.add_(p.grad.sign_(), alpha=-lr)
+                z.add_(p.grad.sign(), alpha=-lr)  # the Signum step, taken at y, applied to z
                 p.lerp_(z, c)  # x <- (1 - c) x + c z
                 p.lerp_(z, 1 - beta)  # x -> y, where the next gradient is taken
             group["k"] += 1
