@@ -29,18 +29,20 @@ from distributed_sae.config import HarvestConfig, RunConfig, SAEConfig, StoreCon
 from distributed_sae.sae import sae_member
 from distributed_sae.store import ActivationStore, split_rows
 from distributed_sae.train import BankTrainer, input_scale
-from distributed_sae.train.optim import to_averages
+from distributed_sae.train.optim import to_saved
 
 
 def run_ours(data: list[torch.Tensor], width: int, k: int, mean: torch.Tensor, norm: float,
-             store: str, dead_tokens: int, seed: int = 0, start: object = None
-             ) -> tuple[float, object]:
-    """(seconds, SAE at its averaged weights): our signum_sf member from encoder norm `norm`,
-    or from `start`'s weights (a sparsify SparseCoder) when given."""
+             store: str, dead_tokens: int, seed: int = 0, start: object = None,
+             unit_decoder: bool = True) -> tuple[float, object]:
+    """(seconds, SAE at the weights it saves): our signum_sf member from encoder norm `norm`,
+    or from `start`'s weights (a sparsify SparseCoder) when given; unit_decoder=False keeps the
+    raw average's decoder (train.signum_unit_decoder)."""
     cfg = RunConfig(harvest=HarvestConfig(hooks=[HOOK]), store=StoreConfig(path=store),
                     sae=SAEConfig(widths=[width], k=k, encoder_init_norm=norm),
                     train=TrainConfig(batch_size=data[0].shape[0], optimizer="signum_sf",
-                                      dead_tokens=dead_tokens),
+                                      dead_tokens=dead_tokens,
+                                      signum_unit_decoder=unit_decoder),
                     out_dir="unused")
     bank = BankTrainer(cfg, [sae_member(HOOK, "topk", width, seed=seed, k=k)],
                        data[0].shape[1], mean, len(data))
@@ -53,7 +55,7 @@ def run_ours(data: list[torch.Tensor], width: int, k: int, mean: torch.Tensor, n
     for x in data:
         bank.step(x, record=False)
     seconds = time.perf_counter() - t0
-    to_averages([m.opt])
+    to_saved([m], cfg.train.signum_unit_decoder)
     return seconds, m.sae
 
 

@@ -18,6 +18,7 @@ are unrelated); the JSON has KL, FVU (all and ordinary rows) and dead fractions 
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import statistics
 import time
@@ -43,11 +44,20 @@ def run_point(data, k: int, width: int, mean, scale: float, args, held: HeldOut)
     """Every seed of both trainers at one point, evaluated together."""
     norms = {"ours": None, **{f"ours_norm{n:g}": n for n in args.norms}}
     runs: dict[str, list] = {"sparsify": [], **{name: [] for name in norms}}
+    if args.raw:
+        runs["ours_raw"] = []
     for seed in args.seeds:
         torch.manual_seed(seed)  # sparsify's SparseCoder draws its start from torch's RNG
         runs["sparsify"].append(run_sparsify(data, width, k, mean))
         for name, norm in norms.items():
-            runs[name].append(run_ours(data, width, k, mean, norm, args.store, None, seed=seed))
+            sec, sae = run_ours(data, width, k, mean, norm, args.store, None, seed=seed,
+                                unit_decoder=not (args.raw and norm is None))
+            if args.raw and norm is None:  # the same run, saved both ways (to_saved's step)
+                runs["ours_raw"].append((sec, sae))
+                sae = copy.deepcopy(sae)
+                with torch.no_grad():
+                    sae.normalize_decoder()
+            runs[name].append((sec, sae))
         print(f"k{k} w{width} seed {seed}: " + ", ".join(
             f"{name} {runs[name][-1][0]:.1f} s" for name in runs), flush=True)
     saes = [sae for name in runs for _, sae in runs[name]]
@@ -82,6 +92,8 @@ def main() -> None:
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3])
     ap.add_argument("--norms", type=float, nargs="*", default=[],
                     help="also train ours from these encoder norms (sae.encoder_init_norm)")
+    ap.add_argument("--raw", action="store_true",
+                    help="also evaluate ours at the raw average (train.signum_unit_decoder=false)")
     ap.add_argument("--batch", type=int, default=4096)
     ap.add_argument("--eval-tokens", type=int, default=40960)
     ap.add_argument("--eval-contexts", type=int, default=64)

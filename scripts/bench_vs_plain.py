@@ -30,7 +30,7 @@ from distributed_sae.models import load_model
 from distributed_sae.sae import TopKSAE, sae_member
 from distributed_sae.store import ActivationReader, ActivationStore, split_rows
 from distributed_sae.train import BankTrainer, input_scale
-from distributed_sae.train.optim import to_averages
+from distributed_sae.train.optim import to_saved
 
 HOOK = "blocks.15.hook_resid_post"
 
@@ -55,7 +55,7 @@ def ours_bank(data: list[torch.Tensor], width: int, k: int, lr: float | None, me
 def ours_result(bank: BankTrainer) -> tuple[TopKSAE, float]:
     """(the SAE at the weights it saves, fraction of latents that never fired in training)."""
     m = bank.members[0]
-    to_averages([m.opt])  # schedule-free: the averaged weights, as the trainer saves them
+    to_saved([m], bank.cfg.train.signum_unit_decoder)  # the weights the trainer saves
     return m.sae, float((m.since_fired >= bank.tokens_seen).float().mean())
 
 

@@ -168,6 +168,7 @@ NO_BAD_VALUE: dict[str, str] = {
     "store.overwrite": "a boolean",
     "sae.seed": "any int: torch's generators take negative seeds too (they wrap)",
     "train.resume": "a boolean",
+    "train.signum_unit_decoder": "a boolean",
     "train.wandb_project": "free text (a W&B project name; None = no W&B)",
     "train.wandb_entity": "free text (a W&B team or user)",
     "train.wandb_run_name": "free text",

@@ -181,3 +181,28 @@ def test_auxk_window_follows_the_optimiser_unless_set(store_path, tmp_path):  # 
     assert [dead_window(s, cfg) for s in specs] == [4096, 4096]
     with pytest.raises(ConfigError, match=r"train.dead_tokens"):
         TrainConfig(dead_tokens=0)
+
+
+def test_saved_average_gets_unit_decoder_rows_unless_turned_off(store_path, tmp_path):  # noqa: F811
+    from distributed_sae.train.optim import to_saved
+    specs = [sae_member(HOOK, "topk", 64, seed=0, k=4), sae_member(HOOK, "relu", 64, seed=0)]
+    gen = torch.Generator().manual_seed(5)
+    batches = [torch.randn(128, 16, generator=gen) for _ in range(20)]
+
+    def trained(unit: bool) -> BankTrainer:
+        cfg = make_cfg(store_path, tmp_path)  # auto: signum_sf for topk, Adam for relu
+        cfg.train.signum_unit_decoder = unit
+        bank = BankTrainer(cfg, specs, 16, torch.zeros(16), len(batches))
+        for x in batches:
+            bank.step(x, record=False)
+        to_saved(bank.members, unit)
+        return bank
+
+    raw, unit = trained(False), trained(True)
+    raw_norms = raw.members[0].sae.W_dec.norm(dim=1)  # (d_sae,): the average of turning rows
+    assert (raw_norms - 1).abs().max() > 1e-4, raw_norms  # off the unit sphere
+    torch.testing.assert_close(unit.members[0].sae.W_dec.norm(dim=1), torch.ones(64))
+    torch.testing.assert_close(unit.members[0].sae.W_dec, raw.members[0].sae.W_dec
+                               / raw_norms[:, None])  # directions kept, only the length changes
+    assert torch.equal(unit.members[0].sae.W_enc, raw.members[0].sae.W_enc)
+    assert torch.equal(unit.members[1].sae.W_dec, raw.members[1].sae.W_dec)  # Adam: untouched

@@ -12,7 +12,7 @@ from distributed_sae.config import RunConfig, SAEConfig, TrainConfig
 from distributed_sae.eval import evaluate_sae
 from distributed_sae.sae import TopKSAE, sae_member, expand_bank, load_sae, save_sae
 from distributed_sae.train import BankTrainer
-from distributed_sae.train.optim import to_averages
+from distributed_sae.train.optim import to_saved
 
 
 def sparse_data(n=4096, d=32, n_features=96, k=3, seed=0):
@@ -85,7 +85,7 @@ def test_training_learns_sparse_structure():
     before = evaluate_sae(members[0].sae, [x])["fvu"]
     for step in range(steps):
         bank.step(x[(step * 256) % 4096:(step * 256) % 4096 + 256])
-    to_averages([m.opt for m in members])  # schedule-free: the weights the trainer saves
+    to_saved(members, cfg.train.signum_unit_decoder)  # the weights the trainer saves
     for m in members:
         after = evaluate_sae(m.sae, [x])
         assert after["fvu"] < 0.2 < before, (before, after["fvu"])

@@ -32,6 +32,12 @@ class TrainConfig:
     # signum_sf's interpolation beta: gradients are taken at (1 - beta) z + beta x (sparsify's
     # 0.95; the schedule-free paper's SGD default 0.9).
     signum_momentum: float = 0.95
+    # signum_sf members of unit-norm-decoder kinds: scale the saved average's decoder rows back
+    # to unit norm. The schedule-free average of unit rows that keep turning is shorter (0.90 on
+    # average after 107 steps at k16 w2304, SmolLM2 layer 15), which shrinks every
+    # reconstruction; at unit norm, loss recovered rose at every frontier point measured
+    # (docs/training.md, "The saved average's decoder"). false: save the raw average (sparsify's).
+    signum_unit_decoder: bool = True
     # Peak learning rate of every member; None = the default: with adam each kind's (sae kinds'
     # default_lr: 1e-3, relu 2e-4), with signum_sf 5e-3 / sqrt(width / 2^14) (sparsify's); a
     # list sweeps it (one member per value).

@@ -177,3 +177,16 @@ def to_averages(optimizers: Iterable[torch.optim.Optimizer]) -> None:
     for opt in optimizers:
         if isinstance(opt, ScheduleFreeSignum):
             opt.eval()
+
+
+@torch.no_grad()
+def to_saved(members: Iterable[Any], unit_decoder: bool) -> None:
+    """Put members (train.bank_trainer.Member) at the weights they save: schedule-free members
+    at their averages, whose decoder rows go back to unit norm when `unit_decoder` and the kind
+    keeps its decoder at unit norm (train.signum_unit_decoder). Each latent's row is whole on
+    its shard and every replica does the same, so this needs no communication."""
+    for m in members:
+        if isinstance(m.opt, ScheduleFreeSignum):
+            m.opt.eval()
+            if unit_decoder and m.sae.unit_norm_decoder:
+                m.sae.normalize_decoder()

@@ -30,7 +30,7 @@ from distributed_sae.train.bank_trainer import BankTrainer, Member
 from distributed_sae.train.metrics_log import MetricsLog
 from distributed_sae.train.norm import (InputNorm, input_norm, input_norms, input_scale,
                                         member_inits)
-from distributed_sae.train.optim import to_averages
+from distributed_sae.train.optim import to_saved
 from distributed_sae.train.saving import save_members
 from distributed_sae.train.stream_source import StreamControl, stream_inits
 
@@ -102,7 +102,7 @@ def run(cfg: RunConfig, plan: Plan) -> list[Path] | None:
         control.after_checkpoint(done=True)
 
     _write_ledger(cfg, plan, source, bank)
-    to_averages(m.opt for m in bank.members)  # schedule-free members save their averages
+    to_saved(bank.members, cfg.train.signum_unit_decoder)  # schedule-free: their averages
 
     def write(members: list[Member], bank_ids: list[str]) -> list[Path]:
         return save_members(cfg, store, members, norms, bank.tokens_seen, bank_ids)
